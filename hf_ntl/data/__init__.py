@@ -1,0 +1,25 @@
+"""Data: embedded domains, loading any image-classification data set, preprocessing, subsets."""
+
+from .domains import EMBEDDED_DOMAINS, load_embedded_domain
+from .loading import (
+    DatasetFormatError,
+    class_names,
+    load_image_classification_dataset,
+    stratified_order,
+    stratified_subset,
+)
+from .transforms import ImageClassificationCollator, ImagePreprocessor, augment_batch, light_augment
+
+__all__ = [
+    "EMBEDDED_DOMAINS",
+    "DatasetFormatError",
+    "ImageClassificationCollator",
+    "ImagePreprocessor",
+    "augment_batch",
+    "class_names",
+    "light_augment",
+    "load_embedded_domain",
+    "load_image_classification_dataset",
+    "stratified_order",
+    "stratified_subset",
+]

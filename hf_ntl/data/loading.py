@@ -1,0 +1,254 @@
+"""One way in for every image-classification data set, and the nested subsets learning curves use.
+
+`load_image_classification_dataset` accepts an embedded domain name, a local `save_to_disk`
+folder, an `imagefolder` directory, or a Hub dataset id, and returns the uniform form the rest
+of hf_ntl relies on: a `DatasetDict` with `train` and `test`, an `image` column (`Image`) and a
+`label` column (`ClassLabel`), validated before any training starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from datasets import ClassLabel, Dataset, DatasetDict, Image, Value, load_dataset, load_from_disk
+
+from .domains import EMBEDDED_DOMAINS, load_embedded_domain
+
+logger = logging.getLogger(__name__)
+
+_LABEL_COLUMN_GUESSES = ("label", "labels", "fine_label", "class", "target")
+
+
+class DatasetFormatError(ValueError):
+    """A data set that cannot be used as an image-classification data set, and why."""
+
+
+def load_image_classification_dataset(
+    source: str,
+    *,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    config_name: str | None = None,
+    revision: str | None = None,
+    train_split: str = "train",
+    test_split: str = "test",
+    test_size: float = 0.2,
+    image_size: int = 32,
+    seed: int = 0,
+    num_train: int | None = None,
+    num_test: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> DatasetDict:
+    """Load and validate an image-classification data set from any supported source.
+
+    Args:
+        source: an embedded domain (`font-digits`, `uci-digits`, `textured-digits`,
+            `textured-shapes`), a folder written by `save_to_disk`, an `imagefolder` directory
+            (one sub-folder per class), or a Hub dataset id such as `"uoft-cs/cifar10"`.
+        image_column / label_column: the columns to use; detected when not given (the only
+            `Image` column; the only `ClassLabel` column, else a column called `label`, ...).
+        config_name / revision: passed to `datasets.load_dataset` for Hub ids.
+        train_split / test_split: split names. When the test split is missing, a stratified
+            `test_size` fraction of the train split is held out (seeded by `seed`).
+        image_size / seed / num_train / num_test / cache_dir: for embedded domains only.
+
+    Returns:
+        `DatasetDict(train=..., test=...)` with exactly the columns `image` and `label`.
+
+    Raises:
+        DatasetFormatError: the source cannot be loaded, a named column or split is missing,
+            labels fall outside the class range, fewer than two classes, or an empty split.
+    """
+    if source in EMBEDDED_DOMAINS:
+        raw = load_embedded_domain(
+            source, image_size=image_size, seed=seed, num_train=num_train, num_test=num_test, cache_dir=cache_dir
+        )
+    else:
+        if num_train is not None or num_test is not None:
+            raise DatasetFormatError("num_train/num_test only apply to embedded domains; use subsets for real data.")
+        raw = _load_external(source, config_name=config_name, revision=revision)
+    return standardise_image_classification(
+        raw,
+        source=source,
+        image_column=image_column,
+        label_column=label_column,
+        train_split=train_split,
+        test_split=test_split,
+        test_size=test_size,
+        seed=seed,
+    )
+
+
+def _load_external(source: str, *, config_name: str | None, revision: str | None) -> DatasetDict:
+    path = Path(source).expanduser()
+    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+        loaded = load_from_disk(str(path))
+        return loaded if isinstance(loaded, DatasetDict) else DatasetDict(train=loaded)
+    try:
+        # A Hub id and a local folder of data files or class sub-folders go through the same call:
+        # `load_dataset` picks the builder (parquet, imagefolder, ...) from what it finds.
+        loaded = load_dataset(str(path) if path.is_dir() else source, config_name, revision=revision)
+    except Exception as err:  # datasets raises many types (FileNotFoundError, HfHubHTTPError, ...)
+        raise DatasetFormatError(
+            f"Could not load data set {source!r}: it is not an embedded domain "
+            f"({', '.join(sorted(EMBEDDED_DOMAINS))}), not a save_to_disk folder, and loading it with "
+            f"datasets.load_dataset failed: {type(err).__name__}: {err}"
+        ) from err
+    if not isinstance(loaded, DatasetDict):
+        raise DatasetFormatError(f"{source!r} loaded as {type(loaded).__name__}; expected splits (a DatasetDict).")
+    return loaded
+
+
+def standardise_image_classification(
+    raw: DatasetDict,
+    *,
+    source: str = "dataset",
+    image_column: str | None = None,
+    label_column: str | None = None,
+    train_split: str = "train",
+    test_split: str = "test",
+    test_size: float = 0.2,
+    seed: int = 0,
+) -> DatasetDict:
+    """Select, rename and validate columns and splits (see `load_image_classification_dataset`)."""
+    if train_split not in raw:
+        raise DatasetFormatError(f"{source}: no split {train_split!r}; available splits: {sorted(raw)}.")
+    train = raw[train_split]
+    image_column = image_column or _detect_image_column(train, source)
+    label_column = label_column or _detect_label_column(train, source)
+    for column in (image_column, label_column):
+        if column not in train.column_names:
+            raise DatasetFormatError(
+                f"{source}: no column {column!r}; available columns: {train.column_names}. "
+                "Pass image_column=/label_column= with the right names."
+            )
+    if image_column == label_column:
+        raise DatasetFormatError(f"{source}: image and label column are both {image_column!r}.")
+
+    splits = {"train": _select_columns(train, image_column, label_column, f"{source}[train]")}
+    if test_split in raw:
+        splits["test"] = _select_columns(raw[test_split], image_column, label_column, f"{source}[test]")
+    else:
+        logger.warning("%s has no %r split: holding out %.0f%% of train as test.", source, test_split, 100 * test_size)
+
+    # The train split defines the label space; every split is checked against it before casting.
+    class_label = splits["train"].features["label"]
+    if not isinstance(class_label, ClassLabel):
+        labels = np.asarray(splits["train"]["label"])
+        class_label = ClassLabel(names=[str(i) for i in range(max(int(labels.max()), 0) + 1)])
+    for name, split in splits.items():
+        where = f"{source}[{name}]"
+        feature = split.features["label"]
+        if isinstance(feature, ClassLabel) and feature.names != class_label.names:
+            raise DatasetFormatError(f"{where}: its classes {feature.names} differ from train's {class_label.names}.")
+        _check_labels(split, class_label, where)
+        if not isinstance(feature, ClassLabel):
+            splits[name] = split.cast_column("label", class_label)
+
+    if "test" not in splits:
+        held_out = splits["train"].train_test_split(test_size=test_size, stratify_by_column="label", seed=seed)
+        splits = {"train": held_out["train"], "test": held_out["test"]}
+    present = np.unique(np.asarray(splits["train"]["label"]))
+    if present.size < 2:
+        raise DatasetFormatError(f"{source}: the train split holds {present.size} class(es); at least two are needed.")
+    return DatasetDict(splits)
+
+
+def _detect_image_column(dataset: Dataset, source: str) -> str:
+    candidates = [name for name, feature in dataset.features.items() if isinstance(feature, Image)]
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates and "image" in dataset.column_names:
+        return "image"
+    raise DatasetFormatError(
+        f"{source}: cannot tell which column holds the images (Image columns: {candidates}; all columns: "
+        f"{dataset.column_names}). Pass image_column=."
+    )
+
+
+def _detect_label_column(dataset: Dataset, source: str) -> str:
+    candidates = [name for name, feature in dataset.features.items() if isinstance(feature, ClassLabel)]
+    if len(candidates) == 1:
+        return candidates[0]
+    guesses = [name for name in _LABEL_COLUMN_GUESSES if name in dataset.column_names]
+    if not candidates and guesses:
+        return guesses[0]
+    raise DatasetFormatError(
+        f"{source}: cannot tell which column holds the labels (ClassLabel columns: {candidates}; all columns: "
+        f"{dataset.column_names}). Pass label_column=."
+    )
+
+
+def _select_columns(split: Dataset, image_column: str, label_column: str, where: str) -> Dataset:
+    """Keep the image and label columns as `image`/`label`; decode path columns as images."""
+    if len(split) == 0:
+        raise DatasetFormatError(f"{where} is empty.")
+    missing = [c for c in (image_column, label_column) if c not in split.column_names]
+    if missing:
+        raise DatasetFormatError(f"{where}: no column(s) {missing}; available columns: {split.column_names}.")
+    split = split.select_columns([image_column, label_column])
+    split = split.rename_columns({c: n for c, n in ((image_column, "image"), (label_column, "label")) if c != n})
+    image_feature = split.features["image"]
+    if isinstance(image_feature, Value) and image_feature.dtype in ("string", "large_string"):
+        split = split.cast_column("image", Image())  # a column of file paths
+    elif not isinstance(image_feature, Image):
+        raise DatasetFormatError(f"{where}: column {image_column!r} is {image_feature}, not images.")
+    label_feature = split.features["label"]
+    is_integer = isinstance(label_feature, Value) and label_feature.dtype.startswith(("int", "uint"))
+    if not (is_integer or isinstance(label_feature, ClassLabel)):
+        raise DatasetFormatError(f"{where}: column {label_column!r} is {label_feature}; expected integer class ids.")
+    return split
+
+
+def _check_labels(split: Dataset, class_label: ClassLabel, where: str) -> None:
+    labels = np.asarray(split["label"])
+    bad = labels[(labels < 0) | (labels >= class_label.num_classes)]
+    if bad.size:
+        raise DatasetFormatError(
+            f"{where}: {bad.size} label(s) outside 0..{class_label.num_classes - 1} (e.g. {int(bad[0])}); "
+            f"the label column declares {class_label.num_classes} classes."
+        )
+
+
+def class_names(dataset: Dataset | DatasetDict) -> list[str]:
+    """The class names of a standardised data set (or of its train split)."""
+    split = dataset["train"] if isinstance(dataset, DatasetDict) else dataset
+    return list(split.features["label"].names)
+
+
+# --------------------------------------------------------------------------------------------
+# Nested, stratified, seeded subsets (the sample counts of a learning curve)
+
+
+def stratified_order(labels: Sequence[int] | np.ndarray, seed: int = 0) -> np.ndarray:
+    """An ordering of all indices such that every prefix is a class-stratified sample.
+
+    Within each class the samples are shuffled (seeded); the j-th sample of class c (of n_c) is
+    due at (j + 1/2) / n_c, and indices are sorted by that due time, ties broken by a seeded class
+    order. Every prefix of length n then holds round(n * n_c / N) samples of class c, within one,
+    and the subset of n samples is contained in the subset of n' > n samples: learning-curve
+    points are nested by construction.
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    class_rank = dict(zip(classes.tolist(), rng.permutation(len(classes)).tolist(), strict=True))
+    indices, due, rank = [], [], []
+    for c in classes:
+        members = rng.permutation(np.flatnonzero(labels == c))
+        indices.append(members)
+        due.append((np.arange(len(members)) + 0.5) / len(members))
+        rank.append(np.full(len(members), class_rank[int(c)]))
+    indices, due, rank = np.concatenate(indices), np.concatenate(due), np.concatenate(rank)
+    return indices[np.lexsort((rank, due))]
+
+
+def stratified_subset(dataset: Dataset, num_samples: int, seed: int = 0) -> Dataset:
+    """The first `num_samples` of `stratified_order` (nested across sizes for one seed)."""
+    if not 1 <= num_samples <= len(dataset):
+        raise ValueError(f"Asked for {num_samples} samples from a split of {len(dataset)}; use 1..{len(dataset)}.")
+    return dataset.select(stratified_order(dataset["label"], seed)[:num_samples])

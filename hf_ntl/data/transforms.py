@@ -1,0 +1,163 @@
+"""Image preprocessing with PIL, numpy and torch (no torchvision), and the batch collator.
+
+The preprocessing follows the model's own image-processor config (`preprocessor_config.json`:
+`size`, `image_mean`, `image_std`), so a Hub checkpoint sees its inputs as it was trained on
+them; tiny presets write the same file so that every saved model carries its preprocessing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image as PILImage
+from PIL import ImageEnhance
+
+logger = logging.getLogger(__name__)
+
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
+
+@dataclass
+class ImagePreprocessor:
+    """Resize to a square and normalise, as the model's image processor would.
+
+    Args:
+        image_size: side of the square the model expects.
+        image_mean / image_std: per-channel normalisation after scaling to [0, 1].
+    """
+
+    image_size: int = 32
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def __post_init__(self) -> None:
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be positive, got {self.image_size}.")
+        if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
+            raise ValueError(f"Need three means and three positive stds, got {self.image_mean} / {self.image_std}.")
+        self.image_mean = tuple(float(v) for v in self.image_mean)
+        self.image_std = tuple(float(v) for v in self.image_std)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, image_size: int | None = None) -> ImagePreprocessor:
+        """Read size/mean/std from a checkpoint's image-processor config (Hub id or folder).
+
+        Falls back to defaults (with a warning) when the checkpoint has no such file. `image_size`
+        overrides the size (e.g. to keep 32x32 images small on a model trained at 224).
+        """
+        from transformers.image_processing_base import ImageProcessingMixin
+
+        try:
+            config, _ = ImageProcessingMixin.get_image_processor_dict(str(name_or_path))
+        except OSError:
+            logger.warning("%s has no %s; using default preprocessing.", name_or_path, PREPROCESSOR_FILE)
+            config = {}
+        size = config.get("size", {})
+        if isinstance(size, int):
+            side = size
+        else:
+            side = size.get("height") or size.get("shortest_edge") or cls.image_size
+        if config.get("do_normalize", True):
+            mean = config.get("image_mean", cls.image_mean)
+            std = config.get("image_std", cls.image_std)
+        else:
+            mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+        return cls(image_size=image_size or int(side), image_mean=tuple(mean), image_std=tuple(std))
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write `preprocessor_config.json` in the format transformers' image processors read."""
+        config: dict[str, Any] = {
+            "image_processor_type": "ViTImageProcessor",
+            "do_resize": True,
+            "size": {"height": self.image_size, "width": self.image_size},
+            "resample": int(PILImage.Resampling.BILINEAR),
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+        }
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / PREPROCESSOR_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load(self, images: list[PILImage.Image]) -> torch.Tensor:
+        """Decode to RGB, resize, scale to [0, 1]: a float tensor of shape (B, 3, S, S)."""
+        side = self.image_size
+        arrays = []
+        for image in images:
+            image = image.convert("RGB")
+            if image.size != (side, side):
+                image = image.resize((side, side), PILImage.Resampling.BILINEAR)
+            arrays.append(np.asarray(image))
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalise [0, 1] pixels with the model's mean/std."""
+        mean = torch.tensor(self.image_mean, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.image_std, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+        return (pixels - mean) / std
+
+    def __call__(self, images: list[PILImage.Image]) -> torch.Tensor:
+        """Model-ready `pixel_values` for a list of PIL images."""
+        return self.normalise(self.load(images))
+
+
+def light_augment(image: PILImage.Image) -> PILImage.Image:
+    """A small random shift, scale and rotation plus a brightness/contrast jitter.
+
+    No flips: a mirrored digit is another symbol. Randomness comes from torch's global generator,
+    which `Trainer` seeds, so augmented runs are reproducible.
+    """
+    angle, scale, dx, dy, brightness, contrast = (
+        torch.empty(6).uniform_(-1, 1).mul_(torch.tensor([10.0, 0.1, 0.08, 0.08, 0.15, 0.15])).tolist()
+    )
+    width, height = image.size
+    image = image.convert("RGB").rotate(
+        angle,
+        resample=PILImage.Resampling.BILINEAR,
+        translate=(dx * width, dy * height),
+    )
+    if abs(scale) > 1e-3:
+        side = max(1, round(width * (1 + scale)))
+        image = image.resize((side, side), PILImage.Resampling.BILINEAR)
+        image = _centre_fit(image, width, height)
+    image = ImageEnhance.Brightness(image).enhance(1 + brightness)
+    return ImageEnhance.Contrast(image).enhance(1 + contrast)
+
+
+def _centre_fit(image: PILImage.Image, width: int, height: int) -> PILImage.Image:
+    """Crop (zoomed in) or pad with the edge colour (zoomed out) back to width x height."""
+    if image.size[0] >= width:
+        left, top = (image.size[0] - width) // 2, (image.size[1] - height) // 2
+        return image.crop((left, top, left + width, top + height))
+    canvas = PILImage.new("RGB", (width, height), image.getpixel((0, 0)))
+    canvas.paste(image, ((width - image.size[0]) // 2, (height - image.size[1]) // 2))
+    return canvas
+
+
+def augment_batch(batch: dict[str, list]) -> dict[str, list]:
+    """`Dataset.with_transform` function applying `light_augment` to the `image` column."""
+    return {**batch, "image": [light_augment(image) for image in batch["image"]]}
+
+
+@dataclass
+class ImageClassificationCollator:
+    """Turn examples `{"image": PIL, "label": int}` into `{"pixel_values", "labels"}` tensors."""
+
+    preprocessor: ImagePreprocessor
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return {
+            "pixel_values": self.preprocessor([example["image"] for example in examples]),
+            "labels": torch.tensor([int(example["label"]) for example in examples], dtype=torch.long),
+        }

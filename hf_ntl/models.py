@@ -1,0 +1,232 @@
+"""Image classifiers by Hub id, local folder or tiny preset; uniform access to features and head.
+
+Protection and attacks need two things from any classifier: the pooled penultimate features
+(NTP's Fisher regulariser, linear probes) and the classification head (re-initialised by some
+attacks, kept trainable under LoRA, excluded from pruning). `forward_with_features` and
+`classification_head` give both for every `AutoModelForImageClassification`, by hooking the
+input of the head rather than knowing each architecture's internals.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from torch import nn
+from transformers import (
+    AutoModelForImageClassification,
+    ConvNextConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    ResNetConfig,
+    ViTConfig,
+)
+
+logger = logging.getLogger(__name__)
+
+# Where image classifiers in transformers keep their head (ResNet, ViT, ConvNeXt, Swin, BEiT,
+# DeiT, EfficientNet, MobileNet, RegNet, DINOv2, ... all use `classifier`).
+HEAD_ATTRIBUTES = ("classifier", "head", "fc", "score")
+
+
+class ModelLoadError(ValueError):
+    """A checkpoint that cannot be used as an image classifier, and what to do about it."""
+
+
+def _tiny_resnet(image_size: int) -> PretrainedConfig:
+    return ResNetConfig(
+        num_channels=3,
+        embedding_size=16,
+        hidden_sizes=[16, 32, 64, 128],
+        depths=[1, 1, 1, 1],
+        layer_type="basic",
+        downsample_in_first_stage=False,
+    )
+
+
+def _tiny_vit(image_size: int) -> PretrainedConfig:
+    # Eager attention: second-order gradients through SDPA fail on CPU (SOPHON needs them).
+    return ViTConfig(
+        image_size=image_size,
+        patch_size=max(2, image_size // 8),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        attn_implementation="eager",
+    )
+
+
+def _tiny_convnext(image_size: int) -> PretrainedConfig:
+    return ConvNextConfig(num_channels=3, patch_size=2, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1])
+
+
+TINY_PRESETS: dict[str, Callable[[int], PretrainedConfig]] = {
+    "tiny-resnet": _tiny_resnet,
+    "tiny-vit": _tiny_vit,
+    "tiny-convnext": _tiny_convnext,
+}
+
+
+def _label_maps(num_labels: int, class_names: list[str] | None) -> dict[str, dict]:
+    names = class_names or [str(i) for i in range(num_labels)]
+    return {"id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)}}
+
+
+def build_tiny_classifier(
+    preset: str, num_labels: int, *, image_size: int = 32, class_names: list[str] | None = None, seed: int = 0
+) -> PreTrainedModel:
+    """A small, randomly initialised classifier built from a config (no Hub, no download).
+
+    Args:
+        preset: one of `TINY_PRESETS` (`tiny-resnet`, `tiny-vit`, `tiny-convnext`).
+        num_labels: number of classes.
+        image_size: input side (ViT needs it for its position embeddings).
+        class_names: names recorded as `id2label` in the config.
+        seed: initialisation seed (the global RNG state is left untouched).
+    """
+    if preset not in TINY_PRESETS:
+        raise ModelLoadError(f"Unknown tiny preset {preset!r}; choose one of {sorted(TINY_PRESETS)}.")
+    _check_class_names(num_labels, class_names)
+    config = TINY_PRESETS[preset](image_size)
+    config.num_labels = num_labels
+    for key, value in _label_maps(num_labels, class_names).items():
+        setattr(config, key, value)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForImageClassification.from_config(config)
+
+
+def load_classifier(
+    name_or_path: str | os.PathLike,
+    *,
+    num_labels: int | None = None,
+    class_names: list[str] | None = None,
+    image_size: int = 32,
+    attn_implementation: str | None = None,
+    revision: str | None = None,
+    seed: int = 0,
+) -> PreTrainedModel:
+    """Load an image classifier by Hub id, local folder or tiny preset name.
+
+    When `num_labels` differs from the checkpoint's, the head is replaced by a freshly initialised
+    one of the right size (the encoder keeps its pre-trained weights). Only safetensors weights are
+    read: a pickled `pytorch_model.bin` is refused rather than unpickled.
+
+    Args:
+        name_or_path: a tiny preset (`tiny-resnet`, ...), a `save_pretrained` folder, or a Hub id
+            such as `"microsoft/resnet-18"`.
+        num_labels / class_names: the label space wanted (names imply the count).
+        image_size / seed: for tiny presets only.
+        attn_implementation: e.g. `"eager"` (needed for second-order gradients on CPU).
+        revision: Hub revision.
+    """
+    if class_names is not None:
+        num_labels = num_labels or len(class_names)
+    _check_class_names(num_labels, class_names)
+    if str(name_or_path) in TINY_PRESETS:
+        if num_labels is None:
+            raise ModelLoadError(f"{name_or_path} is a fresh preset: say how many classes (num_labels).")
+        return build_tiny_classifier(
+            str(name_or_path), num_labels, image_size=image_size, class_names=class_names, seed=seed
+        )
+
+    kwargs: dict = {"use_safetensors": True, "revision": revision}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if num_labels is not None:
+        kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True, **_label_maps(num_labels, class_names))
+    try:
+        model, loading_info = AutoModelForImageClassification.from_pretrained(
+            str(name_or_path), output_loading_info=True, **kwargs
+        )
+    except ValueError as err:  # raised for configs that have no image-classification class
+        raise ModelLoadError(
+            f"{name_or_path} is not an image classifier transformers can load with "
+            f"AutoModelForImageClassification ({err}). Point to a classification checkpoint."
+        ) from err
+    except (OSError, SafetensorError) as err:  # missing folder, no safetensors, unreachable Hub, corrupt
+        local = Path(str(name_or_path))
+        hint = (
+            " It has no model.safetensors: hf_ntl does not unpickle .bin files; convert it with "
+            "`model.save_pretrained(folder)` from a trusted environment."
+            if local.is_dir() and any(local.glob("*.bin"))
+            else ""
+        )
+        raise ModelLoadError(f"Could not read a classifier from {name_or_path}: {err}.{hint}") from err
+    head = classification_head_name(model)  # fail now, not hours later, if there is no head
+    fresh_head = any(key.startswith(f"{head}.") for key in loading_info["missing_keys"])
+    if fresh_head and num_labels is None:
+        raise ModelLoadError(
+            f"{name_or_path} has no trained classification head (it is a base model); pass num_labels "
+            "(or class_names) to start from a freshly initialised head on purpose."
+        )
+    if fresh_head:
+        logger.info("%s: new %d-way head, freshly initialised.", name_or_path, num_labels)
+    return model
+
+
+def _check_class_names(num_labels: int | None, class_names: list[str] | None) -> None:
+    if num_labels is not None and num_labels < 2:
+        raise ModelLoadError(f"A classifier needs at least two classes, got num_labels={num_labels}.")
+    if class_names is not None and num_labels is not None and len(class_names) != num_labels:
+        raise ModelLoadError(f"{len(class_names)} class names given for num_labels={num_labels}.")
+
+
+# --------------------------------------------------------------------------------------------
+# Uniform access to the head and the pooled penultimate features
+
+
+def classification_head_name(model: nn.Module) -> str:
+    """Name of the head submodule (`"classifier"` for ResNet, ViT and ConvNeXt)."""
+    for name in HEAD_ATTRIBUTES:
+        module = getattr(model, name, None)
+        if isinstance(module, nn.Module) and any(isinstance(m, nn.Linear) for m in module.modules()):
+            return name
+    raise ModelLoadError(
+        f"{type(model).__name__} has no classification head (looked for a linear layer under "
+        f"{', '.join(HEAD_ATTRIBUTES)}). Load it with AutoModelForImageClassification."
+    )
+
+
+def classification_head(model: nn.Module) -> nn.Module:
+    """The head submodule: it maps the pooled penultimate features to logits."""
+    return getattr(model, classification_head_name(model))
+
+
+def head_linear(model: nn.Module) -> nn.Linear:
+    """The last linear layer of the head (the one whose output size is the class count)."""
+    return [m for m in classification_head(model).modules() if isinstance(m, nn.Linear)][-1]
+
+
+def forward_with_features(model: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and the pooled penultimate features `(B, D)` in one forward pass, with gradients.
+
+    The features are the input of the classification head, flattened (ResNet pools to
+    `(B, C, 1, 1)`; ViT and ConvNeXt already give `(B, D)`).
+    """
+    captured: list[torch.Tensor] = []
+    hook = classification_head(model).register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+    try:
+        logits = model(pixel_values=pixel_values).logits
+    finally:
+        hook.remove()
+    return logits, captured[0].flatten(1)
+
+
+def pooled_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The pooled penultimate features `(B, D)` (see `forward_with_features`)."""
+    return forward_with_features(model, pixel_values)[1]
+
+
+def reinitialise_head(model: PreTrainedModel, seed: int = 0) -> None:
+    """Give the head's linear layers fresh weights, as an attacker who discards the head would."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in classification_head(model).modules():
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()

@@ -1,0 +1,154 @@
+"""Fit the owner's source model with the plain `Trainer`: the "original" that protections start from."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import DatasetDict
+from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from .artifacts import replacing_directory, write_record
+from .data import ImageClassificationCollator, ImagePreprocessor, augment_batch, class_names
+from .data.loading import load_image_classification_dataset
+from .metrics import compute_accuracy
+from .models import TINY_PRESETS, load_classifier
+
+logger = logging.getLogger(__name__)
+
+MODEL_SUBDIR = "model"
+
+
+@dataclass
+class SourceConfig(TrainingArguments):
+    """What to fit the source model on, and how (every `TrainingArguments` field applies too).
+
+    The defaults suit training a tiny preset from scratch on an embedded domain on CPU in about a
+    minute; for a Hub checkpoint lower `learning_rate` (e.g. 1e-4).
+    """
+
+    model_name_or_path: str = field(
+        default="tiny-resnet",
+        metadata={"help": f"A tiny preset ({', '.join(TINY_PRESETS)}), a local folder, or a Hub model id."},
+    )
+    dataset_name: str = field(
+        default="font-digits",
+        metadata={"help": "Embedded domain, save_to_disk folder, imagefolder directory, or Hub dataset id."},
+    )
+    image_column: str | None = field(default=None, metadata={"help": "Image column (detected when omitted)."})
+    label_column: str | None = field(default=None, metadata={"help": "Label column (detected when omitted)."})
+    image_size: int | None = field(
+        default=None,
+        metadata={"help": "Input side; default: the checkpoint's preprocessor size, 32 for tiny presets."},
+    )
+    num_train_samples: int | None = field(
+        default=None, metadata={"help": "Generated train samples for embedded domains (default: the domain's)."}
+    )
+    augment: bool = field(default=True, metadata={"help": "Light shift/scale/rotation/colour augmentation."})
+
+    # Defaults that differ from TrainingArguments: small models trained from scratch, on CPU.
+    output_dir: str | None = field(default="runs/source", metadata={"help": "Where checkpoints and the model go."})
+    learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate (AdamW)."})
+    weight_decay: float = field(default=5e-4, metadata={"help": "AdamW weight decay."})
+    num_train_epochs: float = field(default=4.0, metadata={"help": "Training epochs."})
+    per_device_train_batch_size: int = field(default=64, metadata={"help": "Train batch size per device."})
+    per_device_eval_batch_size: int = field(default=256, metadata={"help": "Eval batch size per device."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
+    warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up steps (a float < 1 is a fraction)."})
+    eval_strategy: str = field(default="epoch", metadata={"help": "When to measure test accuracy."})
+    save_strategy: str = field(default="epoch", metadata={"help": "When to checkpoint (for resuming)."})
+    save_total_limit: int | None = field(default=1, metadata={"help": "Checkpoints kept."})
+    logging_steps: float = field(default=25, metadata={"help": "Log every N steps."})
+    # The collator reads the `image`/`label` columns, which are not forward() arguments.
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the collator needs them."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # pinning needs an accelerator; it only warns on CPU
+        if self.image_size is not None and self.image_size < 8:
+            raise ValueError(f"image_size must be at least 8, got {self.image_size}.")
+        if self.remove_unused_columns:
+            raise ValueError("remove_unused_columns=True would drop the image/label columns the collator needs.")
+
+
+def fit_source_model(
+    model: PreTrainedModel,
+    preprocessor: ImagePreprocessor,
+    dataset: DatasetDict,
+    args: TrainingArguments,
+    *,
+    augment: bool = True,
+    resume: bool = True,
+) -> tuple[Trainer, dict[str, float]]:
+    """Train `model` on `dataset["train"]` with `Trainer`; return the trainer and test metrics.
+
+    Resumes from the last checkpoint in `args.output_dir` when `resume` is set and one exists.
+    Test accuracy is measured on the final weights only (no model selection on the test split).
+    """
+    num_classes = len(class_names(dataset))
+    if model.config.num_labels != num_classes:
+        raise ValueError(
+            f"The model has {model.config.num_labels} outputs but the data set has {num_classes} classes; "
+            "load it with num_labels equal to the class count to replace the head."
+        )
+    train = dataset["train"].with_transform(augment_batch) if augment else dataset["train"]
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=dataset["test"],
+        data_collator=ImageClassificationCollator(preprocessor),
+        compute_metrics=compute_accuracy,
+    )
+    checkpoint = get_last_checkpoint(args.output_dir) if resume and Path(args.output_dir).is_dir() else None
+    if checkpoint:
+        logger.info("Resuming source training from %s", checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    metrics = trainer.evaluate()
+    return trainer, {"test_accuracy": float(metrics["eval_accuracy"]), "test_loss": float(metrics["eval_loss"])}
+
+
+def run_source(config: SourceConfig) -> dict[str, Any]:
+    """Load data and model from `config`, fit, and save `output_dir/model` (safetensors + record)."""
+    start = time.perf_counter()
+    dataset = load_image_classification_dataset(
+        config.dataset_name,
+        image_column=config.image_column,
+        label_column=config.label_column,
+        image_size=config.image_size or 32,
+        seed=config.seed,
+        num_train=config.num_train_samples,
+    )
+    names = class_names(dataset)
+    model = load_classifier(
+        config.model_name_or_path, class_names=names, image_size=config.image_size or 32, seed=config.seed
+    )
+    if config.model_name_or_path in TINY_PRESETS:
+        preprocessor = ImagePreprocessor(image_size=config.image_size or 32)
+    else:
+        preprocessor = ImagePreprocessor.from_pretrained(config.model_name_or_path, image_size=config.image_size)
+    trainer, metrics = fit_source_model(model, preprocessor, dataset, config, augment=config.augment)
+    record = {
+        "stage": "source",
+        "base_model": config.model_name_or_path,
+        "dataset": config.dataset_name,
+        "num_classes": len(names),
+        "train_samples": len(dataset["train"]),
+        "test_samples": len(dataset["test"]),
+        "epochs": config.num_train_epochs,
+        "seed": config.seed,
+        "wall_time_s": round(time.perf_counter() - start, 1),
+        **metrics,
+    }
+    if trainer.is_world_process_zero():
+        with replacing_directory(Path(config.output_dir) / MODEL_SUBDIR) as staging:
+            trainer.model.save_pretrained(staging)
+            preprocessor.save_pretrained(staging)
+            write_record(staging, record)
+    return record

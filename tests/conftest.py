@@ -1,0 +1,27 @@
+"""Offline, fast, deterministic: no Hub access and a per-session cache of generated domains."""
+
+import os
+
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def domain_cache(tmp_path_factory):
+    """Generated domains go to a fresh folder, so the tests exercise generation, not a stale cache."""
+    cache = tmp_path_factory.mktemp("hf_ntl_cache")
+    previous = os.environ.get("HF_NTL_CACHE")
+    os.environ["HF_NTL_CACHE"] = str(cache)
+    yield cache
+    if previous is None:
+        os.environ.pop("HF_NTL_CACHE", None)
+    else:
+        os.environ["HF_NTL_CACHE"] = previous
+
+
+@pytest.fixture(autouse=True)
+def fixed_seed():
+    torch.manual_seed(0)
