@@ -35,11 +35,15 @@ class DemoArguments:
         default_factory=lambda: ["uci-digits", "textured-digits"], metadata={"help": "Unauthorised domains."}
     )
     model: str = field(default="tiny-resnet", metadata={"help": "Tiny preset, folder or Hub id to start from."})
-    source_epochs: float = field(default=6.0, metadata={"help": "Epochs of source training."})
+    source_epochs: float = field(default=5.0, metadata={"help": "Epochs of source training."})
+    source_samples: int | None = field(
+        default=None, metadata={"help": "Generated source train samples (default: the domain's, 10,000)."}
+    )
     counts: list[int] = field(default_factory=lambda: [10, 50, 200], metadata={"help": "Target sample counts."})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds per count."})
     overwrite: bool = field(
-        default=False, metadata={"help": "Start afresh, deleting output_dir (otherwise a finished source model is reused)."}
+        default=False,
+        metadata={"help": "Start afresh, deleting output_dir (otherwise a finished source model is reused)."},
     )
 
 
@@ -73,7 +77,7 @@ def parse(dataclass_types: Sequence[type], argv: Sequence[str], prog: str) -> tu
         if at + 1 >= len(argv):
             raise SystemExit("error: --config needs a file name.")
         argv = yaml_to_argv(argv[at + 1]) + argv[:at] + argv[at + 2 :]
-    parser = HfArgumentParser(dataclass_types, prog=prog)
+    parser = HfArgumentParser(dataclass_types, prog=prog, allow_abbrev=False)
     parser.add_argument("--config", help="YAML file of options; command-line options override it.")
     *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if remaining:
@@ -108,6 +112,7 @@ def demo_command(argv: Sequence[str]) -> None:
             model_name_or_path=args.model,
             dataset_name=args.source_dataset,
             num_train_epochs=args.source_epochs,
+            num_train_samples=args.source_samples,
             report_to="none",
         )
         record = run_source(config)

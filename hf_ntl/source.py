@@ -53,10 +53,10 @@ class SourceConfig(TrainingArguments):
 
     # Defaults that differ from TrainingArguments: small models trained from scratch, on CPU.
     output_dir: str | None = field(default="runs/source", metadata={"help": "Where checkpoints and the model go."})
-    learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate (AdamW)."})
+    learning_rate: float = field(default=3e-3, metadata={"help": "Peak learning rate (AdamW)."})
     weight_decay: float = field(default=5e-4, metadata={"help": "AdamW weight decay."})
-    num_train_epochs: float = field(default=4.0, metadata={"help": "Training epochs."})
-    per_device_train_batch_size: int = field(default=64, metadata={"help": "Train batch size per device."})
+    num_train_epochs: float = field(default=5.0, metadata={"help": "Training epochs."})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Train batch size per device."})
     per_device_eval_batch_size: int = field(default=256, metadata={"help": "Eval batch size per device."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
     warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up steps (a float < 1 is a fraction)."})

@@ -114,9 +114,19 @@ def format_transfer_table(report: dict[str, Any]) -> str:
         rows.append((target, "0", "-" if zero is None else f"{100 * zero:.1f}%", "-", "(zero-shot)"))
         for n, accuracy in result["fine_tuned"].items():
             scratch = result["scratch"][n]
-            rows.append((target, str(n), f"{100 * accuracy:.1f}%", f"{100 * scratch:.1f}%", f"{100 * (accuracy - scratch):+.1f}"))
+            rows.append(
+                (
+                    target,
+                    str(n),
+                    f"{100 * accuracy:.1f}%",
+                    f"{100 * scratch:.1f}%",
+                    f"{100 * (accuracy - scratch):+.1f}",
+                )
+            )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+    lines = [
+        "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
+        for row in rows
+    ]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
-

@@ -20,7 +20,9 @@ def tiny_images(count, size=8):
 
 def custom_dataset(labels_train=(0, 1, 2, 0, 1, 2), labels_test=(0, 1, 2), label_feature=None):
     """A data set as a user might have it: other column names, an extra column."""
-    features = Features({"img": Image(), "fine": label_feature or ClassLabel(names=["a", "b", "c"]), "id": Value("int64")})
+    features = Features(
+        {"img": Image(), "fine": label_feature or ClassLabel(names=["a", "b", "c"]), "id": Value("int64")}
+    )
 
     def split(labels):
         data = {"img": tiny_images(len(labels)), "fine": list(labels), "id": list(range(len(labels)))}

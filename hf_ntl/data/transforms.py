@@ -60,10 +60,7 @@ class ImagePreprocessor:
             logger.warning("%s has no %s; using default preprocessing.", name_or_path, PREPROCESSOR_FILE)
             config = {}
         size = config.get("size", {})
-        if isinstance(size, int):
-            side = size
-        else:
-            side = size.get("height") or size.get("shortest_edge") or cls.image_size
+        side = size if isinstance(size, int) else size.get("height") or size.get("shortest_edge") or cls.image_size
         if config.get("do_normalize", True):
             mean = config.get("image_mean", cls.image_mean)
             std = config.get("image_std", cls.image_std)

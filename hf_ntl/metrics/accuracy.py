@@ -15,7 +15,9 @@ def compute_accuracy(prediction: EvalPrediction) -> dict[str, float]:
 
 
 @torch.no_grad()
-def predict_accuracy(model: nn.Module, pixel_values: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
+def predict_accuracy(
+    model: nn.Module, pixel_values: torch.Tensor, labels: torch.Tensor, batch_size: int = 256
+) -> float:
     """Accuracy of `model` on model-ready `pixel_values` (eval mode, restored afterwards)."""
     was_training = model.training
     model.eval()

@@ -1,0 +1,67 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image as PILImage
+
+from hf_ntl.data import ImageClassificationCollator, ImagePreprocessor, light_augment
+
+
+def test_normalisation_matches_hand_computation():
+    preprocessor = ImagePreprocessor(image_size=4, image_mean=(0.5, 0.25, 0.0), image_std=(0.5, 0.25, 2.0))
+    white = PILImage.new("RGB", (4, 4), (255, 255, 255))
+    pixels = preprocessor([white])
+    assert pixels.shape == (1, 3, 4, 4)
+    np.testing.assert_allclose(pixels[0, :, 0, 0].numpy(), [(1 - 0.5) / 0.5, (1 - 0.25) / 0.25, 1 / 2.0], rtol=1e-6)
+
+
+def test_resizes_and_converts_to_rgb():
+    grey = PILImage.new("L", (10, 6), 128)
+    pixels = ImagePreprocessor(image_size=8)([grey, grey.convert("RGB")])
+    assert pixels.shape == (2, 3, 8, 8)
+    torch.testing.assert_close(pixels[0], pixels[1])
+
+
+def test_reads_a_transformers_preprocessor_config(tmp_path):
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps(
+            {"size": {"shortest_edge": 224}, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+        )
+    )
+    preprocessor = ImagePreprocessor.from_pretrained(tmp_path)
+    assert preprocessor.image_size == 224
+    assert preprocessor.image_mean == (0.485, 0.456, 0.406)
+    assert ImagePreprocessor.from_pretrained(tmp_path, image_size=32).image_size == 32
+
+
+def test_round_trip_and_default_without_config(tmp_path):
+    original = ImagePreprocessor(image_size=24, image_mean=(0.1, 0.2, 0.3), image_std=(0.4, 0.5, 0.6))
+    original.save_pretrained(tmp_path / "saved")
+    assert ImagePreprocessor.from_pretrained(tmp_path / "saved") == original
+    (tmp_path / "empty").mkdir()
+    assert ImagePreprocessor.from_pretrained(tmp_path / "empty") == ImagePreprocessor()
+
+
+def test_rejects_bad_statistics():
+    with pytest.raises(ValueError, match="positive stds"):
+        ImagePreprocessor(image_std=(0.5, 0.0, 0.5))
+
+
+def test_collator_produces_pixel_values_and_labels():
+    examples = [{"image": PILImage.new("RGB", (32, 32), (i * 40, 0, 0)), "label": i} for i in range(3)]
+    batch = ImageClassificationCollator(ImagePreprocessor())(examples)
+    assert batch["pixel_values"].shape == (3, 3, 32, 32) and batch["pixel_values"].dtype == torch.float32
+    assert batch["labels"].tolist() == [0, 1, 2] and batch["labels"].dtype == torch.long
+
+
+def test_light_augmentation_changes_pixels_reproducibly():
+    rng = np.random.default_rng(0)
+    image = PILImage.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    torch.manual_seed(1)
+    first = np.asarray(light_augment(image))
+    torch.manual_seed(1)
+    again = np.asarray(light_augment(image))
+    assert first.shape == (32, 32, 3)
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, np.asarray(image))
