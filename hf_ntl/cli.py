@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 from transformers import HfArgumentParser
+from transformers.utils import logging as transformers_logging
 
 from .source import MODEL_SUBDIR, SourceConfig, run_source
 from .transfer import TransferArguments, format_transfer_table, run_transfer
@@ -113,6 +114,7 @@ def demo_command(argv: Sequence[str]) -> None:
             dataset_name=args.source_dataset,
             num_train_epochs=args.source_epochs,
             num_train_samples=args.source_samples,
+            logging_strategy="epoch",
             report_to="none",
         )
         record = run_source(config)
@@ -147,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise SystemExit(f"error: unknown command {argv[0]!r}\n\n{usage}")
         print(usage + "\n\n`hf-ntl COMMAND --help` lists a command's options.")
         return
+    # Weights load in milliseconds here; their per-tensor bars would bury the training progress.
+    transformers_logging.disable_progress_bar()
     command, _ = COMMANDS[argv[0]]
     command(argv[1:])
 

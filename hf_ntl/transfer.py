@@ -88,7 +88,7 @@ def run_transfer(args: TransferArguments, progress: bool = True) -> dict[str, An
             "points": [p.to_dict() for p in tuned + scratch],
             "wall_time_s": round(time.perf_counter() - start, 1),
         }
-    report["source_test_accuracy"] = source_record.get("test_accuracy")
+    report["source"] = {key: source_record.get(key) for key in ("base_model", "dataset", "test_accuracy")}
     if args.output_dir:
         _write_report(report, Path(args.output_dir))
     return report
@@ -100,10 +100,17 @@ def _write_report(report: dict[str, Any], folder: Path) -> None:
         plot_learning_curves(
             {"fine-tuned from the checkpoint": result["fine_tuned"], "from scratch": result["scratch"]},
             folder / f"transfer-{target.replace('/', '_')}.png",
-            title=f"{Path(report['model']).name} -> {target}",
+            title=f"{_model_title(report)} -> {target}",
             chance=1 / result["classes"],
         )
     (folder / "transfer.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _model_title(report: dict[str, Any]) -> str:
+    source = report["source"]
+    if source.get("base_model") and source.get("dataset"):
+        return f"{source['base_model']} trained on {source['dataset']}"
+    return report["model"]
 
 
 def format_transfer_table(report: dict[str, Any]) -> str:

@@ -21,20 +21,22 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_from_disk
+from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 from PIL import Image as PILImage
 from PIL import ImageDraw, ImageFilter, ImageFont
 
 logger = logging.getLogger(__name__)
 
 # Bump when a generator changes its output, so that stale caches are not reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 DIGIT_NAMES = [str(d) for d in range(10)]
 SHAPE_NAMES = [
@@ -198,8 +200,13 @@ def _uci_split(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarra
 
 
 def _scan_to_image(scan: np.ndarray, size: int) -> PILImage.Image:
-    grey = PILImage.fromarray((scan * 255).astype(np.uint8)).resize((size, size), PILImage.Resampling.BICUBIC)
-    return grey.convert("RGB")
+    # Centred with a black margin, as MNIST centres its digits in a 20x20 box of 28x28: the scans
+    # are cropped tight to the digit, which no other digit domain is.
+    inner = round(0.75 * size)
+    grey = PILImage.fromarray((scan * 255).astype(np.uint8)).resize((inner, inner), PILImage.Resampling.BICUBIC)
+    canvas = PILImage.new("L", (size, size), 0)
+    canvas.paste(grey, ((size - inner) // 2, (size - inner) // 2))
+    return canvas.convert("RGB")
 
 
 def _generate_uci_digits(size: int, seed: int, num_train: int | None, num_test: int | None):
@@ -359,6 +366,17 @@ EMBEDDED_DOMAINS: dict[str, DomainSpec] = {
 }
 
 
+@contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    were_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not were_disabled:
+            enable_progress_bars()
+
+
 def load_embedded_domain(
     name: str,
     *,
@@ -412,7 +430,8 @@ def load_embedded_domain(
     cache_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache_root))
     try:
-        dataset.save_to_disk(str(staging / "data"))
+        with _quiet_datasets():  # writing a few MB takes no time: a progress bar would be noise
+            dataset.save_to_disk(str(staging / "data"))
         os.replace(staging / "data", target)
     except OSError:
         if not (target / "dataset_dict.json").exists():
