@@ -1,7 +1,7 @@
 """The `hf-ntl` command: one subcommand per stage, each reading what the previous one wrote.
 
     hf-ntl fit-source --dataset_name font-digits --output_dir runs/source
-    hf-ntl transfer --model_name_or_path runs/source/model --target_datasets uci-digits
+    hf-ntl evaluate --model_name_or_path runs/source/model --target_dataset uci-digits
     hf-ntl demo --output_dir runs/demo
 
 Every subcommand takes `--config file.yaml` (keys are the option names); options given on the
@@ -22,13 +22,13 @@ import yaml
 from transformers import HfArgumentParser
 from transformers.utils import logging as transformers_logging
 
+from .evaluation import EvaluateArguments, format_report_table, run_evaluation
 from .source import MODEL_SUBDIR, SourceConfig, run_source
-from .transfer import TransferArguments, format_transfer_table, run_transfer
 
 
 @dataclass
 class DemoArguments:
-    """The embedded default end to end: fit the source model, then measure what it gives attackers."""
+    """The embedded default end to end: fit the source model, then attack it and measure SLC-AUC."""
 
     output_dir: str = field(default="runs/demo", metadata={"help": "Where everything is written."})
     source_dataset: str = field(default="font-digits", metadata={"help": "The owner's domain."})
@@ -42,6 +42,11 @@ class DemoArguments:
     )
     counts: list[int] = field(default_factory=lambda: [10, 50, 200], metadata={"help": "Target sample counts."})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds per count."})
+    suite: str = field(default="default", metadata={"help": "Attack suite: default, quick, or a YAML file."})
+    attacks: list[str] = field(
+        default_factory=lambda: ["full", "head-only", "lora-r4"],
+        metadata={"help": "Attacks of the suite to run (the demo keeps three to stay within minutes)."},
+    )
     overwrite: bool = field(
         default=False,
         metadata={"help": "Start afresh, deleting output_dir (otherwise a finished source model is reused)."},
@@ -92,9 +97,9 @@ def fit_source_command(argv: Sequence[str]) -> None:
     print(f"source model: {Path(config.output_dir) / MODEL_SUBDIR}  test accuracy {100 * record['test_accuracy']:.2f}%")
 
 
-def transfer_command(argv: Sequence[str]) -> None:
-    (args,) = parse([TransferArguments], argv, "hf-ntl transfer")
-    print(format_transfer_table(run_transfer(args)))
+def evaluate_command(argv: Sequence[str]) -> None:
+    (args,) = parse([EvaluateArguments], argv, "hf-ntl evaluate")
+    print(format_report_table(run_evaluation(args)))
 
 
 def demo_command(argv: Sequence[str]) -> None:
@@ -119,24 +124,27 @@ def demo_command(argv: Sequence[str]) -> None:
         )
         record = run_source(config)
         print(f"      source test accuracy {100 * record['test_accuracy']:.2f}%")
-    print(f"[2/2] fine-tuning it and a scratch copy on {', '.join(args.target_datasets)}")
-    report = run_transfer(
-        TransferArguments(
-            model_name_or_path=str(source_model),
-            target_datasets=args.target_datasets,
-            counts=args.counts,
-            seeds=args.seeds,
-            output_dir=str(out / "transfer"),
+    for target in args.target_datasets:
+        print(f"[2/2] attacking it on {target}: {', '.join(args.attacks)} vs scratch, n = {args.counts}")
+        report = run_evaluation(
+            EvaluateArguments(
+                model_name_or_path=str(source_model),
+                target_dataset=target,
+                suite=args.suite,
+                attacks=args.attacks,
+                counts=args.counts,
+                seeds=args.seeds,
+                output_dir=str(out / "evaluate" / target),
+            )
         )
-    )
-    print(format_transfer_table(report))
-    print(f"report and plots: {out / 'transfer'}   wall time {time.perf_counter() - start:.0f} s")
+        print(format_report_table(report))
+    print(f"reports and plots: {out / 'evaluate'}   wall time {time.perf_counter() - start:.0f} s")
 
 
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     "fit-source": (fit_source_command, "fit the owner's source classifier with Trainer"),
-    "transfer": (transfer_command, "zero-shot and fine-tuned target accuracy versus scratch"),
-    "demo": (demo_command, "the embedded default end to end (fit-source, then transfer)"),
+    "evaluate": (evaluate_command, "attack a checkpoint with a suite and measure SLC-AUC against scratch"),
+    "demo": (demo_command, "the embedded default end to end (fit-source, then evaluate)"),
 }
 
 

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from hf_ntl.attacks import EncodedSplit, FinetuneSpec, finetune, finetuned_accuracy
+from hf_ntl.attacks import AttackSpec, EncodedSplit, finetune, finetuned_accuracy
 from hf_ntl.data import ImagePreprocessor, load_image_classification_dataset
 from hf_ntl.metrics import predict_accuracy
-from hf_ntl.metrics.learning_curve import check_counts, learning_curve, mean_by_count, scratch_copy
+from hf_ntl.metrics.learning_curve import check_counts, counts_from_fractions, scratch_copy
 from hf_ntl.models import build_tiny_classifier
 
 
@@ -25,7 +25,7 @@ def test_full_finetuning_changes_a_copy_and_leaves_the_original(shapes):
     train, _ = shapes
     model = build_tiny_classifier("tiny-resnet", 10)
     before = parameters(model)
-    tuned = finetune(model, train, FinetuneSpec(steps=3))
+    tuned = finetune(model, train, AttackSpec(steps=3))
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     changed = [n for n, p in tuned.named_parameters() if not torch.equal(p, before[n])]
     assert "classifier.1.weight" in changed and any(n.startswith("resnet.") for n in changed)
@@ -35,7 +35,7 @@ def test_head_only_trains_only_the_head(shapes):
     train, _ = shapes
     model = build_tiny_classifier("tiny-vit", 10)
     before = parameters(model)
-    tuned = finetune(model, train, FinetuneSpec(trainable="head", optimizer="sgd-momentum", steps=3))
+    tuned = finetune(model, train, AttackSpec(trainable="head", optimizer="sgd-momentum", steps=3))
     for name, param in tuned.named_parameters():
         assert torch.equal(param, before[name]) != name.startswith("classifier."), name
 
@@ -43,7 +43,7 @@ def test_head_only_trains_only_the_head(shapes):
 def test_head_reinitialisation_is_seeded(shapes):
     train, _ = shapes
     model = build_tiny_classifier("tiny-convnext", 10)
-    spec = FinetuneSpec(reinit_head=True, trainable="head", steps=1, learning_rate=1e-9, optimizer="sgd")
+    spec = AttackSpec(reinit_head=True, trainable="head", steps=1, learning_rate=1e-9, optimizer="sgd")
     a, b = finetune(model, train, spec, seed=1), finetune(model, train, spec, seed=1)
     assert not torch.equal(a.classifier.weight, model.classifier.weight)
     assert torch.equal(a.classifier.weight, b.classifier.weight)
@@ -53,28 +53,15 @@ def test_finetuning_learns(shapes):
     train, _ = shapes
     model = build_tiny_classifier("tiny-resnet", 10)
     before = predict_accuracy(model, train.pixel_values, train.labels)
-    tuned = finetune(model, train, FinetuneSpec(steps=60, learning_rate=3e-3))
+    tuned = finetune(model, train, AttackSpec(steps=60, learning_rate=3e-3))
     assert predict_accuracy(tuned, train.pixel_values, train.labels) > max(0.5, before + 0.3)
 
 
 def test_same_seed_same_result(shapes):
     train, test = shapes
     model = build_tiny_classifier("tiny-resnet", 10)
-    spec = FinetuneSpec(steps=5)
+    spec = AttackSpec(steps=5)
     assert finetuned_accuracy(model, train, test, spec, seed=2) == finetuned_accuracy(model, train, test, spec, seed=2)
-
-
-def test_learning_curve_uses_nested_subsets_and_identical_protocols(shapes):
-    train, test = shapes
-    model = build_tiny_classifier("tiny-resnet", 10)
-    spec = FinetuneSpec(steps=2)
-    tuned = learning_curve(model, train, test, [20, 10], spec, seeds=[0, 1], progress=False)
-    scratch = learning_curve(
-        scratch_copy(model), train, test, [10, 20], spec, seeds=[0, 1], label="scratch", progress=False
-    )
-    assert [(p.seed, p.num_samples) for p in tuned] == [(0, 10), (0, 20), (1, 10), (1, 20)]
-    assert {(p.attack, p.steps) for p in tuned} == {(p.attack, p.steps) for p in scratch} == {("full", 2)}
-    assert set(mean_by_count(tuned)) == {10, 20}
 
 
 def test_scratch_copy_is_the_same_architecture_freshly_initialised():
@@ -90,7 +77,9 @@ def test_bad_requests(shapes):
         check_counts([], 100)
     with pytest.raises(ValueError, match=r"1\.\.100"):
         check_counts([10, 500], 100)
-    with pytest.raises(ValueError, match="Unknown optimizer"):
-        FinetuneSpec(optimizer="lion")
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        counts_from_fractions([0.5, 1.5], 100)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        AttackSpec(optimizer="lion")
     with pytest.raises(ValueError, match="head has 3 outputs"):
-        finetune(build_tiny_classifier("tiny-resnet", 3), train, FinetuneSpec(steps=1))
+        finetune(build_tiny_classifier("tiny-resnet", 3), train, AttackSpec(steps=1))

@@ -1,5 +1,18 @@
 """Attacks: fine-tune a fresh copy of a checkpoint on a few target samples, as an attacker would."""
 
-from .finetune import EncodedSplit, FinetuneSpec, finetune, finetuned_accuracy
+from .finetune import AttackSpec, EncodedSplit, finetune, finetuned_accuracy, lora_target_modules, pruning_masks
+from .suite import DEFAULT_SUITE, MASKED_ATTACK, QUICK_SUITE, SUITES, load_suite
 
-__all__ = ["EncodedSplit", "FinetuneSpec", "finetune", "finetuned_accuracy"]
+__all__ = [
+    "DEFAULT_SUITE",
+    "MASKED_ATTACK",
+    "QUICK_SUITE",
+    "SUITES",
+    "AttackSpec",
+    "EncodedSplit",
+    "finetune",
+    "finetuned_accuracy",
+    "load_suite",
+    "lora_target_modules",
+    "pruning_masks",
+]

@@ -9,52 +9,73 @@ to tensors once per audit, so that a run costs only its optimiser steps.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
 import torch
 from datasets import Dataset
+from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel
 
 from ..data.transforms import ImagePreprocessor
 from ..metrics import predict_accuracy
-from ..models import classification_head, head_linear, reinitialise_head
+from ..models import classification_head, classification_head_name, head_linear, reinitialise_head
 
 OPTIMIZERS = ("sgd", "sgd-momentum", "adam", "adamw")
+TRAINABLE = ("all", "head", "lora")
+MASK_POLICIES = ("dense", "masked")
 
 
 @dataclass(frozen=True)
-class FinetuneSpec:
+class AttackSpec:
     """How an attacker fine-tunes: what is trained, with which optimiser, for how long.
 
     Args:
-        name: a label for reports.
-        trainable: `"all"` (full fine-tuning) or `"head"` (linear probe on frozen features).
+        name: the attack's name in reports.
+        trainable: `"all"` (full fine-tuning), `"head"` (linear probe on frozen features) or
+            `"lora"` (low-rank adapters on every conv/linear layer of the encoder via `peft`,
+            with the head trainable).
         reinit_head: discard the released head and start from a fresh one.
         optimizer: `sgd`, `sgd-momentum` (0.9), `adam` or `adamw`.
         learning_rate / weight_decay: optimiser settings.
-        steps: optimiser steps, the same whatever the number of samples (so that the model and
-            the scratch baseline get exactly the same budget).
+        steps: optimiser steps, the same whatever the number of samples, so that the model and the
+            scratch baseline get exactly the same budget.
         batch_size: samples per step (all of them when fewer).
+        lora_rank / lora_alpha: LoRA rank and scaling numerator (`trainable="lora"` only).
+        mask: `"dense"`: pruned (zero) weights may regrow, as any real attacker allows;
+            `"masked"`: they are reset to zero after every step (the NTP paper's protocol).
     """
 
     name: str = "full"
-    trainable: Literal["all", "head"] = "all"
+    trainable: Literal["all", "head", "lora"] = "all"
     reinit_head: bool = False
     optimizer: Literal["sgd", "sgd-momentum", "adam", "adamw"] = "adam"
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     steps: int = 150
     batch_size: int = 32
+    lora_rank: int = 8
+    lora_alpha: float | None = None
+    mask: Literal["dense", "masked"] = "dense"
 
     def __post_init__(self) -> None:
-        if self.trainable not in ("all", "head"):
-            raise ValueError(f"trainable must be 'all' or 'head', got {self.trainable!r}.")
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"{self.name}: trainable must be one of {TRAINABLE}, got {self.trainable!r}.")
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"Unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}.")
-        if self.learning_rate <= 0 or self.steps < 1 or self.batch_size < 1:
-            raise ValueError(f"{self.name}: learning_rate, steps and batch_size must be positive.")
+            raise ValueError(f"{self.name}: unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}.")
+        if self.mask not in MASK_POLICIES:
+            raise ValueError(f"{self.name}: mask must be one of {MASK_POLICIES}, got {self.mask!r}.")
+        if self.learning_rate <= 0 or self.steps < 1 or self.batch_size < 1 or self.lora_rank < 1:
+            raise ValueError(f"{self.name}: learning_rate, steps, batch_size and lora_rank must be positive.")
+
+    @property
+    def keeps_head(self) -> bool:
+        """Whether the released head's outputs are used as they are (so class counts must match)."""
+        return not self.reinit_head
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass
@@ -79,7 +100,36 @@ class EncodedSplit:
         return EncodedSplit(self.pixel_values[indices], self.labels[indices])
 
 
-def _optimizer(spec: FinetuneSpec, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def lora_target_modules(model: nn.Module) -> list[str]:
+    """Full names of every LoRA-able layer of the encoder: linear and (non-grouped) conv layers.
+
+    Found from the model, not from a per-architecture list: ResNet's `convolution`s, ViT's
+    `q/k/v/o_proj` and `fc1/fc2`, ConvNeXt's `pwconv1/pwconv2` all qualify; the head is excluded
+    (it is trained in full instead) and so are depthwise convs, which LoRA does not fit.
+    """
+    head = classification_head_name(model)
+    names = [
+        name
+        for name, module in model.named_modules()
+        if not (name == head or name.startswith(f"{head}."))
+        and (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1))
+    ]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no linear or conv layer outside its head for LoRA.")
+    return names
+
+
+def pruning_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`{parameter name: weight != 0}` for every encoder weight matrix/kernel holding exact zeros."""
+    head = classification_head_name(model)
+    return {
+        name: param.detach() != 0
+        for name, param in model.named_parameters()
+        if param.ndim >= 2 and not name.startswith(f"{head}.") and bool((param == 0).any())
+    }
+
+
+def _optimizer(spec: AttackSpec, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     if spec.optimizer == "sgd":
         return torch.optim.SGD(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
     if spec.optimizer == "sgd-momentum":
@@ -89,8 +139,28 @@ def _optimizer(spec: FinetuneSpec, params: list[nn.Parameter]) -> torch.optim.Op
     return torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
 
 
-def finetune(model: PreTrainedModel, train: EncodedSplit, spec: FinetuneSpec, seed: int = 0) -> PreTrainedModel:
-    """Fine-tune a deep copy of `model` on `train` following `spec`; the original is untouched."""
+def _prepare(model: PreTrainedModel, spec: AttackSpec) -> nn.Module:
+    """Make the trainable part of an (already copied) model trainable, per `spec.trainable`."""
+    if spec.trainable == "lora":
+        config = LoraConfig(
+            r=spec.lora_rank,
+            lora_alpha=spec.lora_alpha or 2 * spec.lora_rank,
+            target_modules=lora_target_modules(model),
+            modules_to_save=[classification_head_name(model)],
+        )
+        return get_peft_model(model, config)
+    model.requires_grad_(spec.trainable == "all")
+    classification_head(model).requires_grad_(True)
+    return model
+
+
+def finetune(model: PreTrainedModel, train: EncodedSplit, spec: AttackSpec, seed: int = 0) -> nn.Module:
+    """Fine-tune a deep copy of `model` on `train` following `spec`; the original is untouched.
+
+    Every source of randomness (head re-initialisation, LoRA initialisation, batch order) comes
+    from `seed`, so a run gives the same result in any process and in any order. A LoRA attack
+    returns the `peft` model (adapters not merged: merging would hide nothing but cost time).
+    """
     if len(train) == 0:
         raise ValueError("Cannot fine-tune on an empty set of samples.")
     num_outputs = head_linear(model).out_features
@@ -99,34 +169,38 @@ def finetune(model: PreTrainedModel, train: EncodedSplit, spec: FinetuneSpec, se
             f"Labels go up to {int(train.labels.max())} but the head has {num_outputs} outputs; "
             "load the model with the target's class count (num_labels) first."
         )
-    model = copy.deepcopy(model)
-    if spec.reinit_head:
-        reinitialise_head(model, seed)
-    if spec.trainable == "head":
-        model.requires_grad_(False)
-        classification_head(model).requires_grad_(True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _optimizer(spec, params)
-    device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
-    batch_size = min(spec.batch_size, len(train))
-    order = torch.empty(0, dtype=torch.long)
-    model.train()
-    for _ in range(spec.steps):
-        if len(order) < batch_size:  # epoch-wise reshuffling: every sample seen once per epoch
-            order = torch.cat([order, torch.randperm(len(train), generator=generator)])
-        batch, order = order[:batch_size], order[batch_size:]
-        logits = model(pixel_values=train.pixel_values[batch].to(device)).logits
-        loss = nn.functional.cross_entropy(logits, train.labels[batch].to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = copy.deepcopy(model)
+        if spec.reinit_head:
+            reinitialise_head(model, seed)
+        masks = pruning_masks(model) if spec.mask == "masked" else {}
+        model = _prepare(model, spec)
+        masked_params = [(param, masks[name]) for name, param in model.named_parameters() if name in masks]
+        optimizer = _optimizer(spec, [p for p in model.parameters() if p.requires_grad])
+        device = next(model.parameters()).device
+        generator = torch.Generator().manual_seed(seed)
+        batch_size = min(spec.batch_size, len(train))
+        order = torch.empty(0, dtype=torch.long)
+        model.train()
+        for _ in range(spec.steps):
+            if len(order) < batch_size:  # epoch-wise reshuffling: every sample seen once per epoch
+                order = torch.cat([order, torch.randperm(len(train), generator=generator)])
+            batch, order = order[:batch_size], order[batch_size:]
+            logits = model(pixel_values=train.pixel_values[batch].to(device)).logits
+            loss = nn.functional.cross_entropy(logits, train.labels[batch].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                for param, mask in masked_params:
+                    param.mul_(mask.to(param.device))
     model.eval()
     return model
 
 
 def finetuned_accuracy(
-    model: PreTrainedModel, train: EncodedSplit, test: EncodedSplit, spec: FinetuneSpec, seed: int = 0
+    model: PreTrainedModel, train: EncodedSplit, test: EncodedSplit, spec: AttackSpec, seed: int = 0
 ) -> float:
     """Test accuracy after `finetune(model, train, spec, seed)`."""
     return predict_accuracy(finetune(model, train, spec, seed), test.pixel_values, test.labels)

@@ -1,22 +1,17 @@
 """Sample-wise learning curves: target accuracy after fine-tuning on n samples, for several n.
 
-The same curve for a randomly initialised copy of the same architecture, fine-tuned with exactly
-the same `FinetuneSpec`, is the scratch baseline that SLC-AUC compares against.
+A curve point is one fine-tuning run. Curves are averaged over seeds per sample count; the worst
+case over an attack suite takes, at each count, the best accuracy any attack reached.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
-
-from ..attacks.finetune import EncodedSplit, FinetuneSpec, finetuned_accuracy
-from ..data.loading import stratified_order
 
 
 @dataclass(frozen=True)
@@ -53,33 +48,25 @@ def check_counts(counts: Sequence[int], available: int) -> list[int]:
     return counts
 
 
-def learning_curve(
-    model: PreTrainedModel,
-    train: EncodedSplit,
-    test: EncodedSplit,
-    counts: Sequence[int],
-    spec: FinetuneSpec,
-    seeds: Sequence[int] = (0,),
-    label: str = "model",
-    progress: bool = True,
-) -> list[CurvePoint]:
-    """Fine-tune a fresh copy of `model` on the first n of a stratified order, for every n and seed.
-
-    Subsets are nested (the 10 samples are among the 50) and class-stratified; each seed draws its
-    own order. Nothing is selected on the test split: each run reports its final accuracy.
-    """
-    counts = check_counts(counts, len(train))
-    points = []
-    runs = [(seed, n) for seed in seeds for n in counts]
-    for seed, n in tqdm(runs, desc=f"fine-tuning {label} ({spec.name})", disable=not progress, leave=False):
-        order = torch.from_numpy(stratified_order(train.labels.numpy(), seed))
-        start = time.perf_counter()
-        accuracy = finetuned_accuracy(model, train.select(order[:n]), test, spec, seed)
-        points.append(CurvePoint(label, spec.name, n, seed, accuracy, spec.steps, time.perf_counter() - start))
-    return points
+def counts_from_fractions(fractions: Sequence[float], available: int) -> list[int]:
+    """Turn fractions of the target train split into sample counts (at least one sample each)."""
+    if not fractions:
+        raise ValueError("The grid of fractions is empty; give e.g. 0.01 0.1 1.0.")
+    if min(fractions) <= 0 or max(fractions) > 1:
+        raise ValueError(f"Fractions must lie in (0, 1], got {list(fractions)}.")
+    return sorted({max(1, round(f * available)) for f in fractions})
 
 
-def mean_by_count(points: Sequence[CurvePoint]) -> dict[int, float]:
+def mean_curve(points: Iterable[CurvePoint]) -> dict[int, float]:
     """Mean accuracy over seeds at each sample count."""
-    counts = sorted({p.num_samples for p in points})
-    return {n: float(np.mean([p.accuracy for p in points if p.num_samples == n])) for n in counts}
+    by_count: dict[int, list[float]] = {}
+    for point in points:
+        by_count.setdefault(point.num_samples, []).append(point.accuracy)
+    return {n: float(np.mean(by_count[n])) for n in sorted(by_count)}
+
+
+def worst_case_curve(curves: Iterable[dict[int, float]]) -> dict[int, float]:
+    """Pointwise maximum: at each count, the best accuracy any attack reached."""
+    curves = list(curves)
+    counts = sorted(set().union(*curves))
+    return {n: max(curve[n] for curve in curves if n in curve) for n in counts}

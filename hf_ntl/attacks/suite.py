@@ -1,0 +1,95 @@
+"""Named attack suites, and user suites from YAML.
+
+The default suite is the threat model hf_ntl evaluates everything against (ALGORITHMS.md §4):
+full fine-tuning with the released head and with a fresh one, a linear probe, LoRA at ranks 4 and
+16, and an optimiser/learning-rate sweep over two decades for SGD+momentum and AdamW. For a pruned
+model the NTP paper's own protocol (masked fine-tuning) is added; every other attack is dense,
+so pruned weights may regrow, as they would for a real attacker.
+
+A YAML suite is a list of attacks (or a mapping with an `attacks:` list), each a mapping of
+`AttackSpec` fields:
+
+    - {name: full, trainable: all, optimizer: adam, learning_rate: 1.0e-3}
+    - {name: lora-r8, trainable: lora, lora_rank: 8, learning_rate: 3.0e-3}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import yaml
+
+from .finetune import AttackSpec
+
+DEFAULT_SUITE = (
+    AttackSpec("full", trainable="all", optimizer="adam", learning_rate=1e-3),
+    AttackSpec("full-reinit-head", trainable="all", reinit_head=True, optimizer="adam", learning_rate=1e-3),
+    AttackSpec("head-only", trainable="head", reinit_head=True, optimizer="adam", learning_rate=1e-2),
+    AttackSpec("lora-r4", trainable="lora", lora_rank=4, optimizer="adam", learning_rate=3e-3),
+    AttackSpec("lora-r16", trainable="lora", lora_rank=16, optimizer="adam", learning_rate=3e-3),
+    AttackSpec("sgdm-lr1e-3", trainable="all", optimizer="sgd-momentum", learning_rate=1e-3),
+    AttackSpec("sgdm-lr1e-2", trainable="all", optimizer="sgd-momentum", learning_rate=1e-2),
+    AttackSpec("sgdm-lr1e-1", trainable="all", optimizer="sgd-momentum", learning_rate=1e-1),
+    AttackSpec("adamw-lr1e-4", trainable="all", optimizer="adamw", learning_rate=1e-4, weight_decay=1e-2),
+    AttackSpec("adamw-lr1e-2", trainable="all", optimizer="adamw", learning_rate=1e-2, weight_decay=1e-2),
+)
+MASKED_ATTACK = AttackSpec("full-masked", trainable="all", optimizer="adam", learning_rate=1e-3, mask="masked")
+
+# For tests and smoke runs: one attack of each kind, few steps.
+QUICK_SUITE = (
+    AttackSpec("full", trainable="all", optimizer="adam", learning_rate=1e-3, steps=20),
+    AttackSpec("head-only", trainable="head", reinit_head=True, optimizer="adam", learning_rate=1e-2, steps=20),
+    AttackSpec("lora-r4", trainable="lora", lora_rank=4, optimizer="adam", learning_rate=3e-3, steps=20),
+)
+
+SUITES = {"default": DEFAULT_SUITE, "quick": QUICK_SUITE}
+
+
+def load_suite(
+    name_or_path: str, *, pruned: bool = False, steps: int | None = None, only: list[str] | None = None
+) -> list[AttackSpec]:
+    """A named suite (`default`, `quick`) or a YAML file of attacks.
+
+    Args:
+        name_or_path: suite name or path to a YAML file.
+        pruned: the model under test is pruned; adds the masked attack to the default suite.
+        steps: if given, overrides every attack's number of steps (e.g. for a smoke run).
+        only: keep just these attacks, by name.
+    """
+    if name_or_path in SUITES:
+        suite = list(SUITES[name_or_path])
+        if pruned and name_or_path == "default":
+            suite.append(MASKED_ATTACK)
+    elif Path(name_or_path).is_file():
+        suite = _suite_from_yaml(Path(name_or_path))
+    else:
+        raise ValueError(f"Unknown suite {name_or_path!r}: not one of {sorted(SUITES)} and not a YAML file.")
+    if only:
+        unknown = sorted(set(only) - {spec.name for spec in suite})
+        if unknown:
+            raise ValueError(f"Unknown attack name(s) {unknown}; this suite has {[spec.name for spec in suite]}.")
+        suite = [spec for spec in suite if spec.name in only]
+    if steps is not None:
+        suite = [dataclasses.replace(spec, steps=steps) for spec in suite]
+    names = [spec.name for spec in suite]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Attack names must be unique within a suite: {names}.")
+    return suite
+
+
+def _suite_from_yaml(path: Path) -> list[AttackSpec]:
+    content = yaml.safe_load(path.read_text())
+    entries = content.get("attacks") if isinstance(content, dict) else content
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{path}: expected a non-empty list of attacks (or a mapping with an `attacks:` list).")
+    known = {field.name for field in dataclasses.fields(AttackSpec)}
+    suite = []
+    for position, entry in enumerate(entries, start=1):
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise ValueError(f"{path}: attack {position} must be a mapping with at least a `name`.")
+        unknown = sorted(set(entry) - known)
+        if unknown:
+            raise ValueError(f"{path}: attack {entry['name']!r} has unknown keys {unknown}; known: {sorted(known)}.")
+        suite.append(AttackSpec(**entry))
+    return suite

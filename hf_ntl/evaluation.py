@@ -1,0 +1,272 @@
+"""Attack a checkpoint with a suite of fine-tuning attacks and measure SLC-AUC against scratch.
+
+For every attack, seed and sample count, a fresh copy of the model under test (and, optionally,
+of the unprotected original) is fine-tuned on the first n samples of a seeded, class-stratified
+order of the target train split, and so is a randomly initialised copy of the same architecture
+under exactly the same `AttackSpec`. Every run reports its final test accuracy: nothing is
+selected on the test split.
+
+Runs are independent, so under `accelerate launch` / `torchrun` each process takes its share and
+the results are gathered on every rank; the report is identical to a single-process run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from .artifacts import read_record
+from .attacks.finetune import AttackSpec, EncodedSplit, finetuned_accuracy, pruning_masks
+from .attacks.suite import load_suite
+from .data import ImagePreprocessor, class_names, load_image_classification_dataset, stratified_order
+from .metrics import predict_accuracy
+from .metrics.learning_curve import (
+    CurvePoint,
+    check_counts,
+    counts_from_fractions,
+    mean_curve,
+    scratch_copy,
+    worst_case_curve,
+)
+from .metrics.plots import plot_learning_curves
+from .metrics.slc_auc import slc_auc
+from .models import head_linear, load_classifier
+
+SCRATCH = "scratch"
+
+
+@dataclass
+class EvaluateArguments:
+    """Which checkpoint to attack, on which target data, with which suite and grid."""
+
+    model_name_or_path: str = field(metadata={"help": "The checkpoint under test: a folder or a Hub model id."})
+    target_dataset: str = field(
+        default="uci-digits", metadata={"help": "Unauthorised target: embedded domain, folder or Hub dataset id."}
+    )
+    image_column: str | None = field(default=None, metadata={"help": "Image column of the target."})
+    label_column: str | None = field(default=None, metadata={"help": "Label column of the target."})
+    suite: str = field(default="default", metadata={"help": "Attack suite: default, quick, or a YAML file."})
+    attacks: list[str] | None = field(default=None, metadata={"help": "Run only these attacks of the suite."})
+    steps: int | None = field(default=None, metadata={"help": "Override every attack's number of steps."})
+    counts: list[int] = field(
+        default_factory=lambda: [10, 50, 200], metadata={"help": "Target sample counts (at least two)."}
+    )
+    fractions: list[float] | None = field(
+        default=None, metadata={"help": "Fractions of the target train split instead of counts."}
+    )
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds (subset order and runs)."})
+    original_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "The unprotected original, attacked the same way for comparison."}
+    )
+    replace_head: bool = field(
+        default=False,
+        metadata={"help": "Give the model a fresh head of the target's class count when the counts differ."},
+    )
+    output_dir: str | None = field(default=None, metadata={"help": "Where to write report.json and the plot."})
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise ValueError("Give at least one seed.")
+
+
+@dataclass(frozen=True)
+class _Run:
+    label: str
+    spec: AttackSpec
+    seed: int
+    num_samples: int
+
+
+def _load_for_target(path: str, names: list[str], suite: list[AttackSpec], replace_head: bool) -> PreTrainedModel:
+    model = load_classifier(path)
+    outputs = head_linear(model).out_features
+    if outputs == len(names):
+        return model
+    keeping = [spec.name for spec in suite if spec.keeps_head]
+    if keeping and not replace_head:
+        raise ValueError(
+            f"{path} has a {outputs}-way head but the target has {len(names)} classes, and attacks {keeping} "
+            "keep the head. Pass --replace_head to give it a fresh head of the target's size, or use attacks "
+            "with reinit_head: true."
+        )
+    return load_classifier(path, class_names=names)
+
+
+def process_state() -> PartialState:
+    """This process's place among those `accelerate launch` / `torchrun` started (one if neither).
+
+    Without an accelerator, accelerate forms a CPU process group only when asked to (`cpu=True`);
+    otherwise every rank of a CPU launch would run the whole audit on its own.
+    """
+    return PartialState(cpu=not torch.accelerator.is_available())
+
+
+def sparsity(model: PreTrainedModel) -> float:
+    """Fraction of exact zeros among the encoder's weight matrices and kernels."""
+    masks = pruning_masks(model)
+    total = sum(mask.numel() for mask in masks.values())
+    return 1.0 - sum(int(mask.sum()) for mask in masks.values()) / total if total else 0.0
+
+
+def run_attacks(
+    models: dict[str, PreTrainedModel],
+    train: EncodedSplit,
+    test: EncodedSplit,
+    suite: list[AttackSpec],
+    counts: list[int],
+    seeds: list[int],
+    progress: bool = True,
+) -> list[CurvePoint]:
+    """Every (model, attack, seed, count) run, plus the scratch baseline, spread over processes.
+
+    `models` maps labels ("model", "original") to checkpoints; the scratch baseline is a fresh,
+    seed-initialised copy of the first model's architecture.
+    """
+    labels = [*models, SCRATCH]
+    runs = [_Run(label, spec, seed, n) for spec in suite for label in labels for seed in seeds for n in counts]
+    orders = {seed: torch.from_numpy(stratified_order(train.labels.numpy(), seed)) for seed in seeds}
+    reference = next(iter(models.values()))
+    state = process_state()
+    mine = []
+    with state.split_between_processes(runs) as share:
+        for run in tqdm(share, desc="attack runs", disable=not (progress and state.is_main_process)):
+            model = scratch_copy(reference, run.seed) if run.label == SCRATCH else models[run.label]
+            model = model.to(state.device)
+            start = time.perf_counter()
+            subset = train.select(orders[run.seed][: run.num_samples])
+            accuracy = finetuned_accuracy(model, subset, test, run.spec, run.seed)
+            seconds = time.perf_counter() - start
+            mine.append(
+                CurvePoint(run.label, run.spec.name, run.num_samples, run.seed, accuracy, run.spec.steps, seconds)
+            )
+    return gather_object(mine) if state.num_processes > 1 else mine
+
+
+def summarise(points: list[CurvePoint], suite: list[AttackSpec], labels: list[str]) -> dict[str, Any]:
+    """Mean curves per model and attack, worst cases, and SLC-AUC (raw and normalised) of each."""
+    curves = {
+        label: {
+            spec.name: mean_curve(p for p in points if p.model == label and p.attack == spec.name) for spec in suite
+        }
+        for label in [*labels, SCRATCH]
+    }
+    worst = {label: worst_case_curve(curves[label].values()) for label in curves}
+    scores: dict[str, Any] = {}
+    for label in labels:
+        per_attack = {}
+        for spec in suite:
+            model_curve, scratch_curve = curves[label][spec.name], curves[SCRATCH][spec.name]
+            per_attack[spec.name] = slc_auc(list(model_curve), list(model_curve.values()), list(scratch_curve.values()))
+        # Worst case: the attacker's best result at each count, against the best the same suite
+        # reaches from scratch (an attacker without the model would also pick its best recipe).
+        worst_score = slc_auc(list(worst[label]), list(worst[label].values()), list(worst[SCRATCH].values()))
+        scores[label] = {"per_attack": per_attack, "worst_case": worst_score}
+    return {"curves": curves, "worst_case_curves": worst, "slc_auc": scores}
+
+
+def run_evaluation(args: EvaluateArguments, progress: bool = True) -> dict[str, Any]:
+    """Load, attack, score; write `report.json` and `learning_curves.png` to `args.output_dir`."""
+    start = time.perf_counter()
+    preprocessor = ImagePreprocessor.from_pretrained(args.model_name_or_path)
+    dataset = load_image_classification_dataset(
+        args.target_dataset,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        image_size=preprocessor.image_size,
+    )
+    names = class_names(dataset)
+    available = len(dataset["train"])
+    counts = counts_from_fractions(args.fractions, available) if args.fractions else args.counts
+    counts = check_counts(counts, available)
+    if len(counts) < 2:
+        raise ValueError(f"SLC-AUC needs at least two distinct sample counts, got {counts}.")
+
+    # Suite and class counts are checked before any encoding or training.
+    model = load_classifier(args.model_name_or_path)
+    model_sparsity = sparsity(model)
+    suite = load_suite(args.suite, pruned=model_sparsity >= 0.01, steps=args.steps, only=args.attacks)
+    models = {"model": _load_for_target(args.model_name_or_path, names, suite, args.replace_head)}
+    if args.original_model_name_or_path:
+        models["original"] = _load_for_target(args.original_model_name_or_path, names, suite, args.replace_head)
+
+    train = EncodedSplit.from_dataset(dataset["train"], preprocessor)
+    test = EncodedSplit.from_dataset(dataset["test"], preprocessor)
+    zero_shot = {
+        label: predict_accuracy(m, test.pixel_values, test.labels)
+        for label, m in models.items()
+        if m.config.num_labels == len(names) and not args.replace_head
+    }
+    points = run_attacks(models, train, test, suite, counts, args.seeds, progress)
+    report: dict[str, Any] = {
+        "model": args.model_name_or_path,
+        "original": args.original_model_name_or_path,
+        "target": args.target_dataset,
+        "source": read_record(args.model_name_or_path) if Path(args.model_name_or_path).is_dir() else {},
+        "classes": len(names),
+        "target_train_samples": available,
+        "target_test_samples": len(test),
+        "counts": counts,
+        "fractions": [n / available for n in counts],
+        "seeds": list(args.seeds),
+        "suite": [spec.to_dict() for spec in suite],
+        "model_sparsity": model_sparsity,
+        "zero_shot_accuracy": zero_shot,
+        **summarise(points, suite, list(models)),
+        "points": [p.to_dict() for p in sorted(points, key=lambda p: (p.attack, p.model, p.seed, p.num_samples))],
+        "wall_time_s": round(time.perf_counter() - start, 1),
+    }
+    if args.output_dir and process_state().is_main_process:
+        write_report(report, Path(args.output_dir))
+    return report
+
+
+def write_report(report: dict[str, Any], folder: Path) -> None:
+    """`report.json` and `learning_curves.png` (worst cases of model, original, scratch)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    worst = report["worst_case_curves"]
+    curves = {f"{label} (worst case over suite)": worst[label] for label in worst if label != SCRATCH}
+    curves[f"{SCRATCH} (best over suite)"] = worst[SCRATCH]
+    plot_learning_curves(curves, folder / "learning_curves.png", title=_title(report), chance=1 / report["classes"])
+    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _title(report: dict[str, Any]) -> str:
+    source = report["source"]
+    model = Path(report["model"]).name
+    if source.get("base_model") and source.get("dataset"):
+        model = f"{source['base_model']} ({source.get('method', source['stage'])}, {source['dataset']})"
+    return f"{model} -> {report['target']}"
+
+
+def format_report_table(report: dict[str, Any]) -> str:
+    """A short terminal table: SLC-AUC (raw / normalised) per attack and the worst case."""
+    labels = list(report["slc_auc"])
+    header = ["attack"] + [f"{label} SLC-AUC raw / norm" for label in labels]
+    rows = [header]
+    attacks = [spec["name"] for spec in report["suite"]]
+    for attack in [*attacks, "worst case"]:
+        row = [attack]
+        for label in labels:
+            scores = report["slc_auc"][label]
+            score = scores["worst_case"] if attack == "worst case" else scores["per_attack"][attack]
+            row.append(f"{score['slc_auc']:+.3f} / {score['slc_auc_normalized']:+.3f}")
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.insert(len(lines) - 1, "-" * len(lines[0]))
+    return "\n".join(lines)
