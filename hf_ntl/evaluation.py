@@ -169,7 +169,8 @@ def summarise(points: list[CurvePoint], suite: list[AttackSpec], labels: list[st
         # Worst case: the attacker's best result at each count, against the best the same suite
         # reaches from scratch (an attacker without the model would also pick its best recipe).
         worst_score = slc_auc(list(worst[label]), list(worst[label].values()), list(worst[SCRATCH].values()))
-        scores[label] = {"per_attack": per_attack, "worst_case": worst_score}
+        strongest = max(per_attack, key=lambda name: per_attack[name]["slc_auc"])
+        scores[label] = {"per_attack": per_attack, "worst_case": worst_score, "strongest_attack": strongest}
     return {"curves": curves, "worst_case_curves": worst, "slc_auc": scores}
 
 
@@ -239,6 +240,19 @@ def write_report(report: dict[str, Any], folder: Path) -> None:
     (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
+def read_report(path: str | Path) -> dict[str, Any]:
+    """Load a `report.json`, turning the sample counts JSON made into strings back into ints."""
+    report = json.loads(Path(path).read_text())
+    report["curves"] = {
+        label: {attack: {int(n): a for n, a in curve.items()} for attack, curve in attacks.items()}
+        for label, attacks in report["curves"].items()
+    }
+    report["worst_case_curves"] = {
+        label: {int(n): a for n, a in curve.items()} for label, curve in report["worst_case_curves"].items()
+    }
+    return report
+
+
 def _title(report: dict[str, Any]) -> str:
     source = report["source"]
     model = Path(report["model"]).name
@@ -248,25 +262,35 @@ def _title(report: dict[str, Any]) -> str:
 
 
 def format_report_table(report: dict[str, Any]) -> str:
-    """A short terminal table: SLC-AUC (raw / normalised) per attack and the worst case."""
+    """Terminal tables: SLC-AUC (raw / normalised) per attack and worst case; worst-case accuracies."""
     labels = list(report["slc_auc"])
-    header = ["attack"] + [f"{label} SLC-AUC raw / norm" for label in labels]
-    rows = [header]
     attacks = [spec["name"] for spec in report["suite"]]
+    rows = [["attack"] + [f"{label}: SLC-AUC raw / normalised" for label in labels]]
     for attack in [*attacks, "worst case"]:
-        row = [attack]
+        cells = []
         for label in labels:
             scores = report["slc_auc"][label]
             score = scores["worst_case"] if attack == "worst case" else scores["per_attack"][attack]
-            row.append(f"{score['slc_auc']:+.3f} / {score['slc_auc_normalized']:+.3f}")
-        rows.append(row)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+            cells.append(f"{score['slc_auc']:+.3f} / {score['slc_auc_normalized']:+.3f}")
+        rows.append([attack, *cells])
+    worst = report["worst_case_curves"]
+    accuracy_rows = [["n", *[f"{label} (worst case)" for label in labels], f"{SCRATCH} (best)"]]
+    for n in report["counts"]:
+        cells = [f"{100 * worst[label][n]:.1f}%" for label in [*labels, SCRATCH]]
+        accuracy_rows.append([str(n), *cells])
+    return _table(rows, rule_before_last=True) + "\n\n" + _table(accuracy_rows)
+
+
+def _table(rows: list[list[str]], rule_before_last: bool = False) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(
             cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
         )
         for row in rows
     ]
-    lines.insert(1, "-" * len(lines[0]))
-    lines.insert(len(lines) - 1, "-" * len(lines[0]))
+    rule = "-" * len(lines[0])
+    lines.insert(1, rule)
+    if rule_before_last:
+        lines.insert(len(lines) - 1, rule)
     return "\n".join(lines)

@@ -74,6 +74,9 @@ def test_scores_follow_from_the_curves(report):
             assert score == slc_auc([5, 10], [model_curve[5], model_curve[10]], [scratch_curve[5], scratch_curve[10]])
         expected = slc_auc([5, 10], [worst[label][5], worst[label][10]], [worst["scratch"][5], worst["scratch"][10]])
         assert result["slc_auc"][label]["worst_case"] == expected
+        per_attack = result["slc_auc"][label]["per_attack"]
+        strongest = result["slc_auc"][label]["strongest_attack"]
+        assert per_attack[strongest]["slc_auc"] == max(score["slc_auc"] for score in per_attack.values())
     table = format_report_table(result)
     assert "worst case" in table and "lora-r4" in table
 

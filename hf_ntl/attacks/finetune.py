@@ -9,6 +9,7 @@ to tensors once per audit, so that a run costs only its optimiser steps.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -148,7 +149,9 @@ def _prepare(model: PreTrainedModel, spec: AttackSpec) -> nn.Module:
             target_modules=lora_target_modules(model),
             modules_to_save=[classification_head_name(model)],
         )
-        return get_peft_model(model, config)
+        with warnings.catch_warnings():  # peft calls a transformers method deprecated in v5; not ours to fix
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            return get_peft_model(model, config)
     model.requires_grad_(spec.trainable == "all")
     classification_head(model).requires_grad_(True)
     return model
