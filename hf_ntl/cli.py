@@ -1,7 +1,8 @@
 """The `hf-ntl` command: one subcommand per stage, each reading what the previous one wrote.
 
     hf-ntl fit-source --dataset_name font-digits --output_dir runs/source
-    hf-ntl evaluate --model_name_or_path runs/source/model --target_dataset uci-digits
+    hf-ntl protect-ntp --model_name_or_path runs/source/model --target_dataset uci-digits --output_dir runs/ntp
+    hf-ntl evaluate --model_name_or_path runs/ntp/model --target_dataset uci-digits
     hf-ntl demo --output_dir runs/demo
 
 Every subcommand takes `--config file.yaml` (keys are the option names); options given on the
@@ -23,7 +24,9 @@ from transformers import HfArgumentParser
 from transformers.utils import logging as transformers_logging
 
 from .evaluation import EvaluateArguments, format_report_table, run_evaluation
+from .protect import run_ntp
 from .source import MODEL_SUBDIR, SourceConfig, run_source
+from .trainers import NTPConfig
 
 
 @dataclass
@@ -97,6 +100,15 @@ def fit_source_command(argv: Sequence[str]) -> None:
     print(f"source model: {Path(config.output_dir) / MODEL_SUBDIR}  test accuracy {100 * record['test_accuracy']:.2f}%")
 
 
+def protect_ntp_command(argv: Sequence[str]) -> None:
+    (config,) = parse([NTPConfig], argv, "hf-ntl protect-ntp")
+    record = run_ntp(config)
+    print(
+        f"protected model: {Path(config.output_dir) / MODEL_SUBDIR}  sparsity {record['sparsity']['overall']:.4f}  "
+        f"source accuracy {100 * record['source_accuracy_before']:.2f}% -> {100 * record['source_accuracy_after']:.2f}%"
+    )
+
+
 def evaluate_command(argv: Sequence[str]) -> None:
     (args,) = parse([EvaluateArguments], argv, "hf-ntl evaluate")
     print(format_report_table(run_evaluation(args)))
@@ -143,6 +155,7 @@ def demo_command(argv: Sequence[str]) -> None:
 
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     "fit-source": (fit_source_command, "fit the owner's source classifier with Trainer"),
+    "protect-ntp": (protect_ntp_command, "non-transferable pruning (ADMM + Fisher regulariser) of a source model"),
     "evaluate": (evaluate_command, "attack a checkpoint with a suite and measure SLC-AUC against scratch"),
     "demo": (demo_command, "the embedded default end to end (fit-source, then evaluate)"),
 }

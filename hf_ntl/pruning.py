@@ -1,0 +1,173 @@
+"""ADMM pruning state (Z, U, masks), projections, mask enforcement and sparsity reports.
+
+Scaled-form ADMM for `||W_prunable||_0 <= (1 - s) N`, global over all prunable tensors:
+
+    W-step: optimiser steps on L(W) + (rho / 2) sum_l ||W_l - Z_l + U_l||^2, then W <- W * M
+    Z-step: Z = Proj(W + U), restricted to the current mask M
+    U-step: U <- U + W - Z
+    M <- M and (Z != 0)    (monotone: a pruned weight never returns)
+
+Restricting the projection to M keeps the mask monotone *and* the sparsity exact: the top-k
+projection then always keeps exactly k = round((1 - s) N) weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .models import classification_head_name
+
+STATE_TENSORS = "ntp_state.safetensors"
+STATE_JSON = "ntp_state.json"
+
+
+def prunable_parameter_names(model: nn.Module, patterns: list[str] | None = None) -> list[str]:
+    """Names of the parameters NTP prunes.
+
+    Default: the weights of the encoder's convolution and linear layers; norms, biases, position
+    embeddings and the classification head are excluded. `patterns` (regular expressions, matched
+    with `re.search` against parameter names) replace the default selection.
+    """
+    if patterns:
+        compiled = [re.compile(p) for p in patterns]
+        names = [n for n, p in model.named_parameters() if p.ndim >= 1 and any(c.search(n) for c in compiled)]
+        what = f"the patterns {patterns}"
+    else:
+        head = classification_head_name(model)
+        names = [
+            f"{name}.weight"
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d)
+            and not (name == head or name.startswith(f"{head}."))
+        ]
+        what = "the default selection (conv and linear weights outside the head)"
+    if not names:
+        raise ValueError(f"No prunable parameters matched {what} in {type(model).__name__}.")
+    return names
+
+
+def keep_count(total: int, sparsity: float) -> int:
+    """How many weights survive pruning `total` weights to `sparsity`."""
+    return max(1, round((1.0 - sparsity) * total))
+
+
+def project_topk(values: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], keep: int) -> dict[str, torch.Tensor]:
+    """Keep the `keep` largest magnitudes globally among the masked-in entries; zero the rest."""
+    scores = torch.cat([(value.abs() * masks[name]).flatten() for name, value in values.items()])
+    if keep >= scores.numel():
+        return {name: v * masks[name] for name, v in values.items()}
+    kept = torch.zeros_like(scores, dtype=torch.bool)
+    kept[torch.topk(scores, keep, sorted=False).indices] = True
+    projected, offset = {}, 0
+    for name, value in values.items():
+        size = value.numel()
+        projected[name] = value * kept[offset : offset + size].view_as(value)
+        offset += size
+    return projected
+
+
+def soft_threshold(
+    values: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], delta: float
+) -> dict[str, torch.Tensor]:
+    """The reference code's L1 proximal step: sign(x) max(|x| - delta, 0), within the mask."""
+    return {name: torch.sign(v) * torch.clamp(v.abs() - delta, min=0) * masks[name] for name, v in values.items()}
+
+
+@dataclass
+class AdmmState:
+    """Everything NTP needs besides the weights to continue a run: saved with every checkpoint."""
+
+    z: dict[str, torch.Tensor]
+    u: dict[str, torch.Tensor]
+    masks: dict[str, torch.Tensor]
+    rho: float
+    rounds_done: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, params: dict[str, torch.Tensor], keep: int, rho: float) -> AdmmState:
+        """Z_0 = Proj(W_0), U_0 = 0, M_0 = all ones (nothing pruned before the first Z-step)."""
+        weights = {name: p.detach().clone() for name, p in params.items()}
+        masks = {name: torch.ones_like(w, dtype=torch.bool) for name, w in weights.items()}
+        return cls(
+            z=project_topk(weights, masks, keep),
+            u={n: torch.zeros_like(w) for n, w in weights.items()},
+            masks=masks,
+            rho=rho,
+        )
+
+    def penalty(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(rho / 2) sum_l ||W_l - Z_l + U_l||_F^2 (squared, unlike the reference code)."""
+        return 0.5 * self.rho * sum(((p - self.z[n] + self.u[n]) ** 2).sum() for n, p in params.items())
+
+    def update(self, params: dict[str, torch.Tensor], projection: str, keep: int, l1_delta: float) -> float:
+        """Z-, U- and mask-steps after a W-step; returns the primal residual ||W - Z||."""
+        weights = {name: p.detach() for name, p in params.items()}
+        shifted = {name: w + self.u[name] for name, w in weights.items()}
+        if projection == "topk":
+            self.z = project_topk(shifted, self.masks, keep)
+        else:
+            self.z = soft_threshold(shifted, self.masks, l1_delta)
+        self.u = {name: self.u[name] + weights[name] - self.z[name] for name in weights}
+        self.masks = {name: self.masks[name] & (self.z[name] != 0) for name in weights}
+        self.rounds_done += 1
+        return float(torch.sqrt(sum(((weights[n] - self.z[n]) ** 2).sum() for n in weights)))
+
+    def to(self, device: torch.device | str) -> AdmmState:
+        for table in (self.z, self.u, self.masks):
+            for name in table:
+                table[name] = table[name].to(device)
+        return self
+
+    def save(self, folder: str | os.PathLike, extra_tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Write `ntp_state.safetensors` (Z, U, masks, extras) and `ntp_state.json` (rho, rounds)."""
+        tensors = {f"z/{n}": t for n, t in self.z.items()}
+        tensors |= {f"u/{n}": t for n, t in self.u.items()}
+        tensors |= {f"mask/{n}": t.to(torch.uint8) for n, t in self.masks.items()}
+        tensors |= {f"extra/{n}": t for n, t in (extra_tensors or {}).items()}
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(Path(folder) / STATE_TENSORS))
+        meta = {"rho": self.rho, "rounds_done": self.rounds_done, "history": self.history}
+        (Path(folder) / STATE_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> tuple[AdmmState, dict[str, torch.Tensor]]:
+        """Read what `save` wrote; returns the state and the extra tensors."""
+        folder = Path(folder)
+        if not (folder / STATE_TENSORS).exists() or not (folder / STATE_JSON).exists():
+            raise FileNotFoundError(f"{folder} holds no NTP state ({STATE_TENSORS}, {STATE_JSON}); cannot resume NTP.")
+        tensors = load_file(str(folder / STATE_TENSORS))
+        meta = json.loads((folder / STATE_JSON).read_text())
+
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        masks = {n: t.bool() for n, t in part("mask/").items()}
+        state = cls(part("z/"), part("u/"), masks, meta["rho"], meta["rounds_done"], meta["history"])
+        return state, part("extra/")
+
+
+@torch.no_grad()
+def apply_masks(params: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:
+    """W <- W * M, in place: pruned weights are exactly zero again."""
+    for name, param in params.items():
+        param.mul_(masks[name])
+
+
+def sparsity_report(params: dict[str, torch.Tensor]) -> dict[str, object]:
+    """Achieved sparsity overall and per tensor (fraction of exact zeros), as plain floats."""
+    zeros = {name: int((p == 0).sum()) for name, p in params.items()}
+    total = sum(p.numel() for p in params.values())
+    return {
+        "overall": sum(zeros.values()) / total,
+        "prunable_weights": total,
+        "nonzero_weights": total - sum(zeros.values()),
+        "per_tensor": {name: zeros[name] / params[name].numel() for name in params},
+    }

@@ -1,0 +1,200 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hf_ntl.data import ImagePreprocessor, load_image_classification_dataset, stratified_subset
+from hf_ntl.losses import capped_cross_entropy, fisher_ratio
+from hf_ntl.models import build_tiny_classifier, load_classifier
+from hf_ntl.protect import run_ntp
+from hf_ntl.pruning import STATE_TENSORS, AdmmState, keep_count, project_topk
+from hf_ntl.trainers import NTPConfig, NTPTrainer
+
+# ----------------------------------------------------------------------------- the maths
+
+
+def test_fisher_ratio_matches_a_hand_computation():
+    features = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 2.0], [0.0, 1.0], [1.0, 1.0]])
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    f = features.numpy() / np.linalg.norm(features.numpy(), axis=1, keepdims=True)
+    y = labels.numpy()
+    means = {c: f[y == c].mean(0) for c in (0, 1, 2)}
+    within = sum(((f[i] - means[y[i]]) ** 2).sum() for i in range(5)) / 5
+    between = sum((y == c).sum() / 5 * ((means[c] - f.mean(0)) ** 2).sum() for c in (0, 1, 2))
+    assert fisher_ratio(features, labels).item() == pytest.approx(between / (within + 1e-8), rel=1e-5)
+    # A class label of 7 works the same as 2: any number and numbering of classes.
+    assert fisher_ratio(features, torch.tensor([0, 0, 1, 1, 7])).item() == pytest.approx(between / within, rel=1e-5)
+
+
+def test_capped_target_term_value_and_gradient():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]], requires_grad=True)
+    labels = torch.tensor([0, 2])
+    ce = torch.nn.functional.cross_entropy(logits, labels)
+    p = torch.softmax(logits.detach(), dim=1)
+    by_hand = -(math.log(p[0, 0]) + math.log(p[1, 2])) / 2
+    assert ce.item() == pytest.approx(by_hand, rel=1e-6)
+    assert capped_cross_entropy(logits, labels, cap=10.0).item() == pytest.approx(by_hand, rel=1e-6)
+    capped = capped_cross_entropy(logits, labels, cap=0.5)
+    assert capped.item() == 0.5
+    capped.backward()
+    assert torch.all(logits.grad == 0)  # above the cap NTP stops pushing
+
+
+def test_topk_projection_is_global_exact_and_stays_inside_the_mask():
+    values = {"a": torch.tensor([[0.1, -5.0], [0.3, 0.2]]), "b": torch.tensor([4.0, -0.5, 3.0])}
+    masks = {"a": torch.ones(2, 2, dtype=torch.bool), "b": torch.tensor([False, True, True])}
+    projected = project_topk(values, masks, keep=3)
+    assert projected["a"].tolist() == [[0.0, -5.0], [0.0, 0.0]]
+    assert projected["b"].tolist() == [0.0, -0.5, 3.0]  # 4.0 is outside the mask
+    assert keep_count(1000, 0.9) == 100
+
+
+def test_admm_update_follows_the_scaled_form():
+    weights = {"w": torch.tensor([1.0, -2.0, 0.5, 3.0])}
+    state = AdmmState.start(weights, keep=2, rho=0.1)
+    assert state.z["w"].tolist() == [0.0, -2.0, 0.0, 3.0] and state.u["w"].tolist() == [0.0] * 4
+    assert state.penalty(weights).item() == pytest.approx(0.5 * 0.1 * (1.0 + 0.25))
+    residual = state.update(weights, "topk", keep=2, l1_delta=0.0)
+    assert state.u["w"].tolist() == [1.0, 0.0, 0.5, 0.0]  # U + W - Z
+    assert state.masks["w"].tolist() == [False, True, False, True]
+    assert residual == pytest.approx(math.sqrt(1.25))
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+@pytest.fixture(scope="module")
+def data():
+    source = load_image_classification_dataset("textured-shapes", num_train=64, num_test=20)
+    target = load_image_classification_dataset("uci-digits")
+    return source, stratified_subset(target["train"], 40, seed=0)
+
+
+def config(tmp_path, **overrides):
+    values = {
+        "output_dir": str(tmp_path / "ntp"),
+        "report_to": "none",
+        "disable_tqdm": True,
+        "admm_rounds": 2,
+        "steps_per_round": 3,
+        "retrain_steps": 2,
+        "per_device_train_batch_size": 16,
+        "probe_steps": 20,
+        "sparsity": 0.8,
+        "logging_steps": 1,
+    }
+    return NTPConfig(**{**values, **overrides})
+
+
+def make_trainer(args, data, preset="tiny-resnet", seed=0):
+    source, target_train = data
+    model = build_tiny_classifier(preset, 10, seed=seed)
+    return NTPTrainer(model, args, source["train"], target_train, ImagePreprocessor(), source_eval=source["test"])
+
+
+def nonzeros(trainer):
+    return sum(int((p != 0).sum()) for p in trainer.prunable.values())
+
+
+def test_exact_sparsity_and_exact_zeros_after_training_and_reload(tmp_path, data):
+    trainer = make_trainer(config(tmp_path), data)
+    trainer.train()
+    assert nonzeros(trainer) == trainer.keep  # exact, to one weight
+    for name, param in trainer.prunable.items():
+        assert torch.all(param[~trainer.admm.masks[name]] == 0)
+    assert trainer.sparsity()["overall"] == pytest.approx(1 - trainer.keep / trainer.sparsity()["prunable_weights"])
+    trainer.model.save_pretrained(tmp_path / "saved")
+    reloaded = dict(load_classifier(tmp_path / "saved").named_parameters())
+    for name, param in trainer.prunable.items():
+        assert torch.equal(reloaded[name], param.detach())
+    assert sum(int((reloaded[name] != 0).sum()) for name in trainer.prunable) == trainer.keep
+    # The norms, biases and the head are not pruned by default.
+    assert not any("normalization" in n or n.startswith("classifier") for n in trainer.prunable)
+    logged = [entry for entry in trainer.state.log_history if "fisher_ratio" in entry]
+    assert {"source_ce", "target_ce", "fisher_ratio", "sparsity", "rho"} <= set(logged[0])
+    assert any("primal_residual" in entry for entry in logged) and any(
+        "eval_accuracy" in e for e in trainer.state.log_history
+    )
+
+
+def test_resume_restores_admm_state_and_reaches_the_same_result(tmp_path, data):
+    straight = make_trainer(config(tmp_path / "a", save_total_limit=None), data)
+    straight.train()
+    checkpoint = tmp_path / "a" / "ntp" / "checkpoint-3"  # end of ADMM round 1
+    assert (checkpoint / STATE_TENSORS).exists()
+
+    resumed = make_trainer(config(tmp_path / "b"), data)
+    resumed._start_or_restore(str(checkpoint))
+    saved, extra = AdmmState.load(checkpoint)
+    assert resumed.admm.rounds_done == 1 and set(extra) == {"probe.weight", "probe.bias"}
+    for table in ("z", "u", "masks"):
+        for name, tensor in getattr(saved, table).items():
+            assert torch.equal(getattr(resumed.admm, table)[name], tensor)
+    assert torch.equal(resumed.probe.weight, extra["probe.weight"])
+
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.admm.rounds_done == 2
+    final_straight = dict(straight.model.named_parameters())
+    for name, param in resumed.model.named_parameters():
+        torch.testing.assert_close(param, final_straight[name], rtol=1e-5, atol=1e-6)
+    assert nonzeros(resumed) == resumed.keep
+
+
+def test_gradient_accumulation_gives_the_same_update(tmp_path, data):
+    # No batch-statistics terms (ViT has no BatchNorm; lambda = 0; the cap never binds), SGD so that
+    # any scaling error shows up in the update.
+    common = {"optim": "sgd", "learning_rate": 0.1, "fisher_lambda": 0.0, "target_ce_cap": 1e3}
+    common |= {"admm_rounds": 1, "steps_per_round": 1, "retrain_steps": 0, "eval_strategy": "no", "save_strategy": "no"}
+    one = make_trainer(config(tmp_path / "1x8", per_device_train_batch_size=8, **common), data, "tiny-vit")
+    four = make_trainer(
+        config(tmp_path / "4x2", per_device_train_batch_size=2, gradient_accumulation_steps=4, **common),
+        data,
+        "tiny-vit",
+    )
+    before = {n: p.detach().clone() for n, p in one.model.named_parameters()}
+    one.train()
+    four.train()
+    moved = 0
+    for (name, a), (_, b) in zip(one.model.named_parameters(), four.model.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        moved += not torch.equal(a, before[name])
+    assert moved > 0
+
+
+def test_run_ntp_saves_a_protected_model_with_its_record(tmp_path):
+    source_model = tmp_path / "source"
+    build_tiny_classifier("tiny-resnet", 10).save_pretrained(source_model)
+    ImagePreprocessor().save_pretrained(source_model)
+    args = config(tmp_path, model_name_or_path=str(source_model), source_dataset="uci-digits")
+    args.target_dataset = "textured-shapes"
+    args.source_fraction, args.target_fraction = 0.05, 0.01
+    record = run_ntp(args)
+    folder = tmp_path / "ntp" / "model"
+    saved = json.loads((folder / "hf_ntl.json").read_text())
+    assert saved["method"] == "ntp" and saved["config"]["sparsity"] == 0.8
+    assert saved["sparsity"]["overall"] == pytest.approx(0.8, abs=1e-5) == record["sparsity"]["overall"]
+    assert saved["data"] == {"source_train_samples": 67, "target_train_samples": 50}
+    assert 0 <= saved["source_accuracy_after"] <= 1 and saved["source_accuracy_before"] is not None
+    assert (folder / "model.safetensors").exists() and not list(folder.glob("*.bin"))
+
+
+def test_bad_configurations_are_refused_early(tmp_path, data):
+    for sparsity in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match=r"sparsity must lie in \(0, 1\)"):
+            config(tmp_path, sparsity=sparsity)
+    with pytest.raises(ValueError, match="projection"):
+        config(tmp_path, projection="random")
+    source, target_train = data
+    args = config(tmp_path)
+    with pytest.raises(ValueError, match="needs target-domain data"):
+        NTPTrainer(build_tiny_classifier("tiny-resnet", 10), args, source["train"], None, ImagePreprocessor())
+    with pytest.raises(ValueError, match="3 outputs but the source data has 10 classes"):
+        NTPTrainer(build_tiny_classifier("tiny-resnet", 3), args, source["train"], target_train, ImagePreprocessor())
+    five_classes = target_train.filter(lambda row: row["label"] < 5)
+    five_classes = five_classes.cast_column("label", type(five_classes.features["label"])(num_classes=5))
+    with pytest.raises(ValueError, match="target_head='shared'.*5 classes"):
+        make_trainer(config(tmp_path, target_head="shared"), (source, five_classes))
+    with pytest.raises(ValueError, match="No prunable parameters matched"):
+        make_trainer(config(tmp_path, prunable_patterns=["no_such_layer"]), data)
