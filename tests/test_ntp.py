@@ -198,3 +198,11 @@ def test_bad_configurations_are_refused_early(tmp_path, data):
         make_trainer(config(tmp_path, target_head="shared"), (source, five_classes))
     with pytest.raises(ValueError, match="No prunable parameters matched"):
         make_trainer(config(tmp_path, prunable_patterns=["no_such_layer"]), data)
+
+
+@pytest.mark.parametrize("preset", ["tiny-vit", "tiny-convnext"])
+def test_other_architectures_reach_exact_sparsity(tmp_path, data, preset):
+    trainer = make_trainer(config(tmp_path, eval_strategy="no", save_strategy="no"), data, preset)
+    trainer.train()
+    assert nonzeros(trainer) == trainer.keep
+    assert not any("position_embeddings" in n or "cls_token" in n or "layernorm" in n for n in trainer.prunable)

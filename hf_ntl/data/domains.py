@@ -176,13 +176,24 @@ def _render_font_digit(rng: np.random.Generator, digit: int, size: int) -> PILIm
     return _compose(mask, fg, _background(rng, bg_colour, canvas), size)
 
 
-def _generate_font_digits(size: int, seed: int, num_train: int | None, num_test: int | None):
-    splits = []
+def _generate_balanced(
+    render: Callable[[np.random.Generator, int, int], PILImage.Image],
+    size: int,
+    seed: int,
+    num_train: int,
+    num_test: int,
+):
+    """Train and test splits of exactly balanced labels, each rendered from its own seeded stream."""
+    out = []
     for split_seed, count in ((seed, num_train), (seed + 1_000_003, num_test)):
         rng = np.random.default_rng(split_seed)
         labels = _balanced_labels(rng, count)
-        splits.append(([_render_font_digit(rng, int(d), size) for d in labels], labels.tolist()))
-    return splits[0][0], splits[0][1], splits[1][0], splits[1][1]
+        out.append(([render(rng, int(label), size) for label in labels], labels.tolist()))
+    return out[0][0], out[0][1], out[1][0], out[1][1]
+
+
+def _generate_font_digits(size: int, seed: int, num_train: int | None, num_test: int | None):
+    return _generate_balanced(_render_font_digit, size, seed, num_train, num_test)
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,12 +327,7 @@ def _render_shape(rng: np.random.Generator, label: int, size: int) -> PILImage.I
 
 
 def _generate_shapes(size: int, seed: int, num_train: int | None, num_test: int | None):
-    out = []
-    for split_seed, count in ((seed, num_train), (seed + 1_000_003, num_test)):
-        rng = np.random.default_rng(split_seed)
-        labels = _balanced_labels(rng, count)
-        out.append(([_render_shape(rng, int(c), size) for c in labels], labels.tolist()))
-    return out[0][0], out[0][1], out[1][0], out[1][1]
+    return _generate_balanced(_render_shape, size, seed, num_train, num_test)
 
 
 # --------------------------------------------------------------------------------------------
