@@ -40,6 +40,7 @@ from .metrics.learning_curve import (
 from .metrics.plots import plot_learning_curves
 from .metrics.slc_auc import slc_auc
 from .models import head_linear, load_classifier
+from .pruning import mask_sparsity
 
 SCRATCH = "scratch"
 
@@ -86,8 +87,10 @@ class _Run:
     num_samples: int
 
 
-def _load_for_target(path: str, names: list[str], suite: list[AttackSpec], replace_head: bool) -> PreTrainedModel:
-    model = load_classifier(path)
+def _fit_to_target(
+    model: PreTrainedModel, path: str, names: list[str], suite: list[AttackSpec], replace_head: bool
+) -> PreTrainedModel:
+    """`model` itself when its head matches the target's classes; else reloaded with a fresh head."""
     outputs = head_linear(model).out_features
     if outputs == len(names):
         return model
@@ -111,10 +114,8 @@ def process_state() -> PartialState:
 
 
 def sparsity(model: PreTrainedModel) -> float:
-    """Fraction of exact zeros among the encoder's weight matrices and kernels."""
-    masks = pruning_masks(model)
-    total = sum(mask.numel() for mask in masks.values())
-    return 1.0 - sum(int(mask.sum()) for mask in masks.values()) / total if total else 0.0
+    """Fraction of exact zeros among the encoder's weight matrices and kernels that hold any."""
+    return mask_sparsity(pruning_masks(model))
 
 
 def run_attacks(
@@ -195,9 +196,11 @@ def run_evaluation(args: EvaluateArguments, progress: bool = True) -> dict[str, 
     model = load_classifier(args.model_name_or_path)
     model_sparsity = sparsity(model)
     suite = load_suite(args.suite, pruned=model_sparsity >= 0.01, steps=args.steps, only=args.attacks)
-    models = {"model": _load_for_target(args.model_name_or_path, names, suite, args.replace_head)}
+    models = {"model": _fit_to_target(model, args.model_name_or_path, names, suite, args.replace_head)}
     if args.original_model_name_or_path:
-        models["original"] = _load_for_target(args.original_model_name_or_path, names, suite, args.replace_head)
+        original = load_classifier(args.original_model_name_or_path)
+        path = args.original_model_name_or_path
+        models["original"] = _fit_to_target(original, path, names, suite, args.replace_head)
 
     train = EncodedSplit.from_dataset(dataset["train"], preprocessor)
     test = EncodedSplit.from_dataset(dataset["test"], preprocessor)

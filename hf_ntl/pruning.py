@@ -161,6 +161,12 @@ def apply_masks(params: dict[str, torch.Tensor], masks: dict[str, torch.Tensor])
         param.mul_(masks[name])
 
 
+def mask_sparsity(masks: dict[str, torch.Tensor]) -> float:
+    """Fraction of entries a set of keep-masks removes (0 for no masks)."""
+    total = sum(mask.numel() for mask in masks.values())
+    return 1.0 - sum(int(mask.sum()) for mask in masks.values()) / total if total else 0.0
+
+
 def sparsity_report(params: dict[str, torch.Tensor]) -> dict[str, object]:
     """Achieved sparsity overall and per tensor (fraction of exact zeros), as plain floats."""
     zeros = {name: int((p == 0).sum()) for name, p in params.items()}

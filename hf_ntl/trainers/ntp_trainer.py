@@ -35,6 +35,7 @@ from ..pruning import (
     AdmmState,
     apply_masks,
     keep_count,
+    mask_sparsity,
     project_topk,
     prunable_parameter_names,
     sparsity_report,
@@ -237,9 +238,7 @@ class NTPTrainer(Trainer):
                 if values:
                     logs[key] = sum(values) / len(values)
             logs["rho"] = self.admm.rho
-            logs["sparsity"] = 1.0 - sum(int(m.sum()) for m in self.admm.masks.values()) / sum(
-                m.numel() for m in self.admm.masks.values()
-            )
+            logs["sparsity"] = mask_sparsity(self.admm.masks)
             self._metrics.clear()
         super().log(logs, start_time)
 
