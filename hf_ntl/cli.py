@@ -2,6 +2,7 @@
 
     hf-ntl fit-source --dataset_name font-digits --output_dir runs/source
     hf-ntl protect-ntp --model_name_or_path runs/source/model --target_dataset uci-digits --output_dir runs/ntp
+    hf-ntl protect-sophon --model_name_or_path runs/source/model --target_dataset uci-digits --output_dir runs/sophon
     hf-ntl evaluate --model_name_or_path runs/ntp/model --target_dataset uci-digits
     hf-ntl demo --output_dir runs/demo
 
@@ -24,9 +25,9 @@ from transformers import HfArgumentParser
 from transformers.utils import logging as transformers_logging
 
 from .evaluation import EvaluateArguments, format_report_table, run_evaluation
-from .protect import run_ntp
+from .protect import run_ntp, run_sophon
 from .source import MODEL_SUBDIR, SourceConfig, run_source
-from .trainers import NTPConfig
+from .trainers import NTPConfig, SophonConfig
 
 
 @dataclass
@@ -109,6 +110,17 @@ def protect_ntp_command(argv: Sequence[str]) -> None:
     )
 
 
+def protect_sophon_command(argv: Sequence[str]) -> None:
+    (config,) = parse([SophonConfig], argv, "hf-ntl protect-sophon")
+    record = run_sophon(config)
+    tripped = record["guard"]["tripped_at"]
+    print(
+        f"protected model: {Path(config.output_dir) / MODEL_SUBDIR}  source accuracy "
+        f"{100 * record['source_accuracy_before']:.2f}% -> {100 * record['source_accuracy_after']:.2f}%"
+        + (f"  (guard tripped at step {tripped}: kept step {record['guard']['last_good_step']})" if tripped else "")
+    )
+
+
 def evaluate_command(argv: Sequence[str]) -> None:
     (args,) = parse([EvaluateArguments], argv, "hf-ntl evaluate")
     print(format_report_table(run_evaluation(args)))
@@ -156,6 +168,7 @@ def demo_command(argv: Sequence[str]) -> None:
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     "fit-source": (fit_source_command, "fit the owner's source classifier with Trainer"),
     "protect-ntp": (protect_ntp_command, "non-transferable pruning (ADMM + Fisher regulariser) of a source model"),
+    "protect-sophon": (protect_sophon_command, "SOPHON non-fine-tunable learning (simulated attackers + guard)"),
     "evaluate": (evaluate_command, "attack a checkpoint with a suite and measure SLC-AUC against scratch"),
     "demo": (demo_command, "the embedded default end to end (fit-source, then evaluate)"),
 }
@@ -164,7 +177,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = [f"  {name:<12} {summary}" for name, (_, summary) in COMMANDS.items()]
+        lines = [f"  {name:<15} {summary}" for name, (_, summary) in COMMANDS.items()]
         usage = "usage: hf-ntl COMMAND [--config file.yaml] [options]\n\ncommands:\n" + "\n".join(lines)
         if argv and argv[0] not in ("-h", "--help"):
             raise SystemExit(f"error: unknown command {argv[0]!r}\n\n{usage}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.nn import functional as F
 
@@ -30,3 +32,40 @@ def fisher_ratio(features: torch.Tensor, labels: torch.Tensor, eps: float = 1e-8
     within = ((features - class_means[inverse]) ** 2).sum() / n
     between = ((counts.to(features.dtype) / n) * ((class_means - overall_mean) ** 2).sum(dim=1)).sum()
     return between / (within + eps)
+
+
+# ----------------------------------------------------------------------------- SOPHON suppression losses
+# Each is minimised on the simulated attacker's query batch; unlike -CE they are bounded below, so their
+# gradients vanish as the goal (the attacker learns nothing) is reached instead of diverging.
+
+
+def inverse_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """ICE, the paper's form: `-mean(log(1 - p_y))`, pushing the true class's probability to zero.
+
+    Computed stably as `-(logsumexp_{j != y} z_j - logsumexp_j z_j)`, without forming `1 - p_y`.
+    The gradient w.r.t. the logits is `p_y (onehot_y - p) / (1 - p_y)`, which vanishes as p_y -> 0.
+    """
+    true_class = F.one_hot(labels, logits.shape[-1]).bool()
+    others = logits.masked_fill(true_class, float("-inf"))
+    return -(torch.logsumexp(others, dim=-1) - torch.logsumexp(logits, dim=-1)).mean()
+
+
+def inverse_cross_entropy_neg_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """ICE as the SOPHON reference code wrote it: `CE(-z, y)`, making the true class the least likely."""
+    return F.cross_entropy(-logits, labels)
+
+
+def kl_from_uniform(logits: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """KLU: `KL(U || softmax(z)) = -(1/C) sum_j log(C p_j)`, averaged over the batch, for any class count C.
+
+    Drives the prediction to uniform; needs no labels. Its gradient w.r.t. the logits is `p - 1/C`.
+    """
+    num_classes = logits.shape[-1]
+    return -(F.log_softmax(logits, dim=-1).mean(dim=-1) + math.log(num_classes)).mean()
+
+
+SUPPRESSION_LOSSES = {
+    "ice": inverse_cross_entropy,
+    "ice_neg_logits": inverse_cross_entropy_neg_logits,
+    "klu": kl_from_uniform,
+}

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from safetensors import SafetensorError
 from torch import nn
 from transformers import (
@@ -207,10 +208,13 @@ def forward_with_features(model: nn.Module, pixel_values: torch.Tensor) -> tuple
     """Logits and the pooled penultimate features `(B, D)` in one forward pass, with gradients.
 
     The features are the input of the classification head, flattened (ResNet pools to
-    `(B, C, 1, 1)`; ViT and ConvNeXt already give `(B, D)`).
+    `(B, C, 1, 1)`; ViT and ConvNeXt already give `(B, D)`). `model` may be wrapped (DDP inside
+    `Trainer`): the head is found on the inner model, the forward goes through the wrapper so
+    that gradients are still synchronised.
     """
     captured: list[torch.Tensor] = []
-    hook = classification_head(model).register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+    head = classification_head(extract_model_from_parallel(model))
+    hook = head.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
     try:
         logits = model(pixel_values=pixel_values).logits
     finally:

@@ -1,92 +1,143 @@
 """The protect stage: load the source model and data, run a protection trainer, save the result.
 
-The protected model is written with `save_pretrained` (safetensors; pruned weights stored as
-zeros) plus its preprocessing and an `hf_ntl.json` protection record (method, configuration,
-achieved sparsity, data used, source accuracy before and after, measured on the same test split
-with the saved weights), into `OUTPUT_DIR/model`, only once complete.
+The protected model is written with `save_pretrained` (safetensors; NTP's pruned weights stored as
+zeros) plus its preprocessing and an `hf_ntl.json` protection record (method, configuration, data
+used, method-specific results such as NTP's sparsity or SOPHON's guard log, and source accuracy
+before and after, measured on the same test split with the saved weights), into
+`OUTPUT_DIR/model`, only once complete.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainingArguments
+from datasets import Dataset, DatasetDict
+from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from .artifacts import read_record, replacing_directory, write_record
-from .data import ImagePreprocessor, load_image_classification_dataset, stratified_subset
+from .attacks import EncodedSplit
+from .data import ImagePreprocessor, load_image_classification_dataset, stratified_order, stratified_subset
+from .metrics import predict_accuracy
 from .models import head_linear, load_classifier
 from .source import MODEL_SUBDIR
-from .trainers import NTPConfig, NTPTrainer
+from .trainers import NTPConfig, NTPTrainer, SophonConfig, SophonTrainer
 
-# Recorded in the protection record: NTP's own fields and the optimiser settings that matter.
+# Recorded in the protection record: the method's own fields and the optimiser settings that matter.
 _TRAINING_ARGUMENTS = {f.name for f in dataclasses.fields(TrainingArguments)}
-NTP_RECORD_FIELDS = [f.name for f in dataclasses.fields(NTPConfig) if f.name not in _TRAINING_ARGUMENTS] + [
-    "learning_rate",
-    "weight_decay",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "seed",
-]
+_COMMON_FIELDS = ["learning_rate", "weight_decay", "per_device_train_batch_size", "gradient_accumulation_steps", "seed"]
+NTP_RECORD_FIELDS = [f.name for f in dataclasses.fields(NTPConfig) if f.name not in _TRAINING_ARGUMENTS]
+SOPHON_RECORD_FIELDS = [f.name for f in dataclasses.fields(SophonConfig) if f.name not in _TRAINING_ARGUMENTS]
+
+# Builds the method's trainer from (model, preprocessor, source data, target data); returns it with
+# a description of the data it trains on, for the record.
+TrainerFactory = Callable[[PreTrainedModel, ImagePreprocessor, DatasetDict, DatasetDict], tuple[Trainer, dict]]
 
 
-def run_ntp(config: NTPConfig, progress: bool = True) -> dict[str, Any]:
-    """Protect `config.model_name_or_path` with NTP; returns the protection record."""
+def _fraction(dataset: Dataset, fraction: float, seed: int, skip: int = 0) -> Dataset:
+    """A class-stratified, seeded `fraction` of `dataset`, leaving out the first `skip` samples of that order.
+
+    The skipped samples (SOPHON's guard set) are themselves a stratified subset, disjoint from the result.
+    """
+    order = stratified_order(dataset["label"], seed=seed)
+    count = min(max(1, round(fraction * len(dataset))), len(dataset) - skip)
+    return dataset.select(order[skip : skip + count])
+
+
+def _protect(
+    config: NTPConfig | SophonConfig, method: str, fields: list[str], make_trainer: TrainerFactory
+) -> dict[str, Any]:
     if not config.model_name_or_path:
         raise ValueError("Say which model to protect: model_name_or_path (a source model folder or Hub id).")
     start = time.perf_counter()
     preprocessor = ImagePreprocessor.from_pretrained(config.model_name_or_path)
-    datasets = {
-        role: load_image_classification_dataset(name, image_size=preprocessor.image_size, seed=config.seed)
-        for role, name in (("source", config.source_dataset), ("target", config.target_dataset))
-    }
+    source, target = (
+        load_image_classification_dataset(name, image_size=preprocessor.image_size, seed=config.seed)
+        for name in (config.source_dataset, config.target_dataset)
+    )
     model = load_classifier(config.model_name_or_path)
-    source_classes = datasets["source"]["train"].features["label"].num_classes
+    source_classes = source["train"].features["label"].num_classes
     if head_linear(model).out_features != source_classes:
         raise ValueError(
             f"{config.model_name_or_path} has a {head_linear(model).out_features}-way head but {config.source_dataset} "
             f"has {source_classes} classes: protect the model on the data it was trained for."
         )
-    subsets = {
-        role: stratified_subset(data["train"], max(1, round(fraction * len(data["train"]))), seed=config.seed)
-        for (role, data), fraction in zip(
-            datasets.items(), (config.source_fraction, config.target_fraction), strict=True
-        )
-    }
-    trainer = NTPTrainer(
-        model,
-        config,
-        source_train=subsets["source"],
-        target_train=subsets["target"],
-        preprocessor=preprocessor,
-        source_eval=datasets["source"]["test"],
-    )
+    trainer, data = make_trainer(model, preprocessor, source, target)
     output = Path(config.output_dir)
     checkpoint = get_last_checkpoint(str(output)) if output.is_dir() else None
-    before = None if checkpoint else trainer.evaluate()["eval_accuracy"]
+    # Source accuracy is measured directly, not with `trainer.evaluate()`: an evaluation before
+    # `train()` marks the model as prepared, and accelerate then skips the DDP wrapping, leaving
+    # the replicas of a multi-process run to drift apart (accelerate 1.15 / transformers 5.23).
+    test = EncodedSplit.from_dataset(source["test"], preprocessor)
+    before = None if checkpoint else predict_accuracy(trainer.model, test.pixel_values, test.labels)
     trainer.train(resume_from_checkpoint=checkpoint)
-    after = trainer.evaluate()["eval_accuracy"]
+    after = predict_accuracy(trainer.model, test.pixel_values, test.labels)
     source_record = read_record(config.model_name_or_path) if Path(config.model_name_or_path).is_dir() else {}
     record = {
         "stage": "protected",
-        "method": "ntp",
+        "method": method,
         "base_model": source_record.get("base_model", config.model_name_or_path),
         "source_model": config.model_name_or_path,
         "dataset": config.source_dataset,
         "target_dataset": config.target_dataset,
-        "config": {name: getattr(config, name) for name in NTP_RECORD_FIELDS},
-        "sparsity": trainer.sparsity(),
-        "data": {"source_train_samples": len(subsets["source"]), "target_train_samples": len(subsets["target"])},
+        "config": {name: getattr(config, name) for name in fields + _COMMON_FIELDS},
+        "data": data,
         "source_accuracy_before": before if before is not None else source_record.get("test_accuracy"),
         "source_accuracy_after": after,
-        "wall_time_s": round(time.perf_counter() - start, 1),
     }
+    if method == "ntp":
+        record["sparsity"] = trainer.sparsity()
+    else:
+        record["guard"] = trainer.guard_log
+    record["wall_time_s"] = round(time.perf_counter() - start, 1)
     if trainer.is_world_process_zero():
         with replacing_directory(output / MODEL_SUBDIR) as staging:
             trainer.model.save_pretrained(staging)
             preprocessor.save_pretrained(staging)
             write_record(staging, record)
     return record
+
+
+def run_ntp(config: NTPConfig) -> dict[str, Any]:
+    """Protect `config.model_name_or_path` with NTP; returns the protection record."""
+
+    def make_trainer(model, preprocessor, source, target):
+        source_train = _fraction(source["train"], config.source_fraction, config.seed)
+        target_train = _fraction(target["train"], config.target_fraction, config.seed)
+        trainer = NTPTrainer(
+            model, config, source_train, target_train, preprocessor=preprocessor, source_eval=source["test"]
+        )
+        return trainer, {"source_train_samples": len(source_train), "target_train_samples": len(target_train)}
+
+    return _protect(config, "ntp", NTP_RECORD_FIELDS, make_trainer)
+
+
+def run_sophon(config: SophonConfig) -> dict[str, Any]:
+    """Protect `config.model_name_or_path` with SOPHON; returns the protection record.
+
+    The guard's samples are held out from the original domain's train split (never trained on),
+    so that the test split measures the protected model without having chosen it.
+    """
+
+    def make_trainer(model, preprocessor, source, target):
+        train = source["train"]
+        if config.guard_samples >= len(train):
+            raise ValueError(
+                f"guard_samples ({config.guard_samples}) must be smaller than the {len(train)} source train samples."
+            )
+        guard = stratified_subset(train, config.guard_samples, seed=config.seed)
+        source_train = _fraction(train, config.source_fraction, config.seed, skip=config.guard_samples)
+        target_train = _fraction(target["train"], config.target_fraction, config.seed)
+        trainer = SophonTrainer(model, config, source_train, target_train, preprocessor, guard_eval=guard)
+        data = {
+            "source_train_samples": len(source_train),
+            "guard_samples": len(guard),
+            "target_train_samples": len(target_train),
+        }
+        return trainer, data
+
+    return _protect(config, "sophon", SOPHON_RECORD_FIELDS, make_trainer)

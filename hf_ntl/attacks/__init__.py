@@ -1,11 +1,21 @@
 """Attacks: fine-tune a fresh copy of a checkpoint on a few target samples, as an attacker would."""
 
-from .finetune import AttackSpec, EncodedSplit, finetune, finetuned_accuracy, lora_target_modules, pruning_masks
+from .finetune import (
+    OPTIMIZERS,
+    AttackSpec,
+    EncodedSplit,
+    finetune,
+    finetuned_accuracy,
+    lora_target_modules,
+    make_optimizer,
+    pruning_masks,
+)
 from .suite import DEFAULT_SUITE, MASKED_ATTACK, QUICK_SUITE, SUITES, load_suite
 
 __all__ = [
     "DEFAULT_SUITE",
     "MASKED_ATTACK",
+    "OPTIMIZERS",
     "QUICK_SUITE",
     "SUITES",
     "AttackSpec",
@@ -14,5 +24,6 @@ __all__ = [
     "finetuned_accuracy",
     "load_suite",
     "lora_target_modules",
+    "make_optimizer",
     "pruning_masks",
 ]

@@ -130,14 +130,19 @@ def pruning_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def _optimizer(spec: AttackSpec, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    if spec.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
-    if spec.optimizer == "sgd-momentum":
-        return torch.optim.SGD(params, lr=spec.learning_rate, momentum=0.9, weight_decay=spec.weight_decay)
-    if spec.optimizer == "adam":
-        return torch.optim.Adam(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
-    return torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+def make_optimizer(
+    name: str, params: list[torch.Tensor], learning_rate: float, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
+    """The optimiser an attacker (real or simulated by SOPHON) uses: `sgd`, `sgd-momentum` (0.9), `adam`, `adamw`."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=learning_rate, weight_decay=weight_decay)
+    if name == "sgd-momentum":
+        return torch.optim.SGD(params, lr=learning_rate, momentum=0.9, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=learning_rate, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    raise ValueError(f"Unknown optimizer {name!r}; choose one of {OPTIMIZERS}.")
 
 
 def _prepare(model: PreTrainedModel, spec: AttackSpec) -> nn.Module:
@@ -180,7 +185,8 @@ def finetune(model: PreTrainedModel, train: EncodedSplit, spec: AttackSpec, seed
         masks = pruning_masks(model) if spec.mask == "masked" else {}
         model = _prepare(model, spec)
         masked_params = [(param, masks[name]) for name, param in model.named_parameters() if name in masks]
-        optimizer = _optimizer(spec, [p for p in model.parameters() if p.requires_grad])
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = make_optimizer(spec.optimizer, trainable, spec.learning_rate, spec.weight_decay)
         device = next(model.parameters()).device
         generator = torch.Generator().manual_seed(seed)
         batch_size = min(spec.batch_size, len(train))
