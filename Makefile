@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test lint format model-cards clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/hf-ntl demo --output_dir runs/demo
+
+# Regenerates model_cards/ from the reference runs (about 20 minutes on 2 CPU cores).
+model-cards: $(STAMP)
+	$(BIN)/python scripts/reference_cards.py --runs runs/reference --cards model_cards
 
 test: lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=8

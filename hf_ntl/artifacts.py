@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -46,3 +47,69 @@ def read_record(folder: str | os.PathLike) -> dict[str, Any]:
     """Read `hf_ntl.json` from a model folder (an empty dict when there is none)."""
     path = Path(folder) / RECORD_FILE
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+RUN_FILE = "hf_ntl_run.json"
+# The `TrainingArguments` settings that shape a result, recorded beside a config's own fields.
+RECORDED_TRAINING_ARGUMENTS = (
+    "learning_rate",
+    "weight_decay",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "lr_scheduler_type",
+    "seed",
+)
+
+
+def run_settings(config: Any, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The settings that define a run: the fields a config adds to `TrainingArguments` (but `overwrite`,
+    which says how to treat the folder, not what to compute) and the recorded training arguments."""
+    from transformers import TrainingArguments
+
+    base = {f.name for f in dataclasses.fields(TrainingArguments)}
+    own = [f.name for f in dataclasses.fields(config) if f.name not in base and f.name != "overwrite"]
+    names = own + [name for name in (*RECORDED_TRAINING_ARGUMENTS, *extra) if name in base and hasattr(config, name)]
+    return json.loads(json.dumps({name: getattr(config, name) for name in names}, default=str))
+
+
+class OutputDirError(ValueError):
+    """An output folder holds another run's results; nothing was touched."""
+
+
+def claim_output_dir(
+    output_dir: str | os.PathLike,
+    identity: dict[str, Any],
+    overwrite: bool = False,
+    finished: str = "model/hf_ntl.json",
+) -> None:
+    """Make `output_dir` this run's, refusing to mix runs, before any training starts.
+
+    A folder is resumed only by the run that started it: `identity` (stage, model, data and every
+    setting that shapes the result) is written to `hf_ntl_run.json` and compared on the next start.
+    Refused without `overwrite`: a folder whose finished result (`finished`, relative) exists, whose
+    checkpoints belong to a run with another identity, or that holds checkpoints hf_ntl did not
+    start. With `overwrite`, checkpoints are deleted so the run starts afresh; a finished result stays
+    in place until the new one replaces it (see `replacing_directory`).
+    """
+    out = Path(output_dir)
+    identity = json.loads(json.dumps(identity))  # as it will read back (tuples become lists, ...)
+    run_file = out / RUN_FILE
+    previous = json.loads(run_file.read_text()) if run_file.is_file() else None
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    hint = (
+        "pass --overwrite to start afresh (a finished result is replaced only once the new one is complete), "
+        "or choose another output_dir."
+    )
+    if not overwrite:
+        if (out / finished).is_file():
+            raise OutputDirError(f"{out} already holds a finished result ({out / finished}); {hint}")
+        if previous is not None and previous != identity:
+            changed = sorted(k for k in identity.keys() | previous.keys() if identity.get(k) != previous.get(k))
+            raise OutputDirError(f"{out} holds checkpoints of another run (differing in {', '.join(changed)}); {hint}")
+        if previous is None and checkpoints:
+            raise OutputDirError(f"{out} holds checkpoints that hf_ntl did not start; {hint}")
+    else:
+        for checkpoint in checkpoints:
+            shutil.rmtree(checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    run_file.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")

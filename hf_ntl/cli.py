@@ -3,7 +3,9 @@
     hf-ntl fit-source --dataset_name font-digits --output_dir runs/source
     hf-ntl protect-ntp --model_name_or_path runs/source/model --target_dataset uci-digits --output_dir runs/ntp
     hf-ntl protect-sophon --model_name_or_path runs/source/model --target_dataset uci-digits --output_dir runs/sophon
-    hf-ntl evaluate --model_name_or_path runs/ntp/model --target_dataset uci-digits
+    hf-ntl evaluate --model_name_or_path runs/ntp/model --target_dataset uci-digits --output_dir runs/audit
+    hf-ntl card --model_dir runs/ntp/model --report_dir runs/audit
+    hf-ntl push --model_dir runs/ntp/model --repo_id you/tiny-resnet-ntp
     hf-ntl demo --output_dir runs/demo
 
 Every subcommand takes `--config file.yaml` (keys are the option names); options given on the
@@ -24,7 +26,9 @@ import yaml
 from transformers import HfArgumentParser
 from transformers.utils import logging as transformers_logging
 
-from .evaluation import EvaluateArguments, format_report_table, run_evaluation
+from .artifacts import read_record
+from .cards import push_to_hub, write_card
+from .evaluation import EvaluateArguments, format_report_table, read_report, run_evaluation
 from .protect import run_ntp, run_sophon
 from .source import MODEL_SUBDIR, SourceConfig, run_source
 from .trainers import NTPConfig, SophonConfig
@@ -32,29 +36,64 @@ from .trainers import NTPConfig, SophonConfig
 
 @dataclass
 class DemoArguments:
-    """The embedded default end to end: fit the source model, then attack it and measure SLC-AUC."""
+    """The embedded default end to end: fit the source model, protect it, attack it, write its card."""
 
     output_dir: str = field(default="runs/demo", metadata={"help": "Where everything is written."})
+    method: str = field(default="ntp", metadata={"help": "Protection: `ntp` (about 30 s here) or `sophon` (~80 s)."})
     source_dataset: str = field(default="font-digits", metadata={"help": "The owner's domain."})
-    target_datasets: list[str] = field(
-        default_factory=lambda: ["uci-digits", "textured-digits"], metadata={"help": "Unauthorised domains."}
-    )
+    target_dataset: str = field(default="uci-digits", metadata={"help": "The unauthorised domain."})
     model: str = field(default="tiny-resnet", metadata={"help": "Tiny preset, folder or Hub id to start from."})
     source_epochs: float = field(default=5.0, metadata={"help": "Epochs of source training."})
     source_samples: int | None = field(
         default=None, metadata={"help": "Generated source train samples (default: the domain's, 10,000)."}
     )
     counts: list[int] = field(default_factory=lambda: [10, 50, 200], metadata={"help": "Target sample counts."})
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds per count."})
+    seeds: list[int] = field(default_factory=lambda: [0, 1], metadata={"help": "Seeds per count."})
     suite: str = field(default="default", metadata={"help": "Attack suite: default, quick, or a YAML file."})
-    attacks: list[str] = field(
-        default_factory=lambda: ["full", "head-only", "lora-r4"],
-        metadata={"help": "Attacks of the suite to run (the demo keeps three to stay within minutes)."},
+    attacks: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Attacks of the suite to run (default, to stay within minutes: full, head-only, lora-r4, and "
+            "full-masked for NTP)."
+        },
+    )
+    protect_config: str | None = field(
+        default=None, metadata={"help": "YAML of options for the protection stage (e.g. a shorter schedule)."}
     )
     overwrite: bool = field(
-        default=False,
-        metadata={"help": "Start afresh, deleting output_dir (otherwise a finished source model is reused)."},
+        default=False, metadata={"help": "Start afresh, deleting output_dir (otherwise finished stages are reused)."}
     )
+
+    def __post_init__(self) -> None:
+        if self.method not in PROTECTIONS:
+            raise ValueError(f"method must be one of {list(PROTECTIONS)}, got {self.method!r}.")
+
+
+@dataclass
+class CardArguments:
+    """Write the Hub model card of a checkpoint from its record and an evaluation report."""
+
+    model_dir: str = field(metadata={"help": "The model folder (written by fit-source or protect-*)."})
+    report_dir: str = field(metadata={"help": "The output_dir of `hf-ntl evaluate` on that model."})
+    model_name: str | None = field(
+        default=None, metadata={"help": "Title and model-index name, e.g. the Hub repo id (default: folder name)."}
+    )
+
+
+@dataclass
+class PushArguments:
+    """Upload a model folder with its card and plot to the Hugging Face Hub."""
+
+    model_dir: str = field(metadata={"help": "The model folder, with README.md written by `hf-ntl card`."})
+    repo_id: str = field(metadata={"help": "The Hub repository, `owner/name` (created if missing)."})
+    public: bool = field(default=False, metadata={"help": "Create the repository public (default: private)."})
+    token: str | None = field(default=None, metadata={"help": "Hub token (default: HF_TOKEN or the cached login)."})
+
+
+PROTECTIONS: dict[str, tuple[type, Callable[..., dict]]] = {
+    "ntp": (NTPConfig, run_ntp),
+    "sophon": (SophonConfig, run_sophon),
+}
 
 
 def yaml_to_argv(path: str) -> list[str]:
@@ -126,17 +165,30 @@ def evaluate_command(argv: Sequence[str]) -> None:
     print(format_report_table(run_evaluation(args)))
 
 
+def card_command(argv: Sequence[str]) -> None:
+    (args,) = parse([CardArguments], argv, "hf-ntl card")
+    write_card(args.model_dir, args.report_dir, args.model_name)
+    print(f"model card: {Path(args.model_dir) / 'README.md'}")
+
+
+def push_command(argv: Sequence[str]) -> None:
+    (args,) = parse([PushArguments], argv, "hf-ntl push")
+    url = push_to_hub(args.model_dir, args.repo_id, private=not args.public, token=args.token)
+    print(f"pushed {args.model_dir} to {args.repo_id}: {url}")
+
+
 def demo_command(argv: Sequence[str]) -> None:
     (args,) = parse([DemoArguments], argv, "hf-ntl demo")
     start = time.perf_counter()
     out = Path(args.output_dir)
     if args.overwrite and out.exists():
         shutil.rmtree(out)
-    source_model = out / "source" / MODEL_SUBDIR
-    if (source_model / "model.safetensors").exists():
-        print(f"[1/2] reusing the source model in {source_model} (--overwrite to refit)")
+    source_model, protected_model = out / "source" / MODEL_SUBDIR, out / args.method / MODEL_SUBDIR
+    audit = out / "audit"
+    if read_record(source_model):
+        print(f"[1/4] reusing the source model in {source_model} (--overwrite to refit)")
     else:
-        print(f"[1/2] fitting {args.model} on {args.source_dataset}")
+        print(f"[1/4] fitting {args.model} on {args.source_dataset}")
         config = SourceConfig(
             output_dir=str(out / "source"),
             model_name_or_path=args.model,
@@ -148,21 +200,43 @@ def demo_command(argv: Sequence[str]) -> None:
         )
         record = run_source(config)
         print(f"      source test accuracy {100 * record['test_accuracy']:.2f}%")
-    for target in args.target_datasets:
-        print(f"[2/2] attacking it on {target}: {', '.join(args.attacks)} vs scratch, n = {args.counts}")
+    if read_record(protected_model):
+        print(f"[2/4] reusing the protected model in {protected_model}")
+    else:
+        print(f"[2/4] protecting it with {args.method} against {args.target_dataset}")
+        config_class, run = PROTECTIONS[args.method]
+        options = ["--config", args.protect_config] if args.protect_config else []
+        options += ["--output_dir", str(out / args.method), "--model_name_or_path", str(source_model)]
+        options += ["--source_dataset", args.source_dataset, "--target_dataset", args.target_dataset]
+        options += ["--report_to", "none", "--logging_strategy", "no"]
+        (config,) = parse([config_class], options, f"hf-ntl demo ({args.method})")
+        record = run(config)
+        print(
+            f"      source accuracy {100 * record['source_accuracy_before']:.2f}% -> "
+            f"{100 * record['source_accuracy_after']:.2f}%  ({record['wall_time_s']:.0f} s)"
+        )
+    if (audit / "report.json").is_file():
+        print(f"[3/4] reusing the audit in {audit}")
+        report = read_report(audit / "report.json")
+    else:
+        attacks = args.attacks or ["full", "head-only", "lora-r4"] + (["full-masked"] if args.method == "ntp" else [])
+        print(f"[3/4] attacking it and the original on {args.target_dataset}: {', '.join(attacks)}; n = {args.counts}")
         report = run_evaluation(
             EvaluateArguments(
-                model_name_or_path=str(source_model),
-                target_dataset=target,
+                model_name_or_path=str(protected_model),
+                original_model_name_or_path=str(source_model),
+                target_dataset=args.target_dataset,
                 suite=args.suite,
-                attacks=args.attacks,
+                attacks=attacks,
                 counts=args.counts,
                 seeds=args.seeds,
-                output_dir=str(out / "evaluate" / target),
+                output_dir=str(audit),
             )
         )
-        print(format_report_table(report))
-    print(f"reports and plots: {out / 'evaluate'}   wall time {time.perf_counter() - start:.0f} s")
+    write_card(protected_model, audit)
+    print(f"[4/4] model card: {protected_model / 'README.md'}\n")
+    print(format_report_table(report))
+    print(f"\nreport and plot: {audit}   wall time {time.perf_counter() - start:.0f} s")
 
 
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
@@ -170,7 +244,9 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     "protect-ntp": (protect_ntp_command, "non-transferable pruning (ADMM + Fisher regulariser) of a source model"),
     "protect-sophon": (protect_sophon_command, "SOPHON non-fine-tunable learning (simulated attackers + guard)"),
     "evaluate": (evaluate_command, "attack a checkpoint with a suite and measure SLC-AUC against scratch"),
-    "demo": (demo_command, "the embedded default end to end (fit-source, then evaluate)"),
+    "card": (card_command, "write the Hub model card (model-index with SLC-AUC) into a model folder"),
+    "push": (push_command, "upload a model folder with its card and plot to the Hub"),
+    "demo": (demo_command, "the embedded default end to end: fit-source, protect, evaluate, card"),
 }
 
 

@@ -24,7 +24,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from .artifacts import read_record
+from .artifacts import claim_output_dir, read_record, run_settings
 from .attacks.finetune import AttackSpec, EncodedSplit, finetuned_accuracy, pruning_masks
 from .attacks.suite import load_suite
 from .data import ImagePreprocessor, class_names, load_image_classification_dataset, stratified_order
@@ -73,6 +73,7 @@ class EvaluateArguments:
         metadata={"help": "Give the model a fresh head of the target's class count when the counts differ."},
     )
     output_dir: str | None = field(default=None, metadata={"help": "Where to write report.json and the plot."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace the report already in output_dir."})
 
     def __post_init__(self) -> None:
         if not self.seeds:
@@ -178,6 +179,10 @@ def summarise(points: list[CurvePoint], suite: list[AttackSpec], labels: list[st
 def run_evaluation(args: EvaluateArguments, progress: bool = True) -> dict[str, Any]:
     """Load, attack, score; write `report.json` and `learning_curves.png` to `args.output_dir`."""
     start = time.perf_counter()
+    if args.output_dir:
+        with process_state().main_process_first():
+            identity = {"stage": "evaluate", **run_settings(args)}
+            claim_output_dir(args.output_dir, identity, args.overwrite, finished="report.json")
     preprocessor = ImagePreprocessor.from_pretrained(args.model_name_or_path)
     dataset = load_image_classification_dataset(
         args.target_dataset,

@@ -9,29 +9,22 @@ before and after, measured on the same test split with the saved weights), into
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, DatasetDict
-from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers import PreTrainedModel, Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from .artifacts import read_record, replacing_directory, write_record
+from .artifacts import claim_output_dir, read_record, replacing_directory, run_settings, write_record
 from .attacks import EncodedSplit
 from .data import ImagePreprocessor, load_image_classification_dataset, stratified_order, stratified_subset
 from .metrics import predict_accuracy
 from .models import head_linear, load_classifier
 from .source import MODEL_SUBDIR
 from .trainers import NTPConfig, NTPTrainer, SophonConfig, SophonTrainer
-
-# Recorded in the protection record: the method's own fields and the optimiser settings that matter.
-_TRAINING_ARGUMENTS = {f.name for f in dataclasses.fields(TrainingArguments)}
-_COMMON_FIELDS = ["learning_rate", "weight_decay", "per_device_train_batch_size", "gradient_accumulation_steps", "seed"]
-NTP_RECORD_FIELDS = [f.name for f in dataclasses.fields(NTPConfig) if f.name not in _TRAINING_ARGUMENTS]
-SOPHON_RECORD_FIELDS = [f.name for f in dataclasses.fields(SophonConfig) if f.name not in _TRAINING_ARGUMENTS]
 
 # Builds the method's trainer from (model, preprocessor, source data, target data); returns it with
 # a description of the data it trains on, for the record.
@@ -48,12 +41,13 @@ def _fraction(dataset: Dataset, fraction: float, seed: int, skip: int = 0) -> Da
     return dataset.select(order[skip : skip + count])
 
 
-def _protect(
-    config: NTPConfig | SophonConfig, method: str, fields: list[str], make_trainer: TrainerFactory
-) -> dict[str, Any]:
+def _protect(config: NTPConfig | SophonConfig, method: str, make_trainer: TrainerFactory) -> dict[str, Any]:
     if not config.model_name_or_path:
         raise ValueError("Say which model to protect: model_name_or_path (a source model folder or Hub id).")
     start = time.perf_counter()
+    settings = run_settings(config)
+    with config.main_process_first(desc="claiming the output folder"):
+        claim_output_dir(config.output_dir, {"stage": "protect", "method": method, **settings}, config.overwrite)
     preprocessor = ImagePreprocessor.from_pretrained(config.model_name_or_path)
     source, target = (
         load_image_classification_dataset(name, image_size=preprocessor.image_size, seed=config.seed)
@@ -84,7 +78,7 @@ def _protect(
         "source_model": config.model_name_or_path,
         "dataset": config.source_dataset,
         "target_dataset": config.target_dataset,
-        "config": {name: getattr(config, name) for name in fields + _COMMON_FIELDS},
+        "config": settings,
         "data": data,
         "source_accuracy_before": before if before is not None else source_record.get("test_accuracy"),
         "source_accuracy_after": after,
@@ -113,7 +107,7 @@ def run_ntp(config: NTPConfig) -> dict[str, Any]:
         )
         return trainer, {"source_train_samples": len(source_train), "target_train_samples": len(target_train)}
 
-    return _protect(config, "ntp", NTP_RECORD_FIELDS, make_trainer)
+    return _protect(config, "ntp", make_trainer)
 
 
 def run_sophon(config: SophonConfig) -> dict[str, Any]:
@@ -140,4 +134,4 @@ def run_sophon(config: SophonConfig) -> dict[str, Any]:
         }
         return trainer, data
 
-    return _protect(config, "sophon", SOPHON_RECORD_FIELDS, make_trainer)
+    return _protect(config, "sophon", make_trainer)

@@ -13,7 +13,7 @@ from datasets import DatasetDict
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from .artifacts import replacing_directory, write_record
+from .artifacts import claim_output_dir, replacing_directory, run_settings, write_record
 from .data import ImageClassificationCollator, ImagePreprocessor, augment_batch, class_names
 from .data.loading import load_image_classification_dataset
 from .metrics import compute_accuracy
@@ -50,6 +50,9 @@ class SourceConfig(TrainingArguments):
         default=None, metadata={"help": "Generated train samples for embedded domains (default: the domain's)."}
     )
     augment: bool = field(default=True, metadata={"help": "Light shift/scale/rotation/colour augmentation."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Start afresh in an output_dir that holds another run or a finished model."}
+    )
 
     # Defaults that differ from TrainingArguments: small models trained from scratch, on CPU.
     output_dir: str | None = field(default="runs/source", metadata={"help": "Where checkpoints and the model go."})
@@ -117,6 +120,9 @@ def fit_source_model(
 def run_source(config: SourceConfig) -> dict[str, Any]:
     """Load data and model from `config`, fit, and save `output_dir/model` (safetensors + record)."""
     start = time.perf_counter()
+    settings = run_settings(config, extra=("num_train_epochs",))
+    with config.main_process_first(desc="claiming the output folder"):
+        claim_output_dir(config.output_dir, {"stage": "source", **settings}, config.overwrite)
     dataset = load_image_classification_dataset(
         config.dataset_name,
         image_column=config.image_column,

@@ -1,9 +1,12 @@
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
+from huggingface_hub import ModelCard
 
+from hf_ntl.artifacts import OutputDirError, read_record
 from hf_ntl.cli import COMMANDS, DemoArguments, main, parse
 from hf_ntl.evaluation import EvaluateArguments
 from hf_ntl.source import SourceConfig
@@ -55,19 +58,62 @@ def test_unknown_keys_and_missing_files_are_errors(tmp_path, capsys):
         main(["protekt"])
 
 
+TINY_NTP = "admm_rounds: 1\nsteps_per_round: 4\nretrain_steps: 2\nprobe_steps: 10\nper_device_train_batch_size: 16\n"
+
+
+def test_stage_commands_chain_through_their_folders_and_refuse_to_mix_runs(tmp_path, capsys):
+    source, ntp, audit = tmp_path / "source", tmp_path / "ntp", tmp_path / "audit"
+    fit = ["fit-source", "--output_dir", str(source), "--dataset_name", "uci-digits", "--num_train_epochs", "1"]
+    fit += ["--report_to", "none", "--disable_tqdm", "true"]
+    main(fit)
+    (tmp_path / "ntp.yaml").write_text(TINY_NTP + "target_dataset: textured-shapes\nsource_dataset: uci-digits\n")
+    protect = ["protect-ntp", "--config", str(tmp_path / "ntp.yaml"), "--model_name_or_path", str(source / "model")]
+    protect += ["--output_dir", str(ntp), "--report_to", "none", "--disable_tqdm", "true", "--sparsity", "0.5"]
+    main(protect)
+    assert list(ntp.glob("checkpoint-*")) and (ntp / "model" / "model.safetensors").exists()
+    evaluate = ["evaluate", "--model_name_or_path", str(ntp / "model"), "--target_dataset", "textured-shapes"]
+    evaluate += ["--original_model_name_or_path", str(source / "model"), "--suite", "quick", "--steps", "3"]
+    evaluate += ["--counts", "10", "20", "--seeds", "0", "--output_dir", str(audit)]
+    main(evaluate)
+    main(["card", "--model_dir", str(ntp / "model"), "--report_dir", str(audit), "--model_name", "me/tiny-ntp"])
+    printed = capsys.readouterr().out
+    assert "sparsity 0.5000" in printed and "worst case" in printed and "model card:" in printed
+    card = ModelCard.load(ntp / "model" / "README.md")
+    assert card.data.model_name == "me/tiny-ntp" and (ntp / "model" / "learning_curves.png").stat().st_size > 1000
+    assert {r.metric_name for r in card.data.eval_results} >= {"Sparsity of the prunable weights"}
+
+    # Each stage refuses a folder holding a finished result, or checkpoints of another run.
+    with pytest.raises(OutputDirError, match="already holds a finished result"):
+        main(fit)
+    with pytest.raises(OutputDirError, match="report.json"):
+        main(evaluate)
+    shutil.rmtree(ntp / "model")  # an interrupted run: checkpoints, no model
+    with pytest.raises(OutputDirError, match="another run \\(differing in sparsity\\)"):
+        main([*protect[:-1], "0.6"])
+    assert list(ntp.glob("checkpoint-*"))  # refused without touching anything
+    main([*protect[:-1], "0.6", "--overwrite"])
+    assert read_record(ntp / "model")["config"]["sparsity"] == 0.6
+
+
 def test_demo_end_to_end_on_a_tiny_setup(tmp_path, capsys):
     out = tmp_path / "demo"
+    (tmp_path / "ntp.yaml").write_text(TINY_NTP)
     argv = ["--output_dir", str(out), "--source_epochs", "1", "--source_samples", "500", "--suite", "quick"]
-    argv += ["--counts", "10", "20", "--seeds", "0", "--target_datasets", "uci-digits"]
+    argv += ["--counts", "10", "20", "--seeds", "0", "--protect_config", str(tmp_path / "ntp.yaml")]
     main(["demo", *argv])
     printed = capsys.readouterr().out
-    assert "worst case" in printed and "lora-r4" in printed
+    assert "[4/4] model card" in printed and "worst case" in printed and "lora-r4" in printed
     assert (out / "source" / "model" / "model.safetensors").exists()
-    report = json.loads((out / "evaluate" / "uci-digits" / "report.json").read_text())
-    assert [spec["name"] for spec in report["suite"]] == ["full", "head-only", "lora-r4"]
-    assert len(report["points"]) == 3 * 2 * 2  # attacks x (model, scratch) x counts
-    assert 0.0 <= report["zero_shot_accuracy"]["model"] <= 1.0
-    assert (out / "evaluate" / "uci-digits" / "learning_curves.png").stat().st_size > 1000
-    # A second run reuses the finished source model instead of refitting it.
+    assert read_record(out / "ntp" / "model")["config"]["steps_per_round"] == 4
+    report = json.loads((out / "audit" / "report.json").read_text())
+    assert [spec["name"] for spec in report["suite"]] == ["full", "head-only", "lora-r4", "full-masked"]
+    assert len(report["points"]) == 4 * 3 * 2  # attacks x (model, original, scratch) x counts
+    assert set(report["zero_shot_accuracy"]) == {"model", "original"}
+    assert (out / "audit" / "learning_curves.png").stat().st_size > 1000
+    card = ModelCard.load(out / "ntp" / "model" / "README.md")
+    assert any("masked" in r.metric_name for r in card.data.eval_results)
+    # A second run reuses every finished stage.
     main(["demo", *argv])
-    assert "reusing the source model" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "reusing the source model" in printed and "reusing the protected model" in printed
+    assert "reusing the audit" in printed

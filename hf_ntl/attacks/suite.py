@@ -53,14 +53,15 @@ def load_suite(
 
     Args:
         name_or_path: suite name or path to a YAML file.
-        pruned: the model under test is pruned; adds the masked attack to the default suite.
+        pruned: the model under test is pruned; adds the masked attack to a named suite (with that
+            suite's step budget).
         steps: if given, overrides every attack's number of steps (e.g. for a smoke run).
         only: keep just these attacks, by name.
     """
     if name_or_path in SUITES:
         suite = list(SUITES[name_or_path])
-        if pruned and name_or_path == "default":
-            suite.append(MASKED_ATTACK)
+        if pruned:
+            suite.append(dataclasses.replace(MASKED_ATTACK, steps=suite[0].steps))
     elif Path(name_or_path).is_file():
         suite = _suite_from_yaml(Path(name_or_path))
     else:

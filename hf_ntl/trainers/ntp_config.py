@@ -25,6 +25,10 @@ class NTPConfig(TrainingArguments):
     source_fraction: float = field(default=0.1, metadata={"help": "Fraction of the source train split used."})
     target_fraction: float = field(default=0.1, metadata={"help": "Fraction of the target train split used."})
 
+    overwrite: bool = field(
+        default=False, metadata={"help": "Start afresh in an output_dir that holds another run or a finished model."}
+    )
+
     # Sparsity and ADMM.
     sparsity: float = field(default=0.9, metadata={"help": "Target fraction of pruned weights, in (0, 1)."})
     rho: float = field(default=0.005, metadata={"help": "ADMM penalty weight rho."})

@@ -35,6 +35,10 @@ class SophonConfig(TrainingArguments):
     source_fraction: float = field(default=0.2, metadata={"help": "Fraction of the source train split used."})
     target_fraction: float = field(default=0.2, metadata={"help": "Fraction of the target train split used."})
 
+    overwrite: bool = field(
+        default=False, metadata={"help": "Start afresh in an output_dir that holds another run or a finished model."}
+    )
+
     # The objective.
     suppression_loss: str = field(
         default="ice",

@@ -1,0 +1,207 @@
+"""Hub model cards for protected (or audited) checkpoints, and pushing them to the Hub.
+
+A card is rendered from the model folder's `hf_ntl.json` record and an evaluation `report.json`
+with `huggingface_hub.ModelCard` and the Jinja template shipped in `hf_ntl/templates/`. Its
+`model-index` holds the numbers a reader compares (every value a plain float, so the YAML stays
+safe to load): SLC-AUC of the worst case over the suite and of the strongest single attack, raw
+and normalised, named as such; original-domain accuracy before and after protection; NTP's
+sparsity. The body shows the learning-curve plot, the per-attack table, how to reproduce the
+numbers, and what the threat model does not cover.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+
+from .artifacts import read_record
+from .evaluation import SCRATCH, read_report
+
+TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
+PLOT = "learning_curves.png"
+EMBEDDED_DOMAINS_NOTE = "embedded hf_ntl domain (generated locally, not on the Hub)"
+
+
+def _is_hub_id(name: str | None) -> bool:
+    """Whether `name` looks like a Hub repository id (`owner/name`) rather than a local path or embedded name."""
+    return bool(name) and name.count("/") == 1 and not Path(name).exists() and not name.startswith((".", "/"))
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f} %"
+
+
+def _eval_results(record: dict[str, Any], report: dict[str, Any], label: str) -> list[EvalResult]:
+    target, source = report["target"], record.get("dataset")
+    scores = report["slc_auc"][label]
+    strongest = scores["strongest_attack"]
+    results = []
+
+    def add(dataset: str, split: str, metric_type: str, value: float, name: str) -> None:
+        results.append(
+            EvalResult(
+                task_type="image-classification",
+                task_name="Image classification",
+                dataset_type=dataset,
+                dataset_name=dataset,
+                dataset_split=split,
+                metric_type=metric_type,
+                metric_value=float(value),  # numpy/torch scalars would become !!python/object YAML
+                metric_name=name,
+            )
+        )
+
+    add(target, "test", "slc_auc", scores["worst_case"]["slc_auc"], "Worst-case SLC-AUC over the suite (raw)")
+    add(
+        target,
+        "test",
+        "slc_auc_normalized",
+        scores["worst_case"]["slc_auc_normalized"],
+        "Worst-case SLC-AUC over the suite (normalised by the log-count range)",
+    )
+    strongest_score = scores["per_attack"][strongest]
+    add(target, "test", "slc_auc", strongest_score["slc_auc"], f"SLC-AUC of the strongest attack, {strongest} (raw)")
+    add(
+        target,
+        "test",
+        "slc_auc_normalized",
+        strongest_score["slc_auc_normalized"],
+        f"SLC-AUC of the strongest attack, {strongest} (normalised)",
+    )
+    if "full-masked" in scores["per_attack"]:
+        masked = scores["per_attack"]["full-masked"]
+        add(target, "test", "slc_auc", masked["slc_auc"], "SLC-AUC, masked fine-tuning (NTP paper protocol, raw)")
+    if source and record.get("source_accuracy_after") is not None:
+        add(source, "test", "accuracy", record["source_accuracy_after"], "Original-domain accuracy (this model)")
+    if source and record.get("source_accuracy_before") is not None:
+        add(source, "test", "accuracy", record["source_accuracy_before"], "Original-domain accuracy before protection")
+    if source and "sparsity" in record:
+        add(source, "test", "sparsity", record["sparsity"]["overall"], "Sparsity of the prunable weights")
+    return results
+
+
+def _attack_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    labels = [label for label in report["slc_auc"]]
+    rows = []
+    for spec in report["suite"]:
+        row = {"name": spec["name"], "spec": _describe_attack(spec)}
+        for label in labels:
+            score = report["slc_auc"][label]["per_attack"][spec["name"]]
+            row[label] = f"{score['slc_auc']:+.3f} / {score['slc_auc_normalized']:+.3f}"
+        rows.append(row)
+    return rows
+
+
+def _describe_attack(spec: dict[str, Any]) -> str:
+    trained = {"all": "all weights", "head": "head only", "lora": f"LoRA r={spec['lora_rank']} + head"}
+    parts = [trained[spec["trainable"]], f"{spec['optimizer']} lr {spec['learning_rate']:g}", f"{spec['steps']} steps"]
+    if spec["reinit_head"]:
+        parts.append("fresh head")
+    if spec["mask"] == "masked":
+        parts.append("pruned weights kept at zero")
+    return ", ".join(parts)
+
+
+def build_card(
+    model_dir: str | os.PathLike,
+    report_dir: str | os.PathLike,
+    model_name: str | None = None,
+    license: str = "apache-2.0",
+) -> ModelCard:
+    """Render the card of the checkpoint in `model_dir` from its record and the report in `report_dir`.
+
+    Args:
+        model_dir: a folder written by `hf-ntl protect-*` (or `fit-source`), holding `hf_ntl.json`.
+        report_dir: the `--output_dir` of `hf-ntl evaluate` run on that checkpoint (`report.json`).
+        model_name: the card's title and `model-index` name (default: the folder's name).
+        license: the card's license tag.
+    """
+    model_dir, report_dir = Path(model_dir), Path(report_dir)
+    if not (report_dir / "report.json").is_file():
+        raise FileNotFoundError(f"No report.json in {report_dir}: run `hf-ntl evaluate --output_dir {report_dir}`.")
+    record = read_record(model_dir)
+    if not record:
+        raise FileNotFoundError(f"No hf_ntl.json in {model_dir}: cards are written for folders hf_ntl produced.")
+    report = read_report(report_dir / "report.json")
+    if Path(report["model"]).resolve() != model_dir.resolve() and report.get("source", {}) != record:
+        raise ValueError(f"{report_dir}/report.json evaluates {report['model']}, not {model_dir}.")
+    method = record.get("method", "none")
+    name = model_name or model_dir.name
+    base = record.get("base_model")
+    card_data = ModelCardData(
+        model_name=name,
+        license=license,
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        tags=["hf-ntl", "non-transferable-learning", "image-classification"] + ([method] if method != "none" else []),
+        base_model=base if _is_hub_id(base) else None,
+        datasets=[d for d in (record.get("dataset"), report["target"]) if _is_hub_id(d)] or None,
+        metrics=["accuracy", "slc_auc"],
+        eval_results=_eval_results(record, report, "model"),
+    )
+    worst = report["worst_case_curves"]
+    labels = list(report["slc_auc"])
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE),
+        model_name=name,
+        method=method,
+        record=record,
+        report=report,
+        labels=labels,
+        attack_rows=_attack_rows(report),
+        accuracy_rows=[
+            {"n": n, **{label: _percent(worst[label][n]) for label in [*labels, SCRATCH]}} for n in report["counts"]
+        ],
+        scratch=SCRATCH,
+        percent=_percent,
+        embedded_note=EMBEDDED_DOMAINS_NOTE,
+        has_plot=(report_dir / PLOT).is_file(),
+        config_items=sorted(record.get("config", {}).items()),
+    )
+
+
+def write_card(model_dir: str | os.PathLike, report_dir: str | os.PathLike, model_name: str | None = None) -> ModelCard:
+    """Write `README.md` (the card) and the learning-curve plot into `model_dir`, ready to push."""
+    card = build_card(model_dir, report_dir, model_name)
+    model_dir, report_dir = Path(model_dir), Path(report_dir)
+    if (report_dir / PLOT).is_file() and report_dir.resolve() != model_dir.resolve():
+        shutil.copyfile(report_dir / PLOT, model_dir / PLOT)
+    # Written beside, then renamed: an interrupted write never leaves a half card in place.
+    staging = model_dir / ".README.md.partial"
+    card.save(staging)
+    os.replace(staging, model_dir / "README.md")
+    return card
+
+
+def push_to_hub(
+    model_dir: str | os.PathLike,
+    repo_id: str,
+    private: bool = True,
+    token: str | None = None,
+    commit_message: str = "Upload hf_ntl protected model",
+) -> str:
+    """Create (if needed) the model repo `repo_id` and upload the folder: weights, card, plot, record.
+
+    Refuses a folder without a card, so that nothing reaches the Hub undocumented. Returns the
+    commit URL.
+    """
+    folder = Path(model_dir)
+    missing = [f for f in ("model.safetensors", "config.json", "README.md") if not (folder / f).is_file()]
+    if missing:
+        hint = " (write the card with `hf-ntl card` first)" if "README.md" in missing else ""
+        raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}{hint}.")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    commit = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        repo_type="model",
+        commit_message=commit_message,
+        allow_patterns=["*.safetensors", "*.json", "README.md", "*.png"],
+    )
+    return str(commit)
