@@ -1,4 +1,4 @@
-"""Two CPU processes under torchrun (accelerate launch --cpu starts only one here)."""
+"""Two CPU processes under torchrun (accelerate launch --cpu starts only one here): evaluation and protection."""
 
 import json
 import os
@@ -6,11 +6,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+from safetensors.torch import load_file
+
 from hf_ntl.data.transforms import ImagePreprocessor
 from hf_ntl.evaluation import EvaluateArguments, run_evaluation
-from hf_ntl.models import build_tiny_classifier
+from hf_ntl.models import build_tiny_classifier, load_classifier
 
 SCRIPTS = Path(__file__).parent / "scripts"
+
+
+def torchrun(script: str, *args, cache: Path) -> None:
+    """Run `tests/scripts/<script>` in two CPU processes (one thread each) and fail with its stderr."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_NTL_CACHE": str(cache)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    done = subprocess.run(
+        [*command, str(SCRIPTS / script), *map(str, args)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def without_time(points):
@@ -21,16 +35,7 @@ def test_evaluation_runs_are_shared_between_ranks_and_gathered(tmp_path, domain_
     model_dir = tmp_path / "model"
     build_tiny_classifier("tiny-resnet", 10).save_pretrained(model_dir)
     ImagePreprocessor().save_pretrained(model_dir)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_NTL_CACHE": str(domain_cache)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    done = subprocess.run(
-        [*command, str(SCRIPTS / "evaluate_on_every_rank.py"), str(model_dir), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun("evaluate_on_every_rank.py", model_dir, tmp_path, cache=domain_cache)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     # 3 attacks x (model, scratch) x 2 seeds x 2 counts = 24 runs, 12 on each rank, none twice.
     assert [len(r["executed"]) for r in ranks] == [12, 12]
@@ -49,3 +54,22 @@ def test_evaluation_runs_are_shared_between_ranks_and_gathered(tmp_path, domain_
         progress=False,
     )
     assert without_time(ranks[0]["points"]) == without_time(single["points"])
+
+
+@pytest.mark.parametrize("method", ["sophon", "ntp"])
+def test_two_process_ddp_protection_keeps_the_replicas_identical(tmp_path, domain_cache, method):
+    source_model = tmp_path / "source"
+    build_tiny_classifier("tiny-resnet", 10).save_pretrained(source_model)
+    ImagePreprocessor().save_pretrained(source_model)
+    torchrun("protect_on_every_rank.py", method, source_model, tmp_path, cache=domain_cache)
+    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
+    assert ranks[0]["world_size"].item() == ranks[1]["world_size"].item() == 2
+    if method == "sophon":  # each rank simulated different attackers...
+        assert not torch.equal(ranks[0]["first_episode"], ranks[1]["first_episode"])
+    # ... yet the replicas end identical (and trained), as the saved model is.
+    initial = dict(load_classifier(source_model).named_parameters())
+    saved = dict(load_classifier(tmp_path / method / "model").named_parameters())
+    for name in initial:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        assert torch.equal(ranks[0][name], saved[name]), name
+    assert any(not torch.equal(ranks[0][name], tensor) for name, tensor in initial.items())
