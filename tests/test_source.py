@@ -1,9 +1,11 @@
 import json
 import logging
+import shutil
 
 import pytest
 import torch
 
+from hf_ntl.artifacts import OutputDirError
 from hf_ntl.data import ImagePreprocessor, load_image_classification_dataset
 from hf_ntl.models import build_tiny_classifier, load_classifier
 from hf_ntl.source import SourceConfig, fit_source_model, run_source
@@ -38,19 +40,30 @@ def test_tiny_resnet_learns_font_digits_and_saves_safely(tmp_path):
     assert accuracy == pytest.approx(record["test_accuracy"], abs=1e-6)
 
 
-def test_resumes_from_the_last_checkpoint(tmp_path, caplog):
-    small = {"num_train_samples": 320, "per_device_train_batch_size": 32}
-    run_source(config(tmp_path, num_train_epochs=1, **small))
-    first = json.loads((tmp_path / "source" / "checkpoint-10" / "trainer_state.json").read_text())
-    # Asking for a second epoch continues from step 10 rather than starting over: the history of
-    # the first epoch is the one checkpoint-10 recorded (a fresh two-epoch run, with a longer
-    # learning-rate schedule, would have logged a different first-epoch loss).
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, caplog):
+    small = {"num_train_samples": 320, "per_device_train_batch_size": 32, "num_train_epochs": 2}
+    straight = run_source(config(tmp_path / "straight", save_total_limit=None, **small))
+    # What a crash after the first epoch's checkpoint leaves: checkpoint-10, no checkpoint-20, no model.
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(tmp_path / "straight", interrupted)
+    shutil.rmtree(interrupted / "source" / "checkpoint-20")
+    shutil.rmtree(interrupted / "source" / "model")
     with caplog.at_level(logging.INFO, logger="hf_ntl.source"):
-        run_source(config(tmp_path, num_train_epochs=2, **small))
+        resumed = run_source(config(interrupted, save_total_limit=None, **small))
     assert "Resuming source training from" in caplog.text and "checkpoint-10" in caplog.text
-    second = json.loads((tmp_path / "source" / "checkpoint-20" / "trainer_state.json").read_text())
-    assert second["global_step"] == 20
-    assert second["log_history"][0] == first["log_history"][0]
+    state = json.loads((interrupted / "source" / "checkpoint-20" / "trainer_state.json").read_text())
+    assert state["global_step"] == 20
+    assert resumed["test_accuracy"] == pytest.approx(straight["test_accuracy"], abs=1e-3)
+    weights = dict(load_classifier(tmp_path / "straight" / "source" / "model").named_parameters())
+    for name, param in load_classifier(interrupted / "source" / "model").named_parameters():
+        torch.testing.assert_close(param, weights[name], rtol=1e-4, atol=1e-5)
+
+    # A finished folder, or one whose checkpoints come from other settings, is not resumed.
+    with pytest.raises(OutputDirError, match="already holds a finished result"):
+        run_source(config(interrupted, save_total_limit=None, **small))
+    shutil.rmtree(interrupted / "source" / "model")
+    with pytest.raises(OutputDirError, match=r"another run \(differing in learning_rate\)"):
+        run_source(config(interrupted, save_total_limit=None, learning_rate=1e-2, **small))
 
 
 def test_class_count_mismatch_is_caught_before_training(tmp_path):
