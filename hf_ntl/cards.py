@@ -85,7 +85,7 @@ def _eval_results(record: dict[str, Any], report: dict[str, Any], label: str) ->
 
 
 def _attack_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    labels = [label for label in report["slc_auc"]]
+    labels = list(report["slc_auc"])
     rows = []
     for spec in report["suite"]:
         row = {"name": spec["name"], "spec": _describe_attack(spec)}

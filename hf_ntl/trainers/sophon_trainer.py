@@ -100,9 +100,6 @@ class SophonTrainer(Trainer):
         guard_eval: original-domain samples never trained on, for the guard (and `evaluate()`).
     """
 
-    # compute_loss returns a per-batch mean: let Trainer divide it by the accumulation steps.
-    loss_is_scaled_for_ga = False
-
     def __init__(
         self,
         model: PreTrainedModel,
