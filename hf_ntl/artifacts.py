@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from transformers import TrainingArguments
+
 RECORD_FILE = "hf_ntl.json"
 
 
@@ -64,8 +66,6 @@ RECORDED_TRAINING_ARGUMENTS = (
 def run_settings(config: Any, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """The settings that define a run: the fields a config adds to `TrainingArguments` (but `overwrite`,
     which says how to treat the folder, not what to compute) and the recorded training arguments."""
-    from transformers import TrainingArguments
-
     base = {f.name for f in dataclasses.fields(TrainingArguments)}
     own = [f.name for f in dataclasses.fields(config) if f.name not in base and f.name != "overwrite"]
     names = own + [name for name in (*RECORDED_TRAINING_ARGUMENTS, *extra) if name in base and hasattr(config, name)]

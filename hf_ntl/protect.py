@@ -83,10 +83,7 @@ def _protect(config: NTPConfig | SophonConfig, method: str, make_trainer: Traine
         "source_accuracy_before": before if before is not None else source_record.get("test_accuracy"),
         "source_accuracy_after": after,
     }
-    if method == "ntp":
-        record["sparsity"] = trainer.sparsity()
-    else:
-        record["guard"] = trainer.guard_log
+    record |= trainer.method_results()
     record["wall_time_s"] = round(time.perf_counter() - start, 1)
     if trainer.is_world_process_zero():
         with replacing_directory(output / MODEL_SUBDIR) as staging:

@@ -245,3 +245,7 @@ class NTPTrainer(Trainer):
     def sparsity(self) -> dict[str, object]:
         """Achieved sparsity of the prunable weights, overall and per tensor."""
         return sparsity_report({n: p.detach() for n, p in self.prunable.items()})
+
+    def method_results(self) -> dict[str, Any]:
+        """What the protection record holds about this method's outcome: the achieved sparsity."""
+        return {"sparsity": self.sparsity()}

@@ -234,19 +234,22 @@ class SophonTrainer(Trainer):
         was_training = model.training
         generator = self._generator(iteration)
         params = dict(model.named_parameters())
-        meta_gradients = {name: torch.zeros_like(p) for name, p in params.items()}
+        # One flat buffer, with a per-parameter view into it: accumulated in place, reduced in one call.
+        sizes = [p.numel() for p in params.values()]
+        flat = torch.zeros(sum(sizes), device=self.args.device)
+        meta_gradients = {
+            name: view.view_as(p) for (name, p), view in zip(params.items(), flat.split(sizes), strict=True)
+        }
         for _ in range(config.environments):
             self._simulate(self.sample_attack(generator), generator, meta_gradients)
         model.train(was_training)
+        flat /= config.environments * config.inner_steps
         # A functional inner loop is invisible to DDP: average over processes here, before clipping,
         # so every rank applies the same update and the replicas stay identical.
-        names = list(meta_gradients)
-        flat = torch.cat([meta_gradients[name].flatten() for name in names])
-        flat /= config.environments * config.inner_steps
         if self.accelerator.num_processes > 1:
-            flat = self.accelerator.reduce(flat, reduction="mean")
-        for name, gradient in zip(names, flat.split([params[n].numel() for n in names]), strict=True):
-            params[name].grad = gradient.view_as(params[name])
+            flat.copy_(self.accelerator.reduce(flat, reduction="mean"))
+        for name, gradient in meta_gradients.items():
+            params[name].grad = gradient
         norm = torch.nn.utils.clip_grad_norm_(list(params.values()), config.fts_max_grad_norm)
         self._metrics["fts_grad_norm"].append(norm.item())
         self.suppression_optimizer.step()
@@ -275,6 +278,10 @@ class SophonTrainer(Trainer):
             self.guard_log["last_good_step"],
         )
         return False
+
+    def method_results(self) -> dict[str, Any]:
+        """What the protection record holds about this method's outcome: the guard's log."""
+        return {"guard": self.guard_log}
 
     def save_method_state(self, folder: str | Path) -> None:
         """Write the guard's last good state and log and the FTS optimiser state (safetensors + JSON)."""
