@@ -2,7 +2,16 @@
 
 from .ntp_config import NTPConfig
 from .ntp_trainer import NTPTrainer
-from .sophon_config import SophonConfig
-from .sophon_trainer import SimulatedAttack, SophonTrainer
+from .sophon_base import SimulatedAttack, SophonBaseTrainer
+from .sophon_config import SophonConfig, SophonConfigBase
+from .sophon_trainer import SophonTrainer
 
-__all__ = ["NTPConfig", "NTPTrainer", "SimulatedAttack", "SophonConfig", "SophonTrainer"]
+__all__ = [
+    "NTPConfig",
+    "NTPTrainer",
+    "SimulatedAttack",
+    "SophonBaseTrainer",
+    "SophonConfig",
+    "SophonConfigBase",
+    "SophonTrainer",
+]

@@ -1,4 +1,5 @@
-"""Configuration of SOPHON, non-fine-tunable learning, for image classifiers (ALGORITHMS.md §3)."""
+"""Configuration of SOPHON, non-fine-tunable learning (ALGORITHMS.md §3): what every model kind shares,
+and the classifier's own settings."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from ..losses import SUPPRESSION_LOSSES
 
 
 @dataclass
-class SophonConfig(TrainingArguments):
-    """What to protect, against which restricted domain, and every SOPHON hyper-parameter.
+class SophonConfigBase(TrainingArguments):
+    """The SOPHON settings every model kind shares: data, the outer loop, the simulated attackers, the guard's cadence.
 
     One outer iteration is one fine-tuning-suppression (FTS) step followed by `ntr_steps` normal-
     training (NTR) steps on the original domain. `Trainer` runs the NTR steps (its optimiser,
@@ -21,14 +22,9 @@ class SophonConfig(TrainingArguments):
     with `suppression_learning_rate` = alpha. Training length is `max_steps = iterations * ntr_steps`
     (any `max_steps`/`num_train_epochs` given is replaced); the guard evaluates, and a checkpoint is
     written, every `guard_every` iterations.
-
-    Defaults follow the paper's ICE setting (alpha 3e-4, beta 5e-4, gradient clip 0.5, guard at
-    80 %), scaled down in length (K, iterations, batch sizes) for the tiny presets on CPU, and sample
-    adaptive optimisers in the simulated attacks, which the reference code did not (plain SGD only)
-    and to which third-party replications found SOPHON vulnerable.
     """
 
-    # What to protect and on which data (used by `run_sophon` and the CLI).
+    # What to protect and on which data (used by the protect stage and the CLI).
     model_name_or_path: str | None = field(default=None, metadata={"help": "The source model: folder or Hub id."})
     source_dataset: str = field(default="font-digits", metadata={"help": "The owner's (original) domain."})
     target_dataset: str = field(default="uci-digits", metadata={"help": "The restricted domain to make untunable."})
@@ -39,14 +35,7 @@ class SophonConfig(TrainingArguments):
         default=False, metadata={"help": "Start afresh in an output_dir that holds another run or a finished model."}
     )
 
-    # The objective.
-    suppression_loss: str = field(
-        default="ice",
-        metadata={
-            "help": "`ice` (paper: -log(1 - p_y)), `ice_neg_logits` (reference code: CE(-z, y)) or `klu` "
-            "(KL from uniform, label-free)."
-        },
-    )
+    # The outer loop.
     suppression_learning_rate: float = field(default=3e-4, metadata={"help": "alpha: Adam lr of the FTS step."})
     fts_max_grad_norm: float = field(default=0.5, metadata={"help": "Clip of the averaged meta-gradient norm."})
     iterations: int = field(default=150, metadata={"help": "Outer iterations (one FTS step + ntr_steps each)."})
@@ -66,18 +55,8 @@ class SophonConfig(TrainingArguments):
     )
     inner_lr_min: float = field(default=1e-4, metadata={"help": "Lower end of the log-uniform attacker lr."})
     inner_lr_max: float = field(default=1e-2, metadata={"help": "Upper end of the log-uniform attacker lr."})
-    head_reinit_probability: float = field(
-        default=0.5,
-        metadata={
-            "help": "Probability that a simulated attacker starts from a fresh head; must be 1 when the restricted "
-            "domain's class count differs from the model's."
-        },
-    )
 
-    # The guard.
-    guard_threshold: float = field(
-        default=0.8, metadata={"help": "Minimum original-domain accuracy; below it the last good state is restored."}
-    )
+    # The guard's cadence (what it checks is the model kind's).
     guard_every: int = field(default=25, metadata={"help": "Guard evaluation (and checkpoint) every N iterations."})
     guard_samples: int = field(
         default=500, metadata={"help": "Original-domain train samples held out (never trained on) for the guard."}
@@ -104,12 +83,14 @@ class SophonConfig(TrainingArguments):
         super().__post_init__()
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False
+        for ok, message in self.validation_checks():
+            if not ok:
+                raise ValueError(message)
+
+    def validation_checks(self) -> list[tuple[bool, str]]:
+        """(condition, error message) pairs checked at construction; model kinds add their own."""
         smallest_batch = min(self.inner_batch_sizes, default=0)
-        checks = [
-            (
-                self.suppression_loss in SUPPRESSION_LOSSES,
-                f"suppression_loss must be one of {list(SUPPRESSION_LOSSES)}, got {self.suppression_loss!r}.",
-            ),
+        return [
             (self.suppression_learning_rate > 0, "suppression_learning_rate (alpha) must be positive."),
             (self.fts_max_grad_norm > 0, "fts_max_grad_norm must be positive."),
             (self.iterations >= 1 and self.ntr_steps >= 1, "iterations and ntr_steps must be >= 1."),
@@ -129,12 +110,47 @@ class SophonConfig(TrainingArguments):
                 0 < self.inner_lr_min <= self.inner_lr_max,
                 f"Need 0 < inner_lr_min <= inner_lr_max, got {self.inner_lr_min} and {self.inner_lr_max}.",
             ),
-            (0 <= self.head_reinit_probability <= 1, "head_reinit_probability must lie in [0, 1]."),
-            (0 <= self.guard_threshold <= 1, "guard_threshold is an accuracy and must lie in [0, 1]."),
             (self.guard_every >= 1 and self.guard_samples >= 1, "guard_every and guard_samples must be >= 1."),
             (0 < self.source_fraction <= 1 and 0 < self.target_fraction <= 1, "data fractions must lie in (0, 1]."),
-            (not self.remove_unused_columns, "remove_unused_columns=True would drop the image/label columns."),
+            (not self.remove_unused_columns, "remove_unused_columns=True would drop the columns the collator needs."),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+
+
+@dataclass
+class SophonConfig(SophonConfigBase):
+    """What to protect, against which restricted domain, and every SOPHON hyper-parameter, for image classifiers.
+
+    Defaults follow the paper's ICE setting (alpha 3e-4, beta 5e-4, gradient clip 0.5, guard at
+    80 %), scaled down in length (K, iterations, batch sizes) for the tiny presets on CPU, and sample
+    adaptive optimisers in the simulated attacks, which the reference code did not (plain SGD only)
+    and to which third-party replications found SOPHON vulnerable.
+    """
+
+    suppression_loss: str = field(
+        default="ice",
+        metadata={
+            "help": "`ice` (paper: -log(1 - p_y)), `ice_neg_logits` (reference code: CE(-z, y)) or `klu` "
+            "(KL from uniform, label-free)."
+        },
+    )
+    head_reinit_probability: float = field(
+        default=0.5,
+        metadata={
+            "help": "Probability that a simulated attacker starts from a fresh head; must be 1 when the restricted "
+            "domain's class count differs from the model's."
+        },
+    )
+    guard_threshold: float = field(
+        default=0.8, metadata={"help": "Minimum original-domain accuracy; below it the last good state is restored."}
+    )
+
+    def validation_checks(self) -> list[tuple[bool, str]]:
+        return [
+            *super().validation_checks(),
+            (
+                self.suppression_loss in SUPPRESSION_LOSSES,
+                f"suppression_loss must be one of {list(SUPPRESSION_LOSSES)}, got {self.suppression_loss!r}.",
+            ),
+            (0 <= self.head_reinit_probability <= 1, "head_reinit_probability must lie in [0, 1]."),
+            (0 <= self.guard_threshold <= 1, "guard_threshold is an accuracy and must lie in [0, 1]."),
+        ]
