@@ -8,6 +8,14 @@
     hf-ntl push --model_dir runs/ntp/model --repo_id you/tiny-resnet-ntp
     hf-ntl demo --output_dir runs/demo
 
+Diffusion (unconditional DDPM pipelines):
+
+    hf-ntl fit-ddpm --dataset_name font-digits --output_dir runs/ddpm
+    hf-ntl protect-sophon-diffusion --model_name_or_path runs/ddpm/model --target_dataset uci-digits \
+        --output_dir runs/sophon-ddpm
+    hf-ntl evaluate-diffusion --model_name_or_path runs/sophon-ddpm/model \
+        --original_model_name_or_path runs/ddpm/model --output_dir runs/audit-ddpm
+
 Every subcommand takes `--config file.yaml` (keys are the option names); options given on the
 command line override the file.
 """
@@ -29,9 +37,11 @@ from transformers.utils import logging as transformers_logging
 from .artifacts import read_record
 from .cards import push_to_hub, write_card
 from .evaluation import EvaluateArguments, format_report_table, read_report, run_evaluation
-from .protect import run_ntp, run_sophon
+from .evaluation_diffusion import DiffusionEvaluateArguments, format_denoising_table, run_evaluation_diffusion
+from .protect import run_ntp, run_sophon, run_sophon_diffusion
 from .source import MODEL_SUBDIR, SourceConfig, run_source
-from .trainers import NTPConfig, SophonConfig
+from .source_diffusion import DiffusionSourceConfig, run_diffusion_source
+from .trainers import NTPConfig, SophonConfig, SophonDiffusionConfig
 
 
 @dataclass
@@ -165,6 +175,33 @@ def evaluate_command(argv: Sequence[str]) -> None:
     print(format_report_table(run_evaluation(args)))
 
 
+def fit_ddpm_command(argv: Sequence[str]) -> None:
+    (config,) = parse([DiffusionSourceConfig], argv, "hf-ntl fit-ddpm")
+    record = run_diffusion_source(config)
+    print(
+        f"diffusion pipeline: {Path(config.output_dir) / MODEL_SUBDIR}  test denoising MSE "
+        f"{record['test_denoising_mse']:.4f}  ({record['wall_time_s']:.0f} s)"
+    )
+
+
+def protect_sophon_diffusion_command(argv: Sequence[str]) -> None:
+    (config,) = parse([SophonDiffusionConfig], argv, "hf-ntl protect-sophon-diffusion")
+    record = run_sophon_diffusion(config)
+    before, after = record["denoising_mse_before"], record["denoising_mse_after"]
+    tripped = record["guard"]["tripped_at"]
+    print(
+        f"protected pipeline: {Path(config.output_dir) / MODEL_SUBDIR}  denoising MSE, original domain "
+        f"{before['source']:.4f} -> {after['source']:.4f}, restricted {before['target']:.4f} -> {after['target']:.4f}"
+        f"  ({record['wall_time_s']:.0f} s)"
+        + (f"  (guard tripped at step {tripped}: kept step {record['guard']['last_good_step']})" if tripped else "")
+    )
+
+
+def evaluate_diffusion_command(argv: Sequence[str]) -> None:
+    (args,) = parse([DiffusionEvaluateArguments], argv, "hf-ntl evaluate-diffusion")
+    print(format_denoising_table(run_evaluation_diffusion(args)))
+
+
 def card_command(argv: Sequence[str]) -> None:
     (args,) = parse([CardArguments], argv, "hf-ntl card")
     write_card(args.model_dir, args.report_dir, args.model_name)
@@ -244,6 +281,15 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     "protect-ntp": (protect_ntp_command, "non-transferable pruning (ADMM + Fisher regulariser) of a source model"),
     "protect-sophon": (protect_sophon_command, "SOPHON non-fine-tunable learning (simulated attackers + guard)"),
     "evaluate": (evaluate_command, "attack a checkpoint with a suite and measure SLC-AUC against scratch"),
+    "fit-ddpm": (fit_ddpm_command, "fit the owner's unconditional DDPM (a diffusers UNet) with Trainer"),
+    "protect-sophon-diffusion": (
+        protect_sophon_diffusion_command,
+        "SOPHON for a DDPM pipeline (DoS loss on simulated fine-tuning)",
+    ),
+    "evaluate-diffusion": (
+        evaluate_diffusion_command,
+        "attack DDPM pipelines (full, LoRA) and measure restricted denoising MSE vs scratch",
+    ),
     "card": (card_command, "write the Hub model card (model-index with SLC-AUC) into a model folder"),
     "push": (push_command, "upload a model folder with its card and plot to the Hub"),
     "demo": (demo_command, "the embedded default end to end: fit-source, protect, evaluate, card"),
@@ -253,7 +299,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = [f"  {name:<15} {summary}" for name, (_, summary) in COMMANDS.items()]
+        lines = [f"  {name:<26} {summary}" for name, (_, summary) in COMMANDS.items()]
         usage = "usage: hf-ntl COMMAND [--config file.yaml] [options]\n\ncommands:\n" + "\n".join(lines)
         if argv and argv[0] not in ("-h", "--help"):
             raise SystemExit(f"error: unknown command {argv[0]!r}\n\n{usage}")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
+from diffusers import DDPMScheduler
 from torch.nn import functional as F
 
 
@@ -69,3 +72,43 @@ SUPPRESSION_LOSSES = {
     "ice_neg_logits": inverse_cross_entropy_neg_logits,
     "klu": kl_from_uniform,
 }
+
+
+# ----------------------------------------------------------------------------- diffusion (DDPM)
+
+
+def predict_noise(
+    forward: Callable[..., Any],
+    scheduler: DDPMScheduler,
+    images: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    min_timestep: int = 0,
+    max_timestep: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DDPM training forward: noise `images` at random timesteps, return `(eps_theta(x_t, t), eps)`.
+
+    `forward(sample, timestep)` is a `UNet2DModel` (or a functional call of one). Timesteps are drawn
+    uniformly from `[min_timestep, max_timestep]` (default: the whole schedule). With a (CPU)
+    `generator` the draw is reproducible whatever the device; without one it uses the global RNG.
+    """
+    last = scheduler.config.num_train_timesteps - 1 if max_timestep is None else max_timestep
+    count, device = images.shape[0], images.device
+    if generator is None:
+        noise = torch.randn_like(images)
+        timesteps = torch.randint(min_timestep, last + 1, (count,), device=device)
+    else:
+        noise = torch.randn(images.shape, generator=generator).to(device, images.dtype)
+        timesteps = torch.randint(min_timestep, last + 1, (count,), generator=generator).to(device)
+    noisy = scheduler.add_noise(images, noise, timesteps)
+    return forward(noisy, timesteps).sample, noise
+
+
+def denial_of_service_loss(predicted_noise: torch.Tensor) -> torch.Tensor:
+    """DoS, SOPHON's suppression loss for diffusion: the batch mean of `||eps_theta(x_t, t)||^2`.
+
+    The squared L2 norm is summed over channels and pixels, then averaged over the batch; its
+    gradient w.r.t. the prediction is `2 eps_theta / B`. Driving the predicted noise to zero makes
+    the denoiser useless: an attacker's fine-tuning starts from a model that removes nothing.
+    """
+    return predicted_noise.pow(2).flatten(1).sum(dim=1).mean()

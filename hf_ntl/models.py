@@ -1,4 +1,5 @@
-"""Image classifiers by Hub id, local folder or tiny preset; uniform access to features and head.
+"""Models by Hub id, local folder or tiny preset: image classifiers (uniform access to features and
+head) and unconditional diffusion models (a `UNet2DModel` with its `DDPMScheduler`).
 
 Protection and attacks need two things from any classifier: the pooled penultimate features
 (NTP's Fisher regulariser, linear probes) and the classification head (re-initialised by some
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import extract_model_from_parallel
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from safetensors import SafetensorError
 from torch import nn
 from transformers import (
@@ -234,3 +236,89 @@ def reinitialise_head(model: PreTrainedModel, seed: int = 0) -> None:
         for module in classification_head(model).modules():
             if isinstance(module, nn.Linear):
                 module.reset_parameters()
+
+
+# ---------------------------------------------------------------------------------------- diffusion
+
+TINY_UNET_PRESET = "tiny-unet"
+
+
+def build_tiny_ddpm(image_size: int = 16, channels: int = 3, seed: int = 0) -> tuple[UNet2DModel, DDPMScheduler]:
+    """A small, randomly initialised UNet (0.7 M parameters) with a 1000-step linear DDPM schedule.
+
+    It has what the attacks target in real DDPM UNets: resnet blocks (`conv1`/`conv2`) and
+    attention blocks (`to_q/to_k/to_v/to_out.0`), at a size that trains on CPU in minutes.
+    """
+    if image_size < 8 or image_size % 4:
+        raise ModelLoadError(
+            f"The tiny UNet downsamples twice: image_size must be a multiple of 4 >= 8, got {image_size}."
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DModel(
+            sample_size=image_size,
+            in_channels=channels,
+            out_channels=channels,
+            layers_per_block=1,
+            block_out_channels=(32, 64),
+            down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+            up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+            norm_num_groups=8,
+            attention_head_dim=8,
+        )
+    return unet, DDPMScheduler(num_train_timesteps=1000)
+
+
+def load_ddpm(
+    name_or_path: str | os.PathLike, *, image_size: int = 16, revision: str | None = None, seed: int = 0
+) -> tuple[UNet2DModel, DDPMScheduler]:
+    """Load an unconditional diffusion model: the UNet and the DDPM noise schedule of a `DDPMPipeline`.
+
+    Args:
+        name_or_path: `tiny-unet` (a fresh tiny preset), a `DDPMPipeline.save_pretrained` folder, or a
+            Hub id such as `"google/ddpm-cifar10-32"`. Only safetensors weights are read.
+        image_size / seed: for the tiny preset only.
+        revision: Hub revision.
+
+    A pipeline saved with another scheduler (DDIM, PNDM, ...) keeps its noise schedule: the
+    scheduler is rebuilt as a `DDPMScheduler` from the same config, since training and the
+    denoising loss need DDPM's forward process.
+    """
+    if str(name_or_path) == TINY_UNET_PRESET:
+        return build_tiny_ddpm(image_size, seed=seed)
+    local = Path(str(name_or_path))
+    if local.is_dir() and not (local / "model_index.json").is_file():
+        kind = " (it holds a transformers config.json: a classifier?)" if (local / "config.json").is_file() else ""
+        raise ModelLoadError(
+            f"{name_or_path} is not a diffusion pipeline folder: no model_index.json{kind}. Point to a folder "
+            "written by DDPMPipeline.save_pretrained (with unet/ and scheduler/), or a Hub id such as "
+            "google/ddpm-cifar10-32."
+        )
+    try:
+        pipeline = DDPMPipeline.from_pretrained(str(name_or_path), use_safetensors=True, revision=revision)
+    except (OSError, ValueError, SafetensorError) as err:  # missing files, no safetensors, unreachable Hub
+        raise ModelLoadError(
+            f"Could not read a DDPM pipeline from {name_or_path}: {err}. hf_ntl reads safetensors weights only; "
+            "convert .bin weights with `pipeline.save_pretrained(folder)` in a trusted environment."
+        ) from err
+    unet = getattr(pipeline, "unet", None)
+    if not isinstance(unet, UNet2DModel):
+        raise ModelLoadError(
+            f"{name_or_path} holds a {type(unet).__name__} as its unet, not a UNet2DModel: hf_ntl protects "
+            "unconditional UNet2DModel pipelines (DDPMPipeline)."
+        )
+    return unet, DDPMScheduler.from_config(pipeline.scheduler.config)
+
+
+def save_ddpm(unet: UNet2DModel, scheduler: DDPMScheduler, folder: str | os.PathLike) -> None:
+    """Write a `DDPMPipeline` folder (safetensors) that `DDPMPipeline.from_pretrained` loads.
+
+    A peft-wrapped UNet is refused: `DDPMPipeline.save_pretrained` would silently drop it; merge
+    the adapters first (`merge_and_unload()`).
+    """
+    if not isinstance(unet, UNet2DModel):
+        raise TypeError(
+            f"Only a plain UNet2DModel can be saved as a pipeline, got {type(unet).__name__}; merge LoRA "
+            "adapters first (`model.merge_and_unload()`)."
+        )
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(folder), safe_serialization=True)

@@ -1,5 +1,9 @@
 """The protect stage: load the source model and data, run a protection trainer, save the result.
 
+Classifiers (NTP, SOPHON) and diffusion pipelines (SOPHON with the DoS loss) go through the same
+steps: claim the output folder, load, measure before, train (resuming from the last checkpoint),
+measure after, write the model and its record atomically.
+
 The protected model is written with `save_pretrained` (safetensors; NTP's pruned weights stored as
 zeros) plus its preprocessing and an `hf_ntl.json` protection record (method, configuration, data
 used, method-specific results such as NTP's sparsity or SOPHON's guard log, and source accuracy
@@ -20,15 +24,32 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .artifacts import claim_output_dir, read_record, replacing_directory, run_settings, write_record
 from .attacks import EncodedSplit
-from .data import ImagePreprocessor, load_image_classification_dataset, stratified_order, stratified_subset
+from .data import (
+    ImagePreprocessor,
+    encode_diffusion_images,
+    load_image_classification_dataset,
+    stratified_order,
+    stratified_subset,
+)
 from .metrics import predict_accuracy
-from .models import head_linear, load_classifier
+from .metrics.denoising import mean_denoising_mse, timestep_grid
+from .models import head_linear, load_classifier, load_ddpm, save_ddpm
 from .source import MODEL_SUBDIR
-from .trainers import NTPConfig, NTPTrainer, SophonConfig, SophonTrainer
+from .trainers import (
+    NTPConfig,
+    NTPTrainer,
+    SophonConfig,
+    SophonDiffusionConfig,
+    SophonDiffusionTrainer,
+    SophonTrainer,
+)
 
 # Builds the method's trainer from (model, preprocessor, source data, target data); returns it with
 # a description of the data it trains on, for the record.
 TrainerFactory = Callable[[PreTrainedModel, ImagePreprocessor, DatasetDict, DatasetDict], tuple[Trainer, dict]]
+
+# Test images scored for the record's denoising MSE (a stratified subset when the split is larger).
+DIFFUSION_TEST_IMAGES = 500
 
 
 def _fraction(dataset: Dataset, fraction: float, seed: int, skip: int = 0) -> Dataset:
@@ -132,3 +153,80 @@ def run_sophon(config: SophonConfig) -> dict[str, Any]:
         return trainer, data
 
     return _protect(config, "sophon", make_trainer)
+
+
+def run_sophon_diffusion(config: SophonDiffusionConfig) -> dict[str, Any]:
+    """Protect the DDPM pipeline `config.model_name_or_path` with SOPHON (DoS); returns the protection record.
+
+    The protected pipeline is written with `save_pretrained` (loadable by `DDPMPipeline.from_pretrained`)
+    into `OUTPUT_DIR/model` with the record, once complete. The record holds the denoising MSE on
+    the original and the restricted test images before and after protection (fixed noise, a fixed
+    timestep grid), the guard's log and the wall time.
+    """
+    if not config.model_name_or_path:
+        raise ValueError("Say which model to protect: model_name_or_path (a DDPM pipeline folder or Hub id).")
+    start = time.perf_counter()
+    settings = run_settings(config)
+    with config.main_process_first(desc="claiming the output folder"):
+        identity = {"stage": "protect", "method": "sophon-diffusion", **settings}
+        claim_output_dir(config.output_dir, identity, config.overwrite)
+    unet, scheduler = load_ddpm(config.model_name_or_path)
+    size, channels = unet.config.sample_size, unet.config.in_channels
+    source, target = (
+        load_image_classification_dataset(name, image_size=size, seed=config.seed)
+        for name in (config.source_dataset, config.target_dataset)
+    )
+    train = source["train"]
+    if config.guard_samples >= len(train):
+        raise ValueError(
+            f"guard_samples ({config.guard_samples}) must be smaller than the {len(train)} source train samples."
+        )
+
+    def encode(dataset: Dataset, limit: int | None = None):
+        if limit is not None and len(dataset) > limit:
+            dataset = stratified_subset(dataset, limit, seed=config.seed)
+        return encode_diffusion_images(dataset["image"], size, channels)
+
+    guard = encode(stratified_subset(train, config.guard_samples, seed=config.seed))
+    source_train = encode(_fraction(train, config.source_fraction, config.seed, skip=config.guard_samples))
+    target_train = encode(_fraction(target["train"], config.target_fraction, config.seed))
+    tests = {"source": encode(source["test"], DIFFUSION_TEST_IMAGES)}
+    tests["target"] = encode(target["test"], DIFFUSION_TEST_IMAGES)
+    trainer = SophonDiffusionTrainer(unet, config, scheduler, source_train, target_train, guard)
+    grid = timestep_grid(scheduler, config.guard_timesteps)
+
+    def test_mse() -> dict[str, float]:
+        model, seed = trainer.model, config.seed
+        return {domain: mean_denoising_mse(model, scheduler, x, grid, seed=seed) for domain, x in tests.items()}
+
+    output = Path(config.output_dir)
+    checkpoint = get_last_checkpoint(str(output)) if output.is_dir() else None
+    source_record = read_record(config.model_name_or_path) if Path(config.model_name_or_path).is_dir() else {}
+    before = test_mse()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    after = test_mse()
+    record = {
+        "stage": "protected",
+        "method": "sophon-diffusion",
+        "base_model": source_record.get("base_model", config.model_name_or_path),
+        "source_model": config.model_name_or_path,
+        "dataset": config.source_dataset,
+        "target_dataset": config.target_dataset,
+        "config": settings,
+        "data": {
+            "source_train_samples": len(source_train),
+            "guard_samples": len(guard),
+            "target_train_samples": len(target_train),
+            "test_samples": {domain: len(images) for domain, images in tests.items()},
+        },
+        "timestep_grid": grid,
+        "denoising_mse_before": before,
+        "denoising_mse_after": after,
+        **trainer.method_results(),
+        "wall_time_s": round(time.perf_counter() - start, 1),
+    }
+    if trainer.is_world_process_zero():
+        with replacing_directory(output / MODEL_SUBDIR) as staging:
+            save_ddpm(trainer.model, scheduler, staging)
+            write_record(staging, record)
+    return record

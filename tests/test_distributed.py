@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hf_ntl.artifacts import write_record
 from hf_ntl.data.transforms import ImagePreprocessor
 from hf_ntl.evaluation import EvaluateArguments, run_evaluation
-from hf_ntl.models import build_tiny_classifier, load_classifier
+from hf_ntl.models import build_tiny_classifier, build_tiny_ddpm, load_classifier, load_ddpm, save_ddpm
 
 SCRIPTS = Path(__file__).parent / "scripts"
 
@@ -56,19 +57,27 @@ def test_evaluation_runs_are_shared_between_ranks_and_gathered(tmp_path, domain_
     assert without_time(ranks[0]["points"]) == without_time(single["points"])
 
 
-@pytest.mark.parametrize("method", ["sophon", "ntp"])
+@pytest.mark.parametrize("method", ["sophon", "ntp", "sophon-diffusion"])
 def test_two_process_ddp_protection_keeps_the_replicas_identical(tmp_path, domain_cache, method):
     source_model = tmp_path / "source"
-    build_tiny_classifier("tiny-resnet", 10).save_pretrained(source_model)
-    ImagePreprocessor().save_pretrained(source_model)
+    if method == "sophon-diffusion":
+        save_ddpm(*build_tiny_ddpm(image_size=8), source_model)
+        write_record(source_model, {"stage": "ddpm-source", "dataset": "uci-digits"})
+
+        def load(path):
+            return load_ddpm(path)[0]
+    else:
+        build_tiny_classifier("tiny-resnet", 10).save_pretrained(source_model)
+        ImagePreprocessor().save_pretrained(source_model)
+        load = load_classifier
     torchrun("protect_on_every_rank.py", method, source_model, tmp_path, cache=domain_cache)
     ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
     assert ranks[0]["world_size"].item() == ranks[1]["world_size"].item() == 2
-    if method == "sophon":  # each rank simulated different attackers...
+    if method != "ntp":  # each rank simulated different attackers...
         assert not torch.equal(ranks[0]["first_episode"], ranks[1]["first_episode"])
     # ... yet the replicas end identical (and trained), as the saved model is.
-    initial = dict(load_classifier(source_model).named_parameters())
-    saved = dict(load_classifier(tmp_path / method / "model").named_parameters())
+    initial = dict(load(source_model).named_parameters())
+    saved = dict(load(tmp_path / method / "model").named_parameters())
     for name in initial:
         assert torch.equal(ranks[0][name], ranks[1][name]), name
         assert torch.equal(ranks[0][name], saved[name]), name

@@ -1,5 +1,6 @@
 """Attacks: fine-tune a fresh copy of a checkpoint on a few target samples, as an attacker would."""
 
+from .diffusion import DIFFUSION_SUITE, DiffusionAttackSpec, finetune_unet, unet_lora_target_modules, with_lora
 from .finetune import (
     OPTIMIZERS,
     AttackSpec,
@@ -14,16 +15,21 @@ from .suite import DEFAULT_SUITE, MASKED_ATTACK, QUICK_SUITE, SUITES, load_suite
 
 __all__ = [
     "DEFAULT_SUITE",
+    "DIFFUSION_SUITE",
     "MASKED_ATTACK",
     "OPTIMIZERS",
     "QUICK_SUITE",
     "SUITES",
     "AttackSpec",
+    "DiffusionAttackSpec",
     "EncodedSplit",
     "finetune",
+    "finetune_unet",
     "finetuned_accuracy",
     "load_suite",
     "lora_target_modules",
     "make_optimizer",
     "pruning_masks",
+    "unet_lora_target_modules",
+    "with_lora",
 ]

@@ -8,7 +8,14 @@ from .loading import (
     stratified_order,
     stratified_subset,
 )
-from .transforms import ImageClassificationCollator, ImagePreprocessor, augment_batch, light_augment
+from .transforms import (
+    ImageClassificationCollator,
+    ImagePreprocessor,
+    augment_batch,
+    check_diffusion_images,
+    encode_diffusion_images,
+    light_augment,
+)
 
 __all__ = [
     "EMBEDDED_DOMAINS",
@@ -16,7 +23,9 @@ __all__ = [
     "ImageClassificationCollator",
     "ImagePreprocessor",
     "augment_batch",
+    "check_diffusion_images",
     "class_names",
+    "encode_diffusion_images",
     "light_augment",
     "load_embedded_domain",
     "load_image_classification_dataset",

@@ -1,4 +1,4 @@
-"""Learning-curve plots (matplotlib PNGs, log-scale sample counts) for reports and model cards."""
+"""Plots for reports and model cards (matplotlib PNGs): learning curves, denoising curves, sample grids."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt
@@ -25,6 +26,48 @@ def plot_learning_curves(
     axis.set_xlabel("target training samples (log scale)")
     axis.set_ylabel("target test accuracy (%)")
     axis.set_ylim(0, 100)
+    axis.set_title(title, fontsize=10)
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def plot_sample_grid(rows: Mapping[str, np.ndarray], path: str | os.PathLike, title: str) -> None:
+    """One row of generated images `(N, H, W, C)` in [0, 1] per label: what each model draws."""
+    labels = list(rows)
+    columns = max(len(images) for images in rows.values())
+    figure, axes = plt.subplots(
+        len(labels), columns, figsize=(0.9 * columns + 2.2, 0.9 * len(labels) + 0.5), dpi=120, squeeze=False
+    )
+    for row, label in enumerate(labels):
+        for column in range(columns):
+            axis = axes[row][column]
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if column < len(rows[label]):
+                image = rows[label][column]
+                axis.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
+            if column == 0:
+                axis.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def plot_denoising_curves(
+    curves: Mapping[str, Mapping[int, float]], path: str | os.PathLike, title: str, xlabel: str
+) -> None:
+    """Denoising MSE against attacker samples or steps (log x), one line per label; higher is worse."""
+    figure, axis = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    for label, curve in curves.items():
+        xs = sorted(curve)
+        axis.plot(xs, [curve[x] for x in xs], marker="o", label=label)
+    axis.set_xscale("log")
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel("restricted-domain denoising MSE")
     axis.set_title(title, fontsize=10)
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=8)

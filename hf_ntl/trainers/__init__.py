@@ -4,6 +4,8 @@ from .ntp_config import NTPConfig
 from .ntp_trainer import NTPTrainer
 from .sophon_base import SimulatedAttack, SophonBaseTrainer
 from .sophon_config import SophonConfig, SophonConfigBase
+from .sophon_diffusion_config import SophonDiffusionConfig
+from .sophon_diffusion_trainer import SophonDiffusionTrainer
 from .sophon_trainer import SophonTrainer
 
 __all__ = [
@@ -13,5 +15,7 @@ __all__ = [
     "SophonBaseTrainer",
     "SophonConfig",
     "SophonConfigBase",
+    "SophonDiffusionConfig",
+    "SophonDiffusionTrainer",
     "SophonTrainer",
 ]

@@ -1,12 +1,20 @@
-"""Protect a tiny model under torchrun (`run_sophon` / `run_ntp`); each rank writes its final parameters."""
+"""Protect a tiny model under torchrun (`run_sophon` / `run_ntp` / `run_sophon_diffusion`); each rank writes its
+final parameters."""
 
 import sys
 
 import torch
 from safetensors.torch import save_file
 
-from hf_ntl.protect import run_ntp, run_sophon
-from hf_ntl.trainers import NTPConfig, NTPTrainer, SophonConfig, SophonTrainer
+from hf_ntl.protect import run_ntp, run_sophon, run_sophon_diffusion
+from hf_ntl.trainers import (
+    NTPConfig,
+    NTPTrainer,
+    SophonConfig,
+    SophonDiffusionConfig,
+    SophonDiffusionTrainer,
+    SophonTrainer,
+)
 
 method, source_model, out_dir = sys.argv[1:4]
 common = {
@@ -34,6 +42,14 @@ if method == "sophon":
         guard_samples=40,
         guard_threshold=0.0,
     )
+elif method == "sophon-diffusion":
+    # Mechanics only: the real scans of uci-digits at 8x8 are quick to make on every rank.
+    trainer_class, run = SophonDiffusionTrainer, run_sophon_diffusion
+    common["target_dataset"] = "uci-digits"
+    config = SophonDiffusionConfig(
+        **common, iterations=3, guard_every=2, inner_steps=2, environments=1, inner_batch_sizes=[12], query_size=4,
+        guard_samples=40,
+    )  # fmt: skip
 else:
     trainer_class, run = NTPTrainer, run_ntp
     config = NTPConfig(**common, admm_rounds=2, steps_per_round=2, retrain_steps=1, probe_steps=5)
@@ -45,7 +61,7 @@ def train_and_record(self, *args, **kwargs):
     output = original_train(self, *args, **kwargs)
     tensors = {name: p.detach().clone() for name, p in self.model.named_parameters()}
     tensors["world_size"] = torch.tensor(self.accelerator.num_processes)
-    if method == "sophon":
+    if method.startswith("sophon"):
         tensors["first_episode"] = torch.randperm(len(self.restricted), generator=self._generator(0))[:10]
     save_file(tensors, f"{out_dir}/rank{self.args.process_index}.safetensors")
     return output

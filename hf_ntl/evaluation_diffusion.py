@@ -1,0 +1,285 @@
+"""Attack diffusion pipelines on a restricted domain and measure how well they denoise afterwards.
+
+For every attack, seed and number of restricted images n, a fresh copy of the model under test
+(and of the unprotected original, and a randomly initialised UNet of the same architecture: the
+scratch baseline) is fine-tuned with the DDPM objective on the first n images of a seeded order of
+the restricted train split. Each run reports the denoising MSE on restricted and original-domain
+test images (fixed noise, a fixed timestep grid), and the restricted MSE along its steps. The
+attacker's best result at each n (lowest MSE over the suite) is the worst case. Higher MSE after
+attack is better for the owner; the paper's ordering to beat is protected > scratch > original.
+
+Runs are independent: under `accelerate launch` / `torchrun` each process takes its share.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate.utils import gather_object
+from diffusers import UNet2DModel
+from tqdm.auto import tqdm
+
+from .artifacts import claim_output_dir, read_record, run_settings
+from .attacks.diffusion import DIFFUSION_SUITE, DiffusionAttackSpec, finetune_unet
+from .data import encode_diffusion_images, load_image_classification_dataset, stratified_order, stratified_subset
+from .evaluation import SCRATCH, _table, process_state
+from .metrics.denoising import generate_samples, mean_denoising_mse, timestep_grid
+from .metrics.learning_curve import check_counts
+from .metrics.plots import plot_denoising_curves, plot_sample_grid
+from .models import load_ddpm
+
+
+@dataclass
+class DiffusionEvaluateArguments:
+    """Which pipelines to attack, on which restricted data, with which attacks and grid."""
+
+    model_name_or_path: str = field(metadata={"help": "The pipeline under test: a folder or a Hub id."})
+    original_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "The unprotected original pipeline, attacked the same way."}
+    )
+    target_dataset: str = field(default="uci-digits", metadata={"help": "The restricted domain the attacker has."})
+    source_dataset: str | None = field(
+        default=None, metadata={"help": "The original domain (default: the one in the model's record)."}
+    )
+    attacks: list[str] | None = field(
+        default=None, metadata={"help": f"Attacks to run (default all: {[s.name for s in DIFFUSION_SUITE]})."}
+    )
+    steps: int | None = field(default=None, metadata={"help": "Override every attack's number of steps."})
+    counts: list[int] = field(
+        default_factory=lambda: [20, 100, 500], metadata={"help": "Restricted images the attacker has."}
+    )
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds (image order and runs)."})
+    probes: int = field(default=4, metadata={"help": "Restricted-MSE measurements along each run's steps."})
+    test_samples: int = field(default=256, metadata={"help": "Test images per domain for the MSE."})
+    eval_timesteps: int = field(default=10, metadata={"help": "Timesteps of the denoising-MSE grid."})
+    sample_images: int = field(default=8, metadata={"help": "Images per row of the sample grid (0: none)."})
+    num_inference_steps: int = field(default=100, metadata={"help": "DDPM sampling steps for the sample grid."})
+    output_dir: str | None = field(default=None, metadata={"help": "Where to write report.json and the plots."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace the report already in output_dir."})
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise ValueError("Give at least one seed.")
+        if self.probes < 1 or self.test_samples < 1 or self.eval_timesteps < 1:
+            raise ValueError("probes, test_samples and eval_timesteps must be >= 1.")
+
+    def suite(self) -> list[DiffusionAttackSpec]:
+        known = {spec.name: spec for spec in DIFFUSION_SUITE}
+        unknown = sorted(set(self.attacks or []) - set(known))
+        if unknown:
+            raise ValueError(f"Unknown diffusion attacks {unknown}; choose from {sorted(known)}.")
+        chosen = [known[name] for name in self.attacks] if self.attacks else list(DIFFUSION_SUITE)
+        if self.steps is not None:
+            chosen = [DiffusionAttackSpec(**{**spec.to_dict(), "steps": self.steps}) for spec in chosen]
+        return chosen
+
+
+@dataclass(frozen=True)
+class DenoisingPoint:
+    """One attack run: restricted and original-domain MSE after it, and restricted MSE along its steps."""
+
+    model: str
+    attack: str
+    num_samples: int
+    seed: int
+    restricted_mse: float
+    original_mse: float
+    restricted_mse_by_step: dict[int, float]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def scratch_unet(reference: UNet2DModel, seed: int) -> UNet2DModel:
+    """A randomly initialised UNet of `reference`'s architecture (the attacker without the model)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet2DModel.from_config(reference.config)
+
+
+def run_evaluation_diffusion(args: DiffusionEvaluateArguments, progress: bool = True) -> dict[str, Any]:
+    """Load, attack, score; write `report.json`, `denoising_curves.png` and `samples.png` to `output_dir`."""
+    start = time.perf_counter()
+    if args.output_dir:
+        with process_state().main_process_first():
+            identity = {"stage": "evaluate-diffusion", **run_settings(args)}
+            claim_output_dir(args.output_dir, identity, args.overwrite, finished="report.json")
+    suite = args.suite()
+    record = read_record(args.model_name_or_path) if Path(args.model_name_or_path).is_dir() else {}
+    source_dataset = args.source_dataset or record.get("dataset")
+    if not source_dataset:
+        raise ValueError(f"{args.model_name_or_path} has no hf_ntl record naming its domain: pass --source_dataset.")
+    unet, scheduler = load_ddpm(args.model_name_or_path)
+    models = {"model": unet}
+    if args.original_model_name_or_path:
+        original, _ = load_ddpm(args.original_model_name_or_path)
+        if (
+            original.config.sample_size != unet.config.sample_size
+            or original.config.in_channels != unet.config.in_channels
+        ):
+            raise ValueError("The original and the model under test take images of different shapes.")
+        models["original"] = original
+    size, channels = unet.config.sample_size, unet.config.in_channels
+    target = load_image_classification_dataset(args.target_dataset, image_size=size)
+    source = load_image_classification_dataset(source_dataset, image_size=size)
+    counts = check_counts(args.counts, len(target["train"]))
+
+    def encode(split, limit=None):
+        if limit is not None and len(split) > limit:
+            split = stratified_subset(split, limit, seed=0)
+        return encode_diffusion_images(split["image"], size, channels)
+
+    train = encode(target["train"])
+    tests = {
+        "restricted": encode(target["test"], args.test_samples),
+        "original": encode(source["test"], args.test_samples),
+    }
+    grid = timestep_grid(scheduler, args.eval_timesteps)
+
+    def mse(model: torch.nn.Module, domain: str) -> float:
+        return mean_denoising_mse(model, scheduler, tests[domain], grid)
+
+    before = {label: {domain: mse(m, domain) for domain in tests} for label, m in models.items()}
+    orders = {seed: torch.from_numpy(stratified_order(target["train"]["label"], seed)) for seed in args.seeds}
+    labels = [*models, SCRATCH]
+    runs = [(label, spec, seed, n) for spec in suite for label in labels for seed in args.seeds for n in counts]
+    state = process_state()
+    mine = []
+    with state.split_between_processes(runs) as share:
+        for label, spec, seed, n in tqdm(share, desc="attack runs", disable=not (progress and state.is_main_process)):
+            model = scratch_unet(unet, seed) if label == SCRATCH else models[label]
+            began = time.perf_counter()
+            attacked, by_step = finetune_unet(
+                model.to(state.device),
+                scheduler,
+                train[orders[seed][:n]],
+                spec,
+                seed,
+                probe=lambda m: mse(m, "restricted"),
+                probe_every=max(1, spec.steps // args.probes),
+            )
+            final, seconds = by_step[spec.steps], time.perf_counter() - began
+            original_mse = mse(attacked, "original")
+            mine.append(DenoisingPoint(label, spec.name, n, seed, final, original_mse, by_step, seconds))
+    points = gather_object(mine) if state.num_processes > 1 else mine
+    report: dict[str, Any] = {
+        "model": args.model_name_or_path,
+        "original": args.original_model_name_or_path,
+        "source": record,
+        "source_dataset": source_dataset,
+        "target": args.target_dataset,
+        "counts": counts,
+        "seeds": list(args.seeds),
+        "timestep_grid": grid,
+        "test_samples": {domain: len(images) for domain, images in tests.items()},
+        "suite": [spec.to_dict() for spec in suite],
+        "mse_before_attack": before,
+        **summarise_denoising(points, suite, labels, counts),
+        "points": [p.to_dict() for p in points],
+    }
+    if args.output_dir and state.is_main_process:
+        folder = Path(args.output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        if args.sample_images:
+            rows = sample_rows(models, scheduler, train, orders, report, suite, args)
+            plot_sample_grid(rows, folder / "samples.png", title=_title(report))
+        report["wall_time_s"] = round(time.perf_counter() - start, 1)
+        write_report(report, folder)
+    else:
+        report["wall_time_s"] = round(time.perf_counter() - start, 1)
+    return report
+
+
+def summarise_denoising(
+    points: list[DenoisingPoint], suite: list[DiffusionAttackSpec], labels: list[str], counts: list[int]
+) -> dict[str, Any]:
+    """Mean MSE per model, attack and n; the worst case (lowest restricted MSE over the suite) and its attack."""
+
+    def runs(label: str, attack: str, n: int) -> list[DenoisingPoint]:
+        return [p for p in points if (p.model, p.attack, p.num_samples) == (label, attack, n)]
+
+    def mean_curves(value: str) -> dict[str, dict[str, dict[int, float]]]:
+        return {
+            label: {
+                spec.name: {n: float(np.mean([getattr(p, value) for p in runs(label, spec.name, n)])) for n in counts}
+                for spec in suite
+            }
+            for label in labels
+        }
+
+    restricted, original = mean_curves("restricted_mse"), mean_curves("original_mse")
+    strongest = {
+        label: {n: min(restricted[label], key=lambda attack: restricted[label][attack][n]) for n in counts}
+        for label in labels
+    }
+    worst = {label: {n: restricted[label][strongest[label][n]][n] for n in counts} for label in labels}
+    largest = max(counts)
+    by_step = {}
+    for label in labels:
+        histories = [p.restricted_mse_by_step for p in runs(label, strongest[label][largest], largest)]
+        by_step[label] = {step: float(np.mean([h[step] for h in histories])) for step in histories[0]}
+    return {
+        "restricted_mse": restricted,
+        "original_mse_after_attack": original,
+        "worst_case_restricted_mse": worst,
+        "strongest_attack": strongest,
+        "worst_case_restricted_mse_by_step": by_step,
+    }
+
+
+def sample_rows(models, scheduler, train, orders, report, suite, args) -> dict[str, np.ndarray]:
+    """Generated images before attack and after each model's strongest attack at the largest n (first seed)."""
+    seed, largest = args.seeds[0], max(report["counts"])
+    specs = {spec.name: spec for spec in suite}
+    rows = {}
+    for label, model in models.items():
+        rows[f"{label}, before attack"] = generate_samples(
+            model, scheduler, args.sample_images, num_inference_steps=args.num_inference_steps
+        )
+    for label in [*models, SCRATCH]:
+        attack = report["strongest_attack"][label][largest]
+        model = scratch_unet(models["model"], seed) if label == SCRATCH else models[label]
+        attacked, _ = finetune_unet(model, scheduler, train[orders[seed][:largest]], specs[attack], seed)
+        rows[f"{label}, after {attack} (n={largest})"] = generate_samples(
+            attacked, scheduler, args.sample_images, num_inference_steps=args.num_inference_steps
+        )
+    return rows
+
+
+def write_report(report: dict[str, Any], folder: Path) -> None:
+    """`report.json` and `denoising_curves.png` (worst-case restricted MSE against n)."""
+    worst = report["worst_case_restricted_mse"]
+    curves = {f"{label} (attacker's best)": worst[label] for label in worst}
+    plot_denoising_curves(curves, folder / "denoising_curves.png", _title(report), "restricted images (log scale)")
+    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _title(report: dict[str, Any]) -> str:
+    source = report["source"]
+    name = Path(report["model"]).name
+    if source.get("method"):
+        name = f"{source.get('base_model', name)} ({source['method']}, {source.get('dataset')})"
+    return f"{name} -> {report['target']}"
+
+
+def format_denoising_table(report: dict[str, Any]) -> str:
+    """Terminal table: restricted MSE after attack per n (attacker's best) and original-domain MSE."""
+    labels = list(report["worst_case_restricted_mse"])
+    rows = [["restricted images", *[f"{label}: restricted MSE (attack)" for label in labels]]]
+    for n in report["counts"]:
+        key = n if n in report["worst_case_restricted_mse"][labels[0]] else str(n)
+        cells = [
+            f"{report['worst_case_restricted_mse'][label][key]:.4f} ({report['strongest_attack'][label][key]})"
+            for label in labels
+        ]
+        rows.append([str(n), *cells])
+    before = [["before attack", *[f"{label}: restricted / original MSE" for label in report["mse_before_attack"]]]]
+    before.append(["", *[f"{v['restricted']:.4f} / {v['original']:.4f}" for v in report["mse_before_attack"].values()]])
+    return _table(rows) + "\n\n" + _table(before)
