@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from diffusers.utils import logging as diffusers_logging
 from transformers import HfArgumentParser
 from transformers.utils import logging as transformers_logging
 
@@ -307,6 +308,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     # Weights load in milliseconds here; their per-tensor bars would bury the training progress.
     transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
     command, _ = COMMANDS[argv[0]]
     command(argv[1:])
 

@@ -4,8 +4,9 @@
         protect-sophon --config scripts/configs/sophon_embedded.yaml
 
 The stage and its options are exactly those of the `hf-ntl` command (`hf-ntl STAGE --help`).
-Training stages (`fit-source`, `protect-ntp`, `protect-sophon`) run data-parallel through
-`Trainer`; `evaluate` shares its independent attack runs between the processes.
+Training stages (`fit-source`, `protect-ntp`, `protect-sophon`, `fit-ddpm`,
+`protect-sophon-diffusion`) run data-parallel through `Trainer`; `evaluate` and
+`evaluate-diffusion` share their independent attack runs between the processes.
 """
 
 import sys

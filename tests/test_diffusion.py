@@ -45,12 +45,15 @@ def test_predict_noise_noises_at_the_configured_timesteps_reproducibly():
             seen["t"] = timestep
             return type("Output", (), {"sample": sample})()
 
-    noisy, noise = predict_noise(Recorder(), scheduler, images, generator=torch.Generator().manual_seed(1), min_timestep=7, max_timestep=7)  # fmt: skip
+    def at_step_7(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return predict_noise(Recorder(), scheduler, images, generator=generator, min_timestep=7, max_timestep=7)
+
+    noisy, noise = at_step_7(1)
     alpha_bar = scheduler.alphas_cumprod[7]
     torch.testing.assert_close(noisy, alpha_bar.sqrt() * images + (1 - alpha_bar).sqrt() * noise)
     assert seen["t"].tolist() == [7, 7, 7, 7]
-    again, noise_again = predict_noise(Recorder(), scheduler, images, generator=torch.Generator().manual_seed(1), min_timestep=7, max_timestep=7)  # fmt: skip
-    assert torch.equal(noise, noise_again)
+    assert torch.equal(noise, at_step_7(1)[1])
     predict_noise(Recorder(), scheduler, images, generator=torch.Generator().manual_seed(2))
     assert seen["t"].min() >= 0 and seen["t"].max() <= 999 and len(set(seen["t"].tolist())) > 1
 
@@ -201,10 +204,11 @@ def test_a_saved_pipeline_reloads_with_the_same_weights_and_samples(tmp_path):
     pipeline = DDPMPipeline.from_pretrained(tmp_path / "pipeline", use_safetensors=True)
     for name, tensor in unet.state_dict().items():
         assert torch.equal(tensor, pipeline.unet.state_dict()[name]), name
-    samples = pipeline(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np")
+    generator = torch.Generator().manual_seed(0)
+    samples = pipeline(batch_size=2, num_inference_steps=3, generator=generator, output_type="np")
     assert samples.images.shape == (2, SIZE, SIZE, 3) and np.isfinite(samples.images).all()
     reloaded, reloaded_scheduler = load_ddpm(tmp_path / "pipeline")
-    assert reloaded_scheduler.config.num_train_timesteps == 1000
+    assert reloaded.config.sample_size == SIZE and reloaded_scheduler.config.num_train_timesteps == 1000
 
 
 def test_loading_a_folder_that_is_not_a_ddpm_pipeline_says_so(tmp_path):

@@ -14,10 +14,17 @@ from hf_ntl.cli import parse
 from hf_ntl.data import ImagePreprocessor
 from hf_ntl.models import build_tiny_classifier
 from hf_ntl.source import SourceConfig
-from hf_ntl.trainers import NTPConfig, SophonConfig
+from hf_ntl.source_diffusion import DiffusionSourceConfig
+from hf_ntl.trainers import NTPConfig, SophonConfig, SophonDiffusionConfig
 
 SCRIPTS = Path(__file__).parents[1] / "scripts"
-CONFIG_CLASSES = {"ntp": NTPConfig, "sophon": SophonConfig, "source": SourceConfig}
+CONFIG_CLASSES = {
+    "ntp": NTPConfig,
+    "sophon": SophonConfig,
+    "source": SourceConfig,
+    "ddpm": DiffusionSourceConfig,
+    "sophon-diffusion": SophonDiffusionConfig,
+}
 
 
 @pytest.mark.parametrize("path", sorted((SCRIPTS / "accelerate").glob("*.yaml")), ids=lambda p: p.name)

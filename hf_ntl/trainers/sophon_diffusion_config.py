@@ -39,10 +39,10 @@ class SophonDiffusionConfig(SophonConfigBase):
 
     # Defaults that differ from the classifier's.
     source_dataset: str = field(default="font-digits", metadata={"help": "The owner's (original) domain."})
-    suppression_learning_rate: float = field(default=1e-4, metadata={"help": "alpha: Adam lr of the FTS step."})
-    learning_rate: float = field(default=2e-4, metadata={"help": "beta: AdamW lr of the NTR steps."})
-    iterations: int = field(default=100, metadata={"help": "Outer iterations (one FTS step + ntr_steps each)."})
-    ntr_steps: int = field(default=2, metadata={"help": "l_NTR: DDPM training steps per iteration."})
+    suppression_learning_rate: float = field(default=5e-4, metadata={"help": "alpha: Adam lr of the FTS step."})
+    learning_rate: float = field(default=5e-4, metadata={"help": "beta: AdamW lr of the NTR steps."})
+    iterations: int = field(default=50, metadata={"help": "Outer iterations (one FTS step + ntr_steps each)."})
+    ntr_steps: int = field(default=4, metadata={"help": "l_NTR: DDPM training steps per iteration."})
     inner_steps: int = field(default=5, metadata={"help": "K: fine-tuning steps of each simulated attacker."})
     inner_batch_sizes: list[int] = field(
         default_factory=lambda: [24, 40],
@@ -55,7 +55,7 @@ class SophonDiffusionConfig(SophonConfigBase):
     )
     inner_lr_min: float = field(default=1e-4, metadata={"help": "Lower end of the log-uniform attacker lr."})
     inner_lr_max: float = field(default=3e-3, metadata={"help": "Upper end of the log-uniform attacker lr."})
-    guard_every: int = field(default=20, metadata={"help": "Guard evaluation (and checkpoint) every N iterations."})
+    guard_every: int = field(default=10, metadata={"help": "Guard evaluation (and checkpoint) every N iterations."})
     guard_samples: int = field(
         default=256, metadata={"help": "Original-domain train images held out (never trained on) for the guard."}
     )
