@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .artifacts import claim_output_dir, read_record, run_settings
 from .attacks.diffusion import DIFFUSION_SUITE, DiffusionAttackSpec, finetune_unet
-from .data import encode_diffusion_images, load_image_classification_dataset, stratified_order, stratified_subset
+from .data import encode_diffusion_split, load_image_classification_dataset, stratified_order
 from .evaluation import SCRATCH, _table, process_state
 from .metrics.denoising import generate_samples, mean_denoising_mse, timestep_grid
 from .metrics.learning_curve import check_counts
@@ -132,9 +132,7 @@ def run_evaluation_diffusion(args: DiffusionEvaluateArguments, progress: bool = 
     counts = check_counts(args.counts, len(target["train"]))
 
     def encode(split, limit=None):
-        if limit is not None and len(split) > limit:
-            split = stratified_subset(split, limit, seed=0)
-        return encode_diffusion_images(split["image"], size, channels)
+        return encode_diffusion_split(split, size, channels, limit=limit)
 
     train = encode(target["train"])
     tests = {
@@ -190,10 +188,9 @@ def run_evaluation_diffusion(args: DiffusionEvaluateArguments, progress: bool = 
         if args.sample_images:
             rows = sample_rows(models, scheduler, train, orders, report, suite, args)
             plot_sample_grid(rows, folder / "samples.png", title=_title(report))
-        report["wall_time_s"] = round(time.perf_counter() - start, 1)
+    report["wall_time_s"] = round(time.perf_counter() - start, 1)
+    if args.output_dir and state.is_main_process:
         write_report(report, folder)
-    else:
-        report["wall_time_s"] = round(time.perf_counter() - start, 1)
     return report
 
 
@@ -274,9 +271,8 @@ def format_denoising_table(report: dict[str, Any]) -> str:
     labels = list(report["worst_case_restricted_mse"])
     rows = [["restricted images", *[f"{label}: restricted MSE (attack)" for label in labels]]]
     for n in report["counts"]:
-        key = n if n in report["worst_case_restricted_mse"][labels[0]] else str(n)
         cells = [
-            f"{report['worst_case_restricted_mse'][label][key]:.4f} ({report['strongest_attack'][label][key]})"
+            f"{report['worst_case_restricted_mse'][label][n]:.4f} ({report['strongest_attack'][label][n]})"
             for label in labels
         ]
         rows.append([str(n), *cells])

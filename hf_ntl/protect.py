@@ -26,7 +26,7 @@ from .artifacts import claim_output_dir, read_record, replacing_directory, run_s
 from .attacks import EncodedSplit
 from .data import (
     ImagePreprocessor,
-    encode_diffusion_images,
+    encode_diffusion_split,
     load_image_classification_dataset,
     stratified_order,
     stratified_subset,
@@ -183,9 +183,7 @@ def run_sophon_diffusion(config: SophonDiffusionConfig) -> dict[str, Any]:
         )
 
     def encode(dataset: Dataset, limit: int | None = None):
-        if limit is not None and len(dataset) > limit:
-            dataset = stratified_subset(dataset, limit, seed=config.seed)
-        return encode_diffusion_images(dataset["image"], size, channels)
+        return encode_diffusion_split(dataset, size, channels, limit=limit, seed=config.seed)
 
     guard = encode(stratified_subset(train, config.guard_samples, seed=config.seed))
     source_train = encode(_fraction(train, config.source_fraction, config.seed, skip=config.guard_samples))

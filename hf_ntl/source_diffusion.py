@@ -19,12 +19,11 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from .artifacts import claim_output_dir, replacing_directory, run_settings, write_record
-from .data import encode_diffusion_images, load_image_classification_dataset, stratified_subset
+from .data import DiffusionImages, encode_diffusion_images, encode_diffusion_split, load_image_classification_dataset
 from .losses import predict_noise
 from .metrics.denoising import mean_denoising_mse, timestep_grid
 from .models import TINY_UNET_PRESET, load_ddpm, save_ddpm
 from .source import MODEL_SUBDIR
-from .trainers.sophon_diffusion_trainer import DiffusionImages
 
 
 @dataclass
@@ -97,10 +96,7 @@ def run_diffusion_source(config: DiffusionSourceConfig) -> dict[str, Any]:
     size, channels = unet.config.sample_size, unet.config.in_channels
     dataset = load_image_classification_dataset(config.dataset_name, image_size=size, seed=config.seed)
     train = encode_diffusion_images(dataset["train"]["image"], size, channels)
-    test_split = dataset["test"]
-    if len(test_split) > config.eval_samples:
-        test_split = stratified_subset(test_split, config.eval_samples, seed=config.seed)
-    test = encode_diffusion_images(test_split["image"], size, channels)
+    test = encode_diffusion_split(dataset["test"], size, channels, limit=config.eval_samples, seed=config.seed)
     grid = timestep_grid(scheduler, config.eval_timesteps)
     trainer = DenoisingTrainer(model=unet, args=config, train_dataset=DiffusionImages(train), noise_scheduler=scheduler)
     output = Path(config.output_dir)

@@ -16,8 +16,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from datasets import Dataset
 from PIL import Image as PILImage
 from PIL import ImageEnhance
+
+from .loading import stratified_subset
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +180,28 @@ def encode_diffusion_images(images: list[PILImage.Image], image_size: int, chann
     ]
     pixels = torch.from_numpy(np.stack(arrays)).reshape(len(arrays), image_size, image_size, channels)
     return pixels.permute(0, 3, 1, 2).contiguous() / 127.5 - 1
+
+
+def encode_diffusion_split(
+    dataset: Dataset, image_size: int, channels: int, limit: int | None = None, seed: int = 0
+) -> torch.Tensor:
+    """`encode_diffusion_images` of a split's `image` column, of a stratified `limit`-sized subset when larger."""
+    if limit is not None and len(dataset) > limit:
+        dataset = stratified_subset(dataset, limit, seed=seed)
+    return encode_diffusion_images(dataset["image"], image_size, channels)
+
+
+class DiffusionImages(torch.utils.data.Dataset):
+    """Encoded images `(N, C, H, W)` in [-1, 1] as a dataset of `{"pixel_values": image}` examples."""
+
+    def __init__(self, pixel_values: torch.Tensor) -> None:
+        self.pixel_values = pixel_values
+
+    def __len__(self) -> int:
+        return len(self.pixel_values)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.pixel_values[index]}
 
 
 def check_diffusion_images(pixel_values: torch.Tensor, sample_size: int, channels: int, what: str = "images") -> None:

@@ -23,26 +23,12 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from diffusers import DDPMScheduler, UNet2DModel
 from torch.nn import functional as F
-from torch.utils.data import Dataset
 
-from ..data.transforms import check_diffusion_images
+from ..data.transforms import DiffusionImages, check_diffusion_images
 from ..losses import denial_of_service_loss, predict_noise
 from ..metrics.denoising import mean_denoising_mse, timestep_grid
 from .sophon_base import Forward, SophonBaseTrainer
 from .sophon_diffusion_config import SophonDiffusionConfig
-
-
-class DiffusionImages(Dataset):
-    """Encoded images `(N, C, H, W)` in [-1, 1] as a dataset of `{"pixel_values": image}` examples."""
-
-    def __init__(self, pixel_values: torch.Tensor) -> None:
-        self.pixel_values = pixel_values
-
-    def __len__(self) -> int:
-        return len(self.pixel_values)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.pixel_values[index]}
 
 
 class SophonDiffusionTrainer(SophonBaseTrainer):
