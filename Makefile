@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint format model-cards clean
+.PHONY: install demo test bench lint format model-cards clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ demo: $(STAMP)
 # Regenerates model_cards/ from the reference runs (about 20 minutes on 2 CPU cores).
 model-cards: $(STAMP)
 	$(BIN)/python scripts/reference_cards.py --runs runs/reference --cards model_cards
+
+# Protection quality, diffusion and cost benchmarks into benchmarks/ (about 80 minutes on 2 CPU
+# cores; finished stages in runs/bench are reused). Not part of `make test`.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench.py --runs_dir runs/bench --output_dir benchmarks
 
 test: lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=8

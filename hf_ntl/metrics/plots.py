@@ -74,3 +74,43 @@ def plot_denoising_curves(
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
+
+
+def plot_pair_heatmaps(
+    panels: Mapping[str, Mapping[tuple[str, str], float]],
+    domains: list[str],
+    path: str | os.PathLike,
+    title: str,
+    columns: int,
+    value_label: str,
+) -> None:
+    """One source x target heatmap per panel (e.g. per method and protocol), on a shared colour scale centred at 0.
+
+    `panels` maps a panel title to `{(source, target): value}`; pairs without a value (the diagonal)
+    are left blank. Red: the model helps the attacker; blue: it is a worse start than scratch.
+    """
+    values = [v for panel in panels.values() for v in panel.values()]
+    limit = max([abs(v) for v in values] + [1e-6])
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.3 * columns + 1.0, 3.0 * rows + 0.6), dpi=120, squeeze=False)
+    for axis in axes.flat[len(panels) :]:
+        axis.axis("off")
+    image = None
+    for axis, (name, panel) in zip(axes.flat, panels.items(), strict=False):
+        grid = np.full((len(domains), len(domains)), np.nan)
+        for (source, target), value in panel.items():
+            grid[domains.index(source), domains.index(target)] = value
+        image = axis.imshow(grid, cmap="RdBu_r", vmin=-limit, vmax=limit)
+        for i, j in zip(*np.nonzero(~np.isnan(grid)), strict=True):
+            axis.text(j, i, f"{grid[i, j]:+.2f}", ha="center", va="center", fontsize=8)
+        axis.set_xticks(range(len(domains)), domains, rotation=30, ha="right", fontsize=7)
+        axis.set_yticks(range(len(domains)), domains, fontsize=7)
+        axis.set_xlabel("target (attacker's domain)", fontsize=7)
+        axis.set_ylabel("source (owner's domain)", fontsize=7)
+        axis.set_title(name, fontsize=8)
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout(rect=(0, 0, 0.9, 1))
+    colour_axis = figure.add_axes((0.91, 0.15, 0.015, 0.7))
+    figure.colorbar(image, cax=colour_axis).set_label(value_label, fontsize=7)
+    figure.savefig(path)
+    plt.close(figure)

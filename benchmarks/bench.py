@@ -1,0 +1,681 @@
+"""`make bench`: how well hf_ntl protects, what it costs, and how that compares to the published results.
+
+    make bench                      # or: python benchmarks/bench.py --runs_dir runs/bench
+    python benchmarks/bench.py --sections cost          # one section
+
+Three sections, all with fixed seeds on the embedded domains:
+
+- **quality**: a source model per domain; for every ordered pair (source, target) NTP and SOPHON
+  protect it against the target (default settings); the original, both protected models and a
+  scratch baseline are attacked with the default suite plus the NTP paper's masked protocol
+  (`full-masked`), sharing one scratch baseline per pair. Source accuracy, SLC-AUC (raw and
+  normalised) under the masked protocol and for the suite's worst case, averaged over pairs
+  beside the published anchors.
+- **diffusion**: a tiny DDPM on the first domain, SOPHON (DoS) against the second, restricted
+  denoising MSE after the diffusion suite for SOPHON, the original and scratch.
+- **cost**, measured in this run: protection step time over a plain `Trainer` step on the same
+  batch size, SOPHON peak tensor memory at two K, one attack run, for three ResNet sizes.
+
+Every stage writes into `--runs_dir` and is reused when it has finished, so an interrupted bench
+picks up where it stopped; the results go to `--output_dir` (`results.json`, `results.md`,
+`slc_auc_heatmap.png`) only once every requested section is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from itertools import permutations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.utils import logging as diffusers_logging
+from transformers import HfArgumentParser, ResNetConfig, ResNetForImageClassification, Trainer, TrainerCallback
+from transformers import TrainingArguments as PlainTrainingArguments
+from transformers.utils import logging as transformers_logging
+
+from hf_ntl.artifacts import read_record
+from hf_ntl.attacks import EncodedSplit, finetuned_accuracy, load_suite
+from hf_ntl.attacks.suite import MASKED_ATTACK
+from hf_ntl.cli import parse
+from hf_ntl.data import (
+    ImageClassificationCollator,
+    ImagePreprocessor,
+    load_image_classification_dataset,
+    stratified_subset,
+)
+from hf_ntl.evaluation import SCRATCH, read_report, run_attacks, summarise, write_report
+from hf_ntl.evaluation_diffusion import DiffusionEvaluateArguments, run_evaluation_diffusion
+from hf_ntl.metrics.learning_curve import check_counts
+from hf_ntl.metrics.memory import peak_memory
+from hf_ntl.metrics.plots import plot_pair_heatmaps
+from hf_ntl.models import build_tiny_classifier, load_classifier
+from hf_ntl.protect import run_ntp, run_sophon, run_sophon_diffusion
+from hf_ntl.source import MODEL_SUBDIR, SourceConfig, run_source
+from hf_ntl.source_diffusion import DiffusionSourceConfig, run_diffusion_source
+from hf_ntl.trainers import NTPConfig, NTPTrainer, SophonConfig, SophonDiffusionConfig, SophonTrainer
+
+SECTIONS = ("quality", "diffusion", "cost")
+PROTECTIONS = {"ntp": (NTPConfig, run_ntp), "sophon": (SophonConfig, run_sophon)}
+LABELS = ("original", *PROTECTIONS)
+# The published anchors (ALGORITHMS.md §2, §3). Raw SLC-AUC there is on the reference grid of
+# fractions 0.001 .. 1 (range +-ln 1000); its normalised value divides by that range.
+REFERENCE_GRID_RANGE = float(np.log(1000))
+SLC_AUC_ANCHORS = {
+    "NTP paper, average over digit/CIFAR/STL pairs: NTP": -0.54,
+    "NTP reference notebooks, 20 digit pairs: original": 1.38,
+    "NTP reference notebooks: NTL": 0.48,
+    "NTP reference notebooks: CUTI": 0.70,
+    "NTP reference notebooks: NTP": -1.13,
+}
+SOPHON_ANCHOR = {"sophon": 0.152, "scratch": 0.627, "original": 0.848}  # CIFAR-10 accuracy after fine-tuning
+DIFFUSION_ANCHOR = {"sophon": 0.705, "scratch": 0.479, "original": 0.445}  # CIFAR-100 -> CelebA denoising MSE
+
+
+@dataclass
+class BenchArguments:
+    """What the bench runs; the defaults are the committed results in `benchmarks/`."""
+
+    runs_dir: str = field(default="runs/bench", metadata={"help": "Where every stage is written (and reused)."})
+    output_dir: str = field(default="benchmarks", metadata={"help": "Where results.json/.md and the heatmap go."})
+    sections: list[str] = field(default_factory=lambda: list(SECTIONS), metadata={"help": "Sections to run."})
+    domains: list[str] = field(
+        default_factory=lambda: ["font-digits", "uci-digits", "textured-digits"],
+        metadata={"help": "Embedded domains (or folders); every ordered pair is benchmarked."},
+    )
+    model: str = field(default="tiny-resnet", metadata={"help": "Tiny preset the source models start from."})
+    source_steps: int = field(default=1500, metadata={"help": "Optimiser steps of each source model (batch 32)."})
+    suite: str = field(default="default", metadata={"help": "Attack suite (the masked protocol is added)."})
+    attacks: list[str] | None = field(default=None, metadata={"help": "Only these attacks of the suite."})
+    attack_steps: int | None = field(default=None, metadata={"help": "Override every attack's steps."})
+    counts: list[int] = field(default_factory=lambda: [10, 50, 200], metadata={"help": "Target sample counts."})
+    seeds: list[int] = field(default_factory=lambda: [0, 1], metadata={"help": "Seeds of the attack runs."})
+    ntp_config: str | None = field(default=None, metadata={"help": "YAML of NTP options (default: NTP's)."})
+    sophon_config: str | None = field(default=None, metadata={"help": "YAML of SOPHON options (default: SOPHON's)."})
+    ddpm_config: str | None = field(default=None, metadata={"help": "YAML of fit-ddpm options."})
+    sophon_diffusion_config: str | None = field(default=None, metadata={"help": "YAML of SOPHON-diffusion options."})
+    diffusion_counts: list[int] = field(default_factory=lambda: [100, 500], metadata={"help": "Attacker images."})
+    diffusion_attack_steps: int | None = field(default=None, metadata={"help": "Override the diffusion attacks."})
+    diffusion_test_samples: int = field(default=200, metadata={"help": "Test images per domain for the MSE."})
+    cost_models: list[str] = field(
+        default_factory=lambda: ["tiny-resnet", "small-resnet", "resnet-18"],
+        metadata={
+            "help": f"Model sizes timed in the cost section: {', '.join(['tiny-resnet', 'small-resnet', 'resnet-18'])}."
+        },
+    )
+    cost_steps: int = field(default=20, metadata={"help": "Timed plain Trainer steps (after 3 warm-up)."})
+    cost_sophon_iterations: int = field(default=5, metadata={"help": "Timed SOPHON iterations (after 1 warm-up)."})
+    cost_inner_steps: list[int] = field(default_factory=lambda: [5, 50], metadata={"help": "SOPHON K compared."})
+    overwrite: bool = field(default=False, metadata={"help": "Delete runs_dir first (otherwise stages are reused)."})
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.sections) - set(SECTIONS))
+        if unknown:
+            raise ValueError(f"Unknown sections {unknown}; choose from {list(SECTIONS)}.")
+        if "quality" in self.sections and len(self.domains) < 2:
+            raise ValueError("The quality section needs at least two domains (the issue asks for three).")
+        if len(set(self.domains)) != len(self.domains):
+            raise ValueError(f"Domains must be distinct, got {self.domains}.")
+        if len(self.cost_inner_steps) != 2:
+            raise ValueError(f"cost_inner_steps compares two values of K, got {self.cost_inner_steps}.")
+        bad = sorted(set(self.cost_models) - set(COST_MODELS))
+        if bad:
+            raise ValueError(f"Unknown cost models {bad}; choose from {list(COST_MODELS)}.")
+
+
+def _stage_config(config_class: type, yaml_path: str | None, options: list[str], prog: str) -> Any:
+    """A stage's config from the bench's fixed options plus an optional YAML of overrides (which win)."""
+    argv = [*options, *(["--config", yaml_path] if yaml_path else []), "--report_to", "none"]
+    (config,) = parse([config_class], argv, prog)
+    return config
+
+
+def _cached(path: Path, compute) -> dict[str, Any]:
+    """The JSON at `path` if a finished run left it, else `compute()` (with its `wall_time_s`) written there atomically.
+
+    A section that reuses finished stages of an interrupted run records only its own remaining time.
+    """
+    if path.is_file():
+        print(f"  reusing {path}")
+        return json.loads(path.read_text())
+    start = time.perf_counter()
+    result = compute()
+    result["wall_time_s"] = round(time.perf_counter() - start, 1)
+    result = json.loads(json.dumps(result))  # as a reused run reads it back (integer keys become strings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(result, indent=2) + "\n")
+    partial.replace(path)
+    return result
+
+
+# ----------------------------------------------------------------------------- protection quality
+
+
+def fit_source(args: BenchArguments, folder: Path, domain: str) -> Path:
+    model = folder / MODEL_SUBDIR
+    if not read_record(model):
+        print(f"  fitting {args.model} on {domain}")
+        options = ["--output_dir", str(folder), "--model_name_or_path", args.model, "--dataset_name", domain]
+        options += ["--max_steps", str(args.source_steps), "--logging_strategy", "no", "--disable_tqdm", "true"]
+        run_source(_stage_config(SourceConfig, None, options, "bench fit-source"))
+    return model
+
+
+def protect(args: BenchArguments, folder: Path, source_model: Path, source: str, target: str, method: str) -> Path:
+    model = folder / MODEL_SUBDIR
+    if not read_record(model):
+        print(f"  protecting the {source} model against {target} with {method}")
+        config_class, run = PROTECTIONS[method]
+        options = ["--output_dir", str(folder), "--model_name_or_path", str(source_model)]
+        options += ["--source_dataset", source, "--target_dataset", target]
+        options += ["--logging_strategy", "no", "--disable_tqdm", "true"]
+        yaml_path = args.ntp_config if method == "ntp" else args.sophon_config
+        run(_stage_config(config_class, yaml_path, options, f"bench protect-{method}"))
+    return model
+
+
+def audit(args: BenchArguments, folder: Path, models: dict[str, Path], target: str) -> dict[str, Any]:
+    """Attack the original and the protected models with one suite and one shared scratch baseline."""
+    if (folder / "report.json").is_file():
+        print(f"  reusing {folder / 'report.json'}")
+        return read_report(folder / "report.json")
+    start = time.perf_counter()
+    preprocessor = ImagePreprocessor.from_pretrained(models["original"])
+    dataset = load_image_classification_dataset(target, image_size=preprocessor.image_size)
+    counts = check_counts(args.counts, len(dataset["train"]))
+    loaded = {label: load_classifier(path) for label, path in models.items()}
+    classes = dataset["train"].features["label"].num_classes
+    for label, model in loaded.items():
+        if model.config.num_labels != classes:
+            raise ValueError(f"{models[label]} has {model.config.num_labels} outputs but {target} {classes} classes.")
+    suite = load_suite(args.suite, pruned=True, steps=args.attack_steps, only=args.attacks)
+    train = EncodedSplit.from_dataset(dataset["train"], preprocessor)
+    test = EncodedSplit.from_dataset(dataset["test"], preprocessor)
+    points = run_attacks(loaded, train, test, suite, counts, args.seeds)
+    report = {
+        "model": str(models["original"]),
+        "original": str(models["original"]),
+        "target": target,
+        "source": read_record(models["original"]),
+        "classes": classes,
+        "target_train_samples": len(dataset["train"]),
+        "counts": counts,
+        "seeds": list(args.seeds),
+        "suite": [spec.to_dict() for spec in suite],
+        **summarise(points, suite, list(loaded)),
+        "seconds_by_model": {
+            label: round(sum(p.seconds for p in points if p.model == label), 1) for label in [*loaded, SCRATCH]
+        },
+        "points": [p.to_dict() for p in points],
+        "wall_time_s": round(time.perf_counter() - start, 1),
+    }
+    write_report(report, folder)
+    return read_report(folder / "report.json")
+
+
+def quality(args: BenchArguments, runs: Path) -> dict[str, Any]:
+    suite_names = [
+        spec.name for spec in load_suite(args.suite, pruned=True, steps=args.attack_steps, only=args.attacks)
+    ]
+    if MASKED_ATTACK.name not in suite_names:
+        raise ValueError(f"The bench needs the masked protocol: keep {MASKED_ATTACK.name!r} in --attacks.")
+    sources = {domain: fit_source(args, runs / "sources" / Path(domain).name, domain) for domain in args.domains}
+    pairs = []
+    for source, target in permutations(args.domains, 2):
+        print(f"[quality] {source} -> {target}")
+        folder = runs / "quality" / f"{Path(source).name}__{Path(target).name}"
+        models = {"original": sources[source]}
+        for method in PROTECTIONS:
+            models[method] = protect(args, folder / method, sources[source], source, target, method)
+        report = audit(args, folder / "audit", models, target)
+        largest = max(report["counts"])
+        pair: dict[str, Any] = {"source": source, "target": target, "audit_wall_time_s": report["wall_time_s"]}
+        for label in LABELS:
+            record = read_record(models[label])
+            scores = report["slc_auc"][label]
+            pair[label] = {
+                "source_accuracy": record.get("source_accuracy_after", record.get("test_accuracy")),
+                "masked": scores["per_attack"][MASKED_ATTACK.name],
+                "worst_case": scores["worst_case"],
+                "strongest_attack": scores["strongest_attack"],
+                "masked_accuracy_at_largest_n": report["curves"][label][MASKED_ATTACK.name][largest],
+                "worst_case_accuracy_at_largest_n": report["worst_case_curves"][label][largest],
+                "attack_seconds": report["seconds_by_model"][label],
+                "protection_wall_time_s": record.get("wall_time_s") if label != "original" else None,
+            }
+        pair[SCRATCH] = {
+            "masked_accuracy_at_largest_n": report["curves"][SCRATCH][MASKED_ATTACK.name][largest],
+            "worst_case_accuracy_at_largest_n": report["worst_case_curves"][SCRATCH][largest],
+            "attack_seconds": report["seconds_by_model"][SCRATCH],
+        }
+        pairs.append(pair)
+    return {"counts": args.counts, "seeds": args.seeds, "largest_n": max(args.counts), "pairs": pairs}
+
+
+def quality_averages(result: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Mean over pairs of each label's source accuracy, SLC-AUC (both protocols, both scales) and accuracy at n max."""
+    pairs = result["pairs"]
+    averages = {}
+    for label in LABELS:
+        rows = [pair[label] for pair in pairs]
+        averages[label] = {
+            "source_accuracy": statistics.mean(row["source_accuracy"] for row in rows),
+            "masked_slc_auc": statistics.mean(row["masked"]["slc_auc"] for row in rows),
+            "masked_slc_auc_normalized": statistics.mean(row["masked"]["slc_auc_normalized"] for row in rows),
+            "worst_case_slc_auc": statistics.mean(row["worst_case"]["slc_auc"] for row in rows),
+            "worst_case_slc_auc_normalized": statistics.mean(row["worst_case"]["slc_auc_normalized"] for row in rows),
+            "masked_accuracy_at_largest_n": statistics.mean(row["masked_accuracy_at_largest_n"] for row in rows),
+            "worst_case_accuracy_at_largest_n": statistics.mean(
+                row["worst_case_accuracy_at_largest_n"] for row in rows
+            ),
+        }
+    scratch = [pair[SCRATCH] for pair in pairs]
+    averages[SCRATCH] = {
+        key: statistics.mean(row[key] for row in scratch)
+        for key in ("masked_accuracy_at_largest_n", "worst_case_accuracy_at_largest_n")
+    }
+    return averages
+
+
+# ----------------------------------------------------------------------------- diffusion
+
+
+def diffusion(args: BenchArguments, runs: Path) -> dict[str, Any]:
+    source, target = args.domains[0], args.domains[1]
+    folder = runs / "diffusion"
+    original = folder / "source" / MODEL_SUBDIR
+    if not read_record(original):
+        print(f"[diffusion] fitting the tiny DDPM on {source}")
+        options = ["--output_dir", str(folder / "source"), "--dataset_name", source, "--disable_tqdm", "true"]
+        run_diffusion_source(_stage_config(DiffusionSourceConfig, args.ddpm_config, options, "bench fit-ddpm"))
+    protected = folder / "sophon" / MODEL_SUBDIR
+    if not read_record(protected):
+        print(f"[diffusion] protecting it against {target} with SOPHON (DoS)")
+        options = ["--output_dir", str(folder / "sophon"), "--model_name_or_path", str(original)]
+        options += ["--source_dataset", source, "--target_dataset", target, "--disable_tqdm", "true"]
+        config = _stage_config(SophonDiffusionConfig, args.sophon_diffusion_config, options, "bench protect")
+        run_sophon_diffusion(config)
+    audit_dir = folder / "audit"
+    if (audit_dir / "report.json").is_file():
+        report = json.loads((audit_dir / "report.json").read_text())
+    else:
+        print(f"[diffusion] attacking SOPHON, the original and scratch on {target}")
+        report = run_evaluation_diffusion(
+            DiffusionEvaluateArguments(
+                model_name_or_path=str(protected),
+                original_model_name_or_path=str(original),
+                target_dataset=target,
+                counts=args.diffusion_counts,
+                steps=args.diffusion_attack_steps,
+                test_samples=args.diffusion_test_samples,
+                sample_images=0,
+                output_dir=str(audit_dir),
+            )
+        )
+    rename = {"model": "sophon", "original": "original", SCRATCH: SCRATCH}
+    worst = report["worst_case_restricted_mse"]
+    return {
+        "source": source,
+        "target": target,
+        "counts": report["counts"],
+        "mse_before_attack": {rename[k]: v for k, v in report["mse_before_attack"].items()},
+        "worst_case_restricted_mse": {rename[k]: worst[k] for k in worst},
+        "strongest_attack": {rename[k]: v for k, v in report["strongest_attack"].items()},
+        "protection_wall_time_s": read_record(protected)["wall_time_s"],
+        "audit_wall_time_s": report["wall_time_s"],
+    }
+
+
+# ----------------------------------------------------------------------------- cost
+
+
+def _small_resnet() -> ResNetConfig:
+    return ResNetConfig(embedding_size=32, hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 1, 1], layer_type="basic")
+
+
+def _resnet_18() -> ResNetConfig:
+    # microsoft/resnet-18's architecture (the NTP paper's model), built from its config.
+    return ResNetConfig(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2], layer_type="basic")
+
+
+COST_MODELS = {"tiny-resnet": None, "small-resnet": _small_resnet, "resnet-18": _resnet_18}
+
+
+def _cost_model(name: str, num_labels: int) -> torch.nn.Module:
+    if COST_MODELS[name] is None:
+        return build_tiny_classifier(name, num_labels)
+    config = COST_MODELS[name]()
+    config.num_labels = num_labels
+    torch.manual_seed(0)
+    return ResNetForImageClassification(config)
+
+
+class StepTimer(TrainerCallback):
+    """Wall time between consecutive optimiser-step ends: everything one step of a trainer costs."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append(time.perf_counter())
+
+
+def _seconds_per_step(trainer: Trainer, warmup: int) -> float:
+    """Mean wall time of the steps after the first `warmup` (which allocate optimiser state)."""
+    timer = StepTimer()
+    trainer.add_callback(timer)
+    trainer.train()
+    return float(np.diff(timer.ends[warmup - 1 :]).mean())
+
+
+def cost(args: BenchArguments, runs: Path) -> dict[str, Any]:
+    preprocessor = ImagePreprocessor(image_size=32)
+    source = load_image_classification_dataset(args.domains[0], image_size=32)
+    target = load_image_classification_dataset(args.domains[1], image_size=32)
+    source_train = stratified_subset(source["train"], min(2000, len(source["train"])), seed=0)
+    guard = stratified_subset(source["test"], min(200, len(source["test"])), seed=0)
+    target_train = target["train"]
+    attack_samples = min(200, len(target_train))
+    attack_train = EncodedSplit.from_dataset(stratified_subset(target_train, attack_samples, seed=0), preprocessor)
+    attack_test = EncodedSplit.from_dataset(target["test"], preprocessor)
+    attack = load_suite("default")[0]
+    classes = source["train"].features["label"].num_classes
+    quiet = {
+        "report_to": "none",
+        "disable_tqdm": True,
+        "logging_strategy": "no",
+        "save_strategy": "no",
+        "eval_strategy": "no",
+    }
+    warmup = 3
+    rows = {}
+    for name in args.cost_models:
+        print(f"[cost] {name}")
+        row: dict[str, Any] = {"parameters": sum(p.numel() for p in _cost_model(name, classes).parameters())}
+        with tempfile.TemporaryDirectory() as tmp:
+            plain_args = PlainTrainingArguments(
+                output_dir=tmp,
+                max_steps=warmup + args.cost_steps,
+                per_device_train_batch_size=64,
+                remove_unused_columns=False,
+                **quiet,
+            )
+            collator = ImageClassificationCollator(preprocessor)
+            plain = Trainer(_cost_model(name, classes), plain_args, train_dataset=source_train, data_collator=collator)
+            row["plain_step_s"] = _seconds_per_step(plain, warmup)
+            # One whole ADMM round (its projection and the hard prune included) and a few retraining steps.
+            ntp_args = NTPConfig(output_dir=tmp, admm_rounds=1, retrain_steps=10, **quiet)
+            ntp = NTPTrainer(_cost_model(name, classes), ntp_args, source_train, target_train, preprocessor)
+            row["ntp_step_s"] = _seconds_per_step(ntp, warmup)
+            sophon_args = SophonConfig(
+                output_dir=tmp, iterations=1 + args.cost_sophon_iterations, guard_threshold=0.0, **quiet
+            )
+            sophon = SophonTrainer(
+                _cost_model(name, classes), sophon_args, source_train, target_train, preprocessor, guard
+            )
+            row["sophon_step_s"] = _seconds_per_step(sophon, warmup=1)
+            row["sophon_inner_steps"] = sophon_args.inner_steps
+            for k in args.cost_inner_steps:
+                config = SophonConfig(output_dir=tmp, inner_steps=k, environments=1, guard_threshold=0.0, **quiet)
+                trainer = SophonTrainer(
+                    _cost_model(name, classes), config, source_train, target_train, preprocessor, guard
+                )
+                trainer.suppression_step(iteration=0)  # the FTS optimiser's state is allocated outside the measure
+                began = time.perf_counter()
+                with peak_memory() as peak:
+                    trainer.suppression_step(iteration=1)
+                row[f"fts_step_k{k}_s"] = time.perf_counter() - began
+                row[f"fts_peak_mib_k{k}"] = peak.bytes / 2**20
+        began = time.perf_counter()
+        finetuned_accuracy(_cost_model(name, classes), attack_train, attack_test, attack, seed=0)
+        row["attack_run_s"] = time.perf_counter() - began
+        row["ntp_over_plain"] = row["ntp_step_s"] / row["plain_step_s"]
+        row["sophon_over_plain"] = row["sophon_step_s"] / row["plain_step_s"]
+        small, large = args.cost_inner_steps
+        row["fts_peak_memory_ratio"] = row[f"fts_peak_mib_k{large}"] / row[f"fts_peak_mib_k{small}"]
+        rows[name] = row
+    return {
+        "data": {"source": args.domains[0], "target": args.domains[1], "batch_size": 64, "attack_n": attack_samples},
+        "timed_steps": {"plain": args.cost_steps, "sophon": args.cost_sophon_iterations},
+        "inner_steps_compared": args.cost_inner_steps,
+        "attack": attack.to_dict(),
+        "models": rows,
+    }
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def _score(score: dict[str, float]) -> str:
+    return f"{score['slc_auc']:+.3f} / {score['slc_auc_normalized']:+.3f}"
+
+
+def quality_tables(result: dict[str, Any]) -> tuple[str, str]:
+    """(per-pair table, averages-beside-anchors table) in Markdown."""
+    n = result["largest_n"]
+    header = ["pair", "source acc. orig / NTP / SOPHON"]
+    header += [f"{label}: masked / worst case (raw)" for label in LABELS]
+    header += [f"acc. at n={n}, worst case: orig / NTP / SOPHON / scratch"]
+    rows = [header]
+    for pair in result["pairs"]:
+        accuracies = " / ".join(f"{100 * pair[label]['source_accuracy']:.1f}" for label in LABELS)
+        scores = [
+            f"{pair[label]['masked']['slc_auc']:+.3f} / {pair[label]['worst_case']['slc_auc']:+.3f}" for label in LABELS
+        ]
+        at_n = " / ".join(
+            f"{100 * pair[label]['worst_case_accuracy_at_largest_n']:.1f}" for label in (*LABELS, SCRATCH)
+        )
+        rows.append([f"{pair['source']} → {pair['target']}", accuracies, *scores, at_n])
+    averages = quality_averages(result)
+    rows.append(
+        [
+            "**average**",
+            " / ".join(f"{100 * averages[label]['source_accuracy']:.1f}" for label in LABELS),
+            *[
+                f"{averages[label]['masked_slc_auc']:+.3f} / {averages[label]['worst_case_slc_auc']:+.3f}"
+                for label in LABELS
+            ],
+            " / ".join(
+                f"{100 * averages[label]['worst_case_accuracy_at_largest_n']:.1f}" for label in (*LABELS, SCRATCH)
+            ),
+        ]
+    )
+    grid_range = float(np.log(max(result["counts"]) / min(result["counts"])))
+    anchors = [["quantity", "published (raw)", "published, normalised", "this bench (masked protocol)"]]
+    ours = {
+        "NTP": averages["ntp"]["masked_slc_auc_normalized"],
+        "original": averages["original"]["masked_slc_auc_normalized"],
+    }
+    for name, value in SLC_AUC_ANCHORS.items():
+        method = name.rsplit(": ", 1)[1]
+        mine = f"{ours[method]:+.3f} (normalised)" if method in ours else "not implemented"
+        anchors.append([f"SLC-AUC, {name}", f"{value:+.2f}", f"{value / REFERENCE_GRID_RANGE:+.3f}", mine])
+    anchors.append(
+        [
+            "SLC-AUC, SOPHON (not reported by the paper)",
+            "–",
+            "–",
+            f"{averages['sophon']['masked_slc_auc_normalized']:+.3f} (normalised)",
+        ]
+    )
+    anchors.append(
+        [
+            "SOPHON: target accuracy after fine-tuning, SOPHON vs scratch (original)",
+            f"{100 * SOPHON_ANCHOR['sophon']:.1f} % vs {100 * SOPHON_ANCHOR['scratch']:.1f} % "
+            f"({100 * SOPHON_ANCHOR['original']:.1f} %), CIFAR-10",
+            "–",
+            f"{100 * averages['sophon']['masked_accuracy_at_largest_n']:.1f} % vs "
+            f"{100 * averages[SCRATCH]['masked_accuracy_at_largest_n']:.1f} % "
+            f"({100 * averages['original']['masked_accuracy_at_largest_n']:.1f} %), n = {n}, full fine-tuning",
+        ]
+    )
+    note = (
+        f"Raw SLC-AUC depends on the grid: this bench's spans ln({max(result['counts'])}/{min(result['counts'])}) = "
+        f"{grid_range:.2f}, the reference grid ln(1000) = {REFERENCE_GRID_RANGE:.2f}; compare normalised values "
+        "(the mean accuracy gap to scratch)."
+    )
+    return _markdown(rows), _markdown(anchors) + "\n\n" + note
+
+
+def diffusion_table(result: dict[str, Any]) -> str:
+    rows = [["model", "before attack", *[f"after attack, n = {n}" for n in result["counts"]], "published (paper)"]]
+    for label in ("sophon", "original", SCRATCH):
+        before = result["mse_before_attack"].get(label, {}).get("restricted")
+        after = [f"{result['worst_case_restricted_mse'][label][str(n)]:.4f}" for n in result["counts"]]
+        rows.append([label, f"{before:.4f}" if before is not None else "–", *after, f"{DIFFUSION_ANCHOR[label]:.3f}"])
+    return _markdown(rows)
+
+
+def cost_table(result: dict[str, Any]) -> str:
+    small, large = result["inner_steps_compared"]
+    rows = [
+        [
+            "model",
+            "parameters",
+            "plain Trainer step",
+            "NTP step (ratio)",
+            "SOPHON iteration (ratio)",
+            f"FTS peak memory K={small} / K={large} (ratio)",
+            "one attack run",
+        ]
+    ]
+    for name, row in result["models"].items():
+        rows.append(
+            [
+                name,
+                f"{row['parameters'] / 1e6:.2f} M",
+                f"{1000 * row['plain_step_s']:.0f} ms",
+                f"{1000 * row['ntp_step_s']:.0f} ms ({row['ntp_over_plain']:.2f}x)",
+                f"{1000 * row['sophon_step_s']:.0f} ms ({row['sophon_over_plain']:.1f}x)",
+                f"{row[f'fts_peak_mib_k{small}']:.1f} / {row[f'fts_peak_mib_k{large}']:.1f} MiB "
+                f"({row['fts_peak_memory_ratio']:.2f}x)",
+                f"{row['attack_run_s']:.1f} s",
+            ]
+        )
+    return _markdown(rows)
+
+
+def _markdown(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "|".join("---" for _ in rows[0]) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows[1:]])
+
+
+def write_results(args: BenchArguments, results: dict[str, Any], out: Path) -> str:
+    """results.json, results.md and (with the quality section) slc_auc_heatmap.png; returns the Markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/bench.py " + " ".join(sys.argv[1:])
+    parts = [
+        "# hf_ntl benchmarks",
+        f"Produced by `{command.strip()}` (`make bench`) on {results['machine']}; sections took "
+        + ", ".join(f"{name} {results[name]['wall_time_s'] / 60:.1f} min" for name in SECTIONS if name in results)
+        + ". Every number below was measured by that command.",
+    ]
+    if "quality" in results:
+        quality_result = results["quality"]
+        pairs, anchors = quality_tables(quality_result)
+        results["quality"]["averages"] = quality_averages(quality_result)
+        seeds, counts = quality_result["seeds"], quality_result["counts"]
+        parts += [
+            "## Protection quality",
+            f"{args.model}; every ordered pair of {', '.join(args.domains)}; attacks: the default suite plus the NTP "
+            f"paper's masked protocol (`full-masked`), n = {counts}, seeds {seeds}, one shared scratch baseline per "
+            "pair. SLC-AUC > 0: the model helps the attacker; < 0: it is a worse start than scratch.",
+            pairs,
+            "### Averages beside the published anchors",
+            anchors,
+            "![SLC-AUC per pair](slc_auc_heatmap.png)",
+        ]
+        panels = {}
+        for protocol, key in (("masked protocol", "masked"), ("worst case of the suite", "worst_case")):
+            for label in LABELS:
+                panels[f"{label}, {protocol}"] = {
+                    (pair["source"], pair["target"]): pair[label][key]["slc_auc_normalized"]
+                    for pair in quality_result["pairs"]
+                }
+        plot_pair_heatmaps(
+            panels,
+            args.domains,
+            out / "slc_auc_heatmap.png",
+            title=f"Normalised SLC-AUC per pair ({args.model}, n = {counts})",
+            columns=len(LABELS),
+            value_label="normalised SLC-AUC (mean accuracy gap to scratch)",
+        )
+    if "diffusion" in results:
+        result = results["diffusion"]
+        parts += [
+            "## Diffusion (SOPHON, DoS loss)",
+            f"Tiny DDPM on {result['source']}, restricted domain {result['target']}: restricted-domain denoising "
+            "MSE (higher is worse for the attacker) before and after the attacker's best attack of the diffusion "
+            "suite; the paper's figures are CIFAR-100 → CelebA at full scale.",
+            diffusion_table(result),
+        ]
+    if "cost" in results:
+        result = results["cost"]
+        parts += [
+            "## Cost",
+            f"Mean wall time per optimiser step (batch {result['data']['batch_size']}, {result['data']['source']} / "
+            f"{result['data']['target']}, default settings): plain `Trainer` over {result['timed_steps']['plain']} "
+            "steps after 3 warm-up; NTP over one whole ADMM round (its projection and the hard prune included) and "
+            "10 retraining steps; a SOPHON iteration (one fine-tuning-suppression step with 2 simulated attackers x "
+            f"K = {next(iter(result['models'].values()))['sophon_inner_steps']}, plus one normal-training step) over "
+            f"{result['timed_steps']['sophon']} after 1 warm-up. Peak tensor memory of one suppression step with one "
+            f"attacker at each K. One attack run: the suite's `full` attack, n = {result['data']['attack_n']}.",
+            cost_table(result),
+        ]
+        if "quality" in results:
+            audit_times = [pair["audit_wall_time_s"] for pair in results["quality"]["pairs"]]
+            per_model = [
+                pair["ntp"]["attack_seconds"] + pair[SCRATCH]["attack_seconds"] for pair in results["quality"]["pairs"]
+            ]
+            results["cost"]["audit_wall_time_s"] = statistics.mean(audit_times)
+            results["cost"]["one_model_slc_auc_s"] = statistics.mean(per_model)
+            parts.append(
+                f"One full SLC-AUC evaluation of a pair (original, NTP, SOPHON and scratch under the whole suite): "
+                f"{statistics.mean(audit_times):.0f} s on average; of it, one model plus its scratch baseline: "
+                f"{statistics.mean(per_model):.0f} s (sum of their run times)."
+            )
+    markdown = "\n\n".join(parts) + "\n"
+    (out / "results.md").write_text(markdown)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return markdown
+
+
+def main(argv: list[str] | None = None) -> None:
+    (args,) = HfArgumentParser([BenchArguments]).parse_args_into_dataclasses(args=argv)
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+    start = time.perf_counter()
+    runs = Path(args.runs_dir)
+    if args.overwrite and runs.exists():
+        shutil.rmtree(runs)
+    identity = {k: v for k, v in vars(args).items() if k not in ("runs_dir", "output_dir", "sections", "overwrite")}
+    identity_file = runs / "bench_settings.json"
+    if identity_file.is_file() and json.loads(identity_file.read_text()) != identity:
+        raise SystemExit(
+            f"{runs} holds a bench run with other settings ({identity_file}); pass --overwrite or choose another "
+            "--runs_dir."
+        )
+    runs.mkdir(parents=True, exist_ok=True)
+    identity_file.write_text(json.dumps(identity, indent=2) + "\n")
+    sections = {"quality": quality, "diffusion": diffusion, "cost": cost}
+    results: dict[str, Any] = {"settings": identity}
+    for name in args.sections:
+        section_start = time.perf_counter()
+        results[name] = _cached(runs / f"{name}.json", lambda run=sections[name]: run(args, runs))
+        print(f"[{name}] done in {time.perf_counter() - section_start:.0f} s")
+    print(f"bench finished in {time.perf_counter() - start:.0f} s")
+    results["machine"] = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    print("\n" + write_results(args, results, Path(args.output_dir)))
+
+
+if __name__ == "__main__":
+    main()

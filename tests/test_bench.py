@@ -1,0 +1,141 @@
+"""`make bench` wiring on three tiny save_to_disk domains: every stage runs, the results add up, stages are reused."""
+
+import importlib.util
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+from PIL import Image as PILImage
+
+from hf_ntl.metrics.plots import plot_pair_heatmaps
+
+BENCH = Path(__file__).parent.parent / "benchmarks" / "bench.py"
+spec = importlib.util.spec_from_file_location("bench", BENCH)
+bench = importlib.util.module_from_spec(spec)
+sys.modules["bench"] = bench
+spec.loader.exec_module(bench)
+
+
+def tiny_domain(folder: Path, seed: int) -> str:
+    """96 train / 24 test random 16x16 images in 4 classes (each class a different tint, so there is a signal)."""
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        labels = [i % 4 for i in range(n)]
+        pictures = []
+        for label in labels:
+            pixels = rng.integers(0, 128, (16, 16, 3))
+            pixels[..., label % 3] += 64 * (1 + label // 3)
+            pictures.append(PILImage.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)))
+        return {"image": pictures, "label": labels}
+
+    features = Features({"image": Image(), "label": ClassLabel(names=list("abcd"))})
+    DatasetDict(
+        train=Dataset.from_dict(split(96), features=features),
+        test=Dataset.from_dict(split(24), features=features),
+    ).save_to_disk(str(folder))
+    return str(folder)
+
+
+def pair_dir(root: Path, pair: dict) -> Path:
+    return root / "runs" / "quality" / f"{Path(pair['source']).name}__{Path(pair['target']).name}"
+
+
+def write_yaml(path: Path, values: dict) -> str:
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    domains = [tiny_domain(root / name, seed) for seed, name in enumerate(["red", "green", "blue"])]
+    small = {"source_fraction": 1.0, "target_fraction": 1.0, "per_device_train_batch_size": 8, "use_cpu": True}
+    argv = [
+        "--runs_dir", str(root / "runs"), "--output_dir", str(root / "results"), "--domains", *domains,
+        "--source_steps", "3", "--suite", "quick", "--attack_steps", "2", "--counts", "4", "8", "--seeds", "0",
+        "--ntp_config", write_yaml(root / "ntp.yaml", {
+            **small, "admm_rounds": 1, "steps_per_round": 3, "retrain_steps": 2, "probe_steps": 5}),
+        "--sophon_config", write_yaml(root / "sophon.yaml", {
+            **small, "iterations": 2, "guard_every": 1, "inner_steps": 1, "environments": 1,
+            "inner_batch_sizes": [10], "query_size": 4, "guard_samples": 8, "guard_threshold": 0.0}),
+        "--ddpm_config", write_yaml(root / "ddpm.yaml", {
+            "max_steps": 2, "per_device_train_batch_size": 8, "eval_samples": 8, "eval_timesteps": 2}),
+        "--sophon_diffusion_config", write_yaml(root / "sophon-diffusion.yaml", {
+            **small, "iterations": 2, "guard_every": 1, "inner_steps": 1, "environments": 1,
+            "inner_batch_sizes": [10], "query_size": 4, "guard_samples": 8}),
+        "--diffusion_counts", "4", "8", "--diffusion_attack_steps", "2", "--diffusion_test_samples", "8",
+        "--cost_models", "tiny-resnet", "--cost_steps", "2", "--cost_sophon_iterations", "1",
+        "--cost_inner_steps", "1", "3",
+    ]  # fmt: skip
+    bench.main(argv)
+    return root, argv, domains
+
+
+def test_every_section_runs_and_the_results_add_up(tiny_bench):
+    root, _, domains = tiny_bench
+    results = json.loads((root / "results" / "results.json").read_text())
+    pairs = results["quality"]["pairs"]
+    assert [(p["source"], p["target"]) for p in pairs] == [(s, t) for s in domains for t in domains if s != t]
+    for pair in pairs:
+        report = json.loads((pair_dir(root, pair) / "audit" / "report.json").read_text())
+        assert set(report["slc_auc"]) == {"original", "ntp", "sophon"}
+        assert {p["model"] for p in report["points"]} == {"original", "ntp", "sophon", "scratch"}
+        for label in ("original", "ntp", "sophon"):
+            assert pair[label]["masked"] == report["slc_auc"][label]["per_attack"]["full-masked"]
+            assert pair[label]["worst_case"] == report["slc_auc"][label]["worst_case"]
+        ntp_record = json.loads((pair_dir(root, pair) / "ntp" / "model" / "hf_ntl.json").read_text())
+        assert pair["ntp"]["source_accuracy"] == ntp_record["source_accuracy_after"]
+        assert ntp_record["sparsity"]["overall"] == pytest.approx(0.9, abs=1e-3)
+    averages = results["quality"]["averages"]
+    for label in ("original", "ntp", "sophon"):
+        expected = statistics.mean(p[label]["worst_case"]["slc_auc_normalized"] for p in pairs)
+        assert averages[label]["worst_case_slc_auc_normalized"] == pytest.approx(expected)
+
+    diffusion = results["diffusion"]
+    assert set(diffusion["worst_case_restricted_mse"]) == {"sophon", "original", "scratch"}
+    assert all(v > 0 for curve in diffusion["worst_case_restricted_mse"].values() for v in curve.values())
+
+    cost = results["cost"]["models"]["tiny-resnet"]
+    assert cost["plain_step_s"] > 0 and cost["ntp_over_plain"] == pytest.approx(
+        cost["ntp_step_s"] / cost["plain_step_s"]
+    )
+    assert cost["fts_peak_mib_k1"] > 0 and cost["fts_peak_mib_k3"] > 0
+
+    markdown = (root / "results" / "results.md").read_text()
+    assert "## Protection quality" in markdown and "## Diffusion" in markdown and "## Cost" in markdown
+    assert markdown.count(" → ") >= 6 and "NTP reference notebooks" in markdown
+    assert (root / "results" / "slc_auc_heatmap.png").stat().st_size > 10_000
+
+
+def test_a_second_run_reuses_every_stage_and_other_settings_are_refused(tiny_bench, capsys):
+    root, argv, _ = tiny_bench
+    before = json.loads((root / "results" / "results.json").read_text())
+    bench.main(argv)
+    out = capsys.readouterr().out
+    assert out.count("reusing") == 3  # one finished JSON per section: nothing recomputed
+    after = json.loads((root / "results" / "results.json").read_text())
+    assert after["quality"] == before["quality"] and after["cost"] == before["cost"]
+    with pytest.raises(SystemExit, match="other settings"):
+        bench.main([*argv[: argv.index("--seeds") + 1], "1", *argv[argv.index("--seeds") + 2 :]])
+
+
+def test_bad_bench_arguments_are_refused_before_any_work():
+    with pytest.raises(ValueError, match="Unknown sections"):
+        bench.BenchArguments(sections=["speed"])
+    with pytest.raises(ValueError, match="at least two domains"):
+        bench.BenchArguments(domains=["uci-digits"])
+    with pytest.raises(ValueError, match="Unknown cost models"):
+        bench.BenchArguments(cost_models=["resnet-152"])
+
+
+def test_the_heatmap_leaves_the_diagonal_blank_and_writes_a_png(tmp_path):
+    domains = ["a", "b", "c"]
+    panel = {(s, t): 0.1 * i for i, (s, t) in enumerate((s, t) for s in domains for t in domains if s != t)}
+    plot_pair_heatmaps({"one": panel, "two": panel}, domains, tmp_path / "h.png", "t", columns=2, value_label="v")
+    assert (tmp_path / "h.png").stat().st_size > 5_000
