@@ -102,7 +102,8 @@ def plot_pair_heatmaps(
             grid[domains.index(source), domains.index(target)] = value
         image = axis.imshow(grid, cmap="RdBu_r", vmin=-limit, vmax=limit)
         for i, j in zip(*np.nonzero(~np.isnan(grid)), strict=True):
-            axis.text(j, i, f"{grid[i, j]:+.2f}", ha="center", va="center", fontsize=8)
+            colour = "white" if abs(grid[i, j]) > 0.6 * limit else "black"
+            axis.text(j, i, f"{grid[i, j]:+.2f}", ha="center", va="center", fontsize=8, color=colour)
         axis.set_xticks(range(len(domains)), domains, rotation=30, ha="right", fontsize=7)
         axis.set_yticks(range(len(domains)), domains, fontsize=7)
         axis.set_xlabel("target (attacker's domain)", fontsize=7)
