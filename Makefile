@@ -21,7 +21,7 @@ demo: $(STAMP)
 model-cards: $(STAMP)
 	$(BIN)/python scripts/reference_cards.py --runs runs/reference --cards model_cards
 
-# Protection quality, diffusion and cost benchmarks into benchmarks/ (about 80 minutes on 2 CPU
+# Protection quality, diffusion and cost benchmarks into benchmarks/ (about 75 minutes on 2 CPU
 # cores; finished stages in runs/bench are reused). Not part of `make test`.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py --runs_dir runs/bench --output_dir benchmarks
