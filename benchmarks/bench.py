@@ -108,9 +108,7 @@ class BenchArguments:
     diffusion_test_samples: int = field(default=200, metadata={"help": "Test images per domain for the MSE."})
     cost_models: list[str] = field(
         default_factory=lambda: ["tiny-resnet", "small-resnet", "resnet-18"],
-        metadata={
-            "help": f"Model sizes timed in the cost section: {', '.join(['tiny-resnet', 'small-resnet', 'resnet-18'])}."
-        },
+        metadata={"help": "Model sizes timed in the cost section: tiny-resnet, small-resnet, resnet-18."},
     )
     cost_steps: int = field(default=20, metadata={"help": "Timed plain Trainer steps (after 3 warm-up)."})
     cost_sophon_iterations: int = field(default=5, metadata={"help": "Timed SOPHON iterations (after 1 warm-up)."})
@@ -122,7 +120,7 @@ class BenchArguments:
         if unknown:
             raise ValueError(f"Unknown sections {unknown}; choose from {list(SECTIONS)}.")
         if "quality" in self.sections and len(self.domains) < 2:
-            raise ValueError("The quality section needs at least two domains (the issue asks for three).")
+            raise ValueError("The quality section needs at least two domains (three by default).")
         if len(set(self.domains)) != len(self.domains):
             raise ValueError(f"Domains must be distinct, got {self.domains}.")
         if len(self.cost_inner_steps) != 2:
@@ -133,7 +131,7 @@ class BenchArguments:
 
 
 def _stage_config(config_class: type, yaml_path: str | None, options: list[str], prog: str) -> Any:
-    """A stage's config from the bench's fixed options plus an optional YAML of overrides (which win)."""
+    """A stage's config: an optional YAML of further options, then the bench's own (paths, domains), which win."""
     argv = [*options, *(["--config", yaml_path] if yaml_path else []), "--report_to", "none"]
     (config,) = parse([config_class], argv, prog)
     return config
@@ -162,6 +160,7 @@ def _cached(path: Path, compute) -> dict[str, Any]:
 
 
 def fit_source(args: BenchArguments, folder: Path, domain: str) -> Path:
+    """The owner's source model for `domain` (a plain `Trainer` run of `source_steps` steps)."""
     model = folder / MODEL_SUBDIR
     if not read_record(model):
         print(f"  fitting {args.model} on {domain}")
@@ -172,6 +171,7 @@ def fit_source(args: BenchArguments, folder: Path, domain: str) -> Path:
 
 
 def protect(args: BenchArguments, folder: Path, source_model: Path, source: str, target: str, method: str) -> Path:
+    """The source model protected against `target` with `method` (its defaults, or the bench's YAML)."""
     model = folder / MODEL_SUBDIR
     if not read_record(model):
         print(f"  protecting the {source} model against {target} with {method}")
@@ -224,6 +224,7 @@ def audit(args: BenchArguments, folder: Path, models: dict[str, Path], target: s
 
 
 def quality(args: BenchArguments, runs: Path) -> dict[str, Any]:
+    """Source models, protections and audits for every ordered pair; per pair, what the tables need."""
     suite_names = [
         spec.name for spec in load_suite(args.suite, pruned=True, steps=args.attack_steps, only=args.attacks)
     ]
@@ -291,6 +292,7 @@ def quality_averages(result: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 
 def diffusion(args: BenchArguments, runs: Path) -> dict[str, Any]:
+    """fit-ddpm on the first domain, SOPHON (DoS) against the second, then the diffusion audit."""
     source, target = args.domains[0], args.domains[1]
     folder = runs / "diffusion"
     original = folder / "source" / MODEL_SUBDIR
@@ -379,6 +381,7 @@ def _seconds_per_step(trainer: Trainer, warmup: int) -> float:
 
 
 def cost(args: BenchArguments, runs: Path) -> dict[str, Any]:
+    """Step times of a plain `Trainer`, NTP and SOPHON, SOPHON's memory at two K and one attack run, per size."""
     preprocessor = ImagePreprocessor(image_size=32)
     source = load_image_classification_dataset(args.domains[0], image_size=32)
     target = load_image_classification_dataset(args.domains[1], image_size=32)
