@@ -1,4 +1,4 @@
-"""Plots for reports and model cards (matplotlib PNGs): learning curves, denoising curves, sample grids."""
+"""Plots for reports and cards (matplotlib PNGs): learning curves, denoising curves, sample grids, pair heatmaps."""
 
 from __future__ import annotations
 
