@@ -45,7 +45,7 @@ from transformers.utils import logging as transformers_logging
 from hf_ntl.artifacts import read_record
 from hf_ntl.attacks import EncodedSplit, finetuned_accuracy, load_suite
 from hf_ntl.attacks.suite import MASKED_ATTACK
-from hf_ntl.cli import parse
+from hf_ntl.cli import stage_config
 from hf_ntl.data import (
     ImageClassificationCollator,
     ImagePreprocessor,
@@ -130,13 +130,6 @@ class BenchArguments:
             raise ValueError(f"Unknown cost models {bad}; choose from {list(COST_MODELS)}.")
 
 
-def _stage_config(config_class: type, yaml_path: str | None, options: list[str], prog: str) -> Any:
-    """A stage's config: an optional YAML of further options, then the bench's own (paths, domains), which win."""
-    argv = [*options, *(["--config", yaml_path] if yaml_path else []), "--report_to", "none"]
-    (config,) = parse([config_class], argv, prog)
-    return config
-
-
 def _cached(path: Path, compute) -> dict[str, Any]:
     """The JSON at `path` if a finished run left it, else `compute()` (with its `wall_time_s`) written there atomically.
 
@@ -166,7 +159,7 @@ def fit_source(args: BenchArguments, folder: Path, domain: str) -> Path:
         print(f"  fitting {args.model} on {domain}")
         options = ["--output_dir", str(folder), "--model_name_or_path", args.model, "--dataset_name", domain]
         options += ["--max_steps", str(args.source_steps), "--logging_strategy", "no", "--disable_tqdm", "true"]
-        run_source(_stage_config(SourceConfig, None, options, "bench fit-source"))
+        run_source(stage_config(SourceConfig, None, options, "bench fit-source"))
     return model
 
 
@@ -180,7 +173,7 @@ def protect(args: BenchArguments, folder: Path, source_model: Path, source: str,
         options += ["--source_dataset", source, "--target_dataset", target]
         options += ["--logging_strategy", "no", "--disable_tqdm", "true"]
         yaml_path = args.ntp_config if method == "ntp" else args.sophon_config
-        run(_stage_config(config_class, yaml_path, options, f"bench protect-{method}"))
+        run(stage_config(config_class, yaml_path, options, f"bench protect-{method}"))
     return model
 
 
@@ -299,13 +292,13 @@ def diffusion(args: BenchArguments, runs: Path) -> dict[str, Any]:
     if not read_record(original):
         print(f"[diffusion] fitting the tiny DDPM on {source}")
         options = ["--output_dir", str(folder / "source"), "--dataset_name", source, "--disable_tqdm", "true"]
-        run_diffusion_source(_stage_config(DiffusionSourceConfig, args.ddpm_config, options, "bench fit-ddpm"))
+        run_diffusion_source(stage_config(DiffusionSourceConfig, args.ddpm_config, options, "bench fit-ddpm"))
     protected = folder / "sophon" / MODEL_SUBDIR
     if not read_record(protected):
         print(f"[diffusion] protecting it against {target} with SOPHON (DoS)")
         options = ["--output_dir", str(folder / "sophon"), "--model_name_or_path", str(original)]
         options += ["--source_dataset", source, "--target_dataset", target, "--disable_tqdm", "true"]
-        config = _stage_config(SophonDiffusionConfig, args.sophon_diffusion_config, options, "bench protect")
+        config = stage_config(SophonDiffusionConfig, args.sophon_diffusion_config, options, "bench protect")
         run_sophon_diffusion(config)
     audit_dir = folder / "audit"
     if (audit_dir / "report.json").is_file():
@@ -459,8 +452,8 @@ def cost(args: BenchArguments, runs: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- results
 
 
-def quality_tables(result: dict[str, Any]) -> tuple[str, str]:
-    """(per-pair table, averages-beside-anchors table) in Markdown."""
+def quality_tables(result: dict[str, Any], averages: dict[str, dict[str, float]]) -> tuple[str, str]:
+    """(per-pair table, averages-beside-anchors table) in Markdown; `averages` from `quality_averages`."""
     n = result["largest_n"]
     grid_range = float(np.log(max(result["counts"]) / min(result["counts"])))
     header = ["pair", "source acc. (%) orig / NTP / SOPHON"]
@@ -476,7 +469,6 @@ def quality_tables(result: dict[str, Any]) -> tuple[str, str]:
             f"{100 * pair[label]['worst_case_accuracy_at_largest_n']:.1f}" for label in (*LABELS, SCRATCH)
         )
         rows.append([f"{pair['source']} → {pair['target']}", accuracies, *scores, at_n])
-    averages = quality_averages(result)
     rows.append(
         [
             "**average**",
@@ -605,8 +597,8 @@ def write_results(args: BenchArguments, results: dict[str, Any], out: Path) -> s
     ]
     if "quality" in results:
         quality_result = results["quality"]
-        pairs, anchors = quality_tables(quality_result)
-        results["quality"]["averages"] = quality_averages(quality_result)
+        quality_result["averages"] = quality_averages(quality_result)
+        pairs, anchors = quality_tables(quality_result, quality_result["averages"])
         seeds, counts = quality_result["seeds"], quality_result["counts"]
         parts += [
             "## Protection quality",

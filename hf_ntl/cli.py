@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 from diffusers.utils import logging as diffusers_logging
@@ -145,6 +146,14 @@ def parse(dataclass_types: Sequence[type], argv: Sequence[str], prog: str) -> tu
     return tuple(p for p in parsed if not isinstance(p, argparse.Namespace))
 
 
+def stage_config(config_class: type, config_file: str | None, options: Sequence[str], prog: str) -> Any:
+    """A stage's config for a pipeline driving stages (demo, bench): the YAML `config_file`'s options, then
+    `options` (paths, domains), which win; no experiment trackers."""
+    argv = [*(["--config", config_file] if config_file else []), *options, "--report_to", "none"]
+    (config,) = parse([config_class], argv, prog)
+    return config
+
+
 def fit_source_command(argv: Sequence[str]) -> None:
     (config,) = parse([SourceConfig], argv, "hf-ntl fit-source")
     record = run_source(config)
@@ -160,14 +169,18 @@ def protect_ntp_command(argv: Sequence[str]) -> None:
     )
 
 
+def _guard_note(record: dict[str, Any]) -> str:
+    tripped = record["guard"]["tripped_at"]
+    return f"  (guard tripped at step {tripped}: kept step {record['guard']['last_good_step']})" if tripped else ""
+
+
 def protect_sophon_command(argv: Sequence[str]) -> None:
     (config,) = parse([SophonConfig], argv, "hf-ntl protect-sophon")
     record = run_sophon(config)
-    tripped = record["guard"]["tripped_at"]
     print(
         f"protected model: {Path(config.output_dir) / MODEL_SUBDIR}  source accuracy "
         f"{100 * record['source_accuracy_before']:.2f}% -> {100 * record['source_accuracy_after']:.2f}%"
-        + (f"  (guard tripped at step {tripped}: kept step {record['guard']['last_good_step']})" if tripped else "")
+        + _guard_note(record)
     )
 
 
@@ -189,12 +202,10 @@ def protect_sophon_diffusion_command(argv: Sequence[str]) -> None:
     (config,) = parse([SophonDiffusionConfig], argv, "hf-ntl protect-sophon-diffusion")
     record = run_sophon_diffusion(config)
     before, after = record["denoising_mse_before"], record["denoising_mse_after"]
-    tripped = record["guard"]["tripped_at"]
     print(
         f"protected pipeline: {Path(config.output_dir) / MODEL_SUBDIR}  denoising MSE, original domain "
         f"{before['source']:.4f} -> {after['source']:.4f}, restricted {before['target']:.4f} -> {after['target']:.4f}"
-        f"  ({record['wall_time_s']:.0f} s)"
-        + (f"  (guard tripped at step {tripped}: kept step {record['guard']['last_good_step']})" if tripped else "")
+        f"  ({record['wall_time_s']:.0f} s)" + _guard_note(record)
     )
 
 
@@ -243,12 +254,10 @@ def demo_command(argv: Sequence[str]) -> None:
     else:
         print(f"[2/4] protecting it with {args.method} against {args.target_dataset}")
         config_class, run = PROTECTIONS[args.method]
-        options = ["--config", args.protect_config] if args.protect_config else []
-        options += ["--output_dir", str(out / args.method), "--model_name_or_path", str(source_model)]
+        options = ["--output_dir", str(out / args.method), "--model_name_or_path", str(source_model)]
         options += ["--source_dataset", args.source_dataset, "--target_dataset", args.target_dataset]
-        options += ["--report_to", "none", "--logging_strategy", "no"]
-        (config,) = parse([config_class], options, f"hf-ntl demo ({args.method})")
-        record = run(config)
+        options += ["--logging_strategy", "no"]
+        record = run(stage_config(config_class, args.protect_config, options, f"hf-ntl demo ({args.method})"))
         print(
             f"      source accuracy {100 * record['source_accuracy_before']:.2f}% -> "
             f"{100 * record['source_accuracy_after']:.2f}%  ({record['wall_time_s']:.0f} s)"
