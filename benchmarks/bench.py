@@ -130,6 +130,15 @@ class BenchArguments:
             raise ValueError(f"Unknown cost models {bad}; choose from {list(COST_MODELS)}.")
 
 
+def check_sample_counts(args: BenchArguments) -> None:
+    """Refuse sample counts a target cannot supply now, not after the first hour of training."""
+    targets = args.domains if "quality" in args.sections else []
+    for domain in targets:
+        check_counts(args.counts, len(load_image_classification_dataset(domain)["train"]))
+    if "diffusion" in args.sections:
+        check_counts(args.diffusion_counts, len(load_image_classification_dataset(args.domains[1])["train"]))
+
+
 def _cached(path: Path, compute) -> dict[str, Any]:
     """The JSON at `path` if a finished run left it, else `compute()` (with its `wall_time_s`) written there atomically.
 
@@ -670,6 +679,7 @@ def main(argv: list[str] | None = None) -> None:
     transformers_logging.disable_progress_bar()
     diffusers_logging.disable_progress_bar()
     start = time.perf_counter()
+    check_sample_counts(args)
     runs = Path(args.runs_dir)
     if args.overwrite and runs.exists():
         shutil.rmtree(runs)

@@ -134,6 +134,16 @@ def test_bad_bench_arguments_are_refused_before_any_work():
         bench.BenchArguments(cost_models=["resnet-152"])
 
 
+def test_sample_counts_a_target_cannot_supply_are_refused_before_any_training(tmp_path):
+    domains = [tiny_domain(tmp_path / name, seed) for seed, name in enumerate(["red", "green"])]
+    common = ["--runs_dir", str(tmp_path / "runs"), "--output_dir", str(tmp_path / "results"), "--domains", *domains]
+    with pytest.raises(ValueError, match=r"Sample counts must lie in 1..96"):
+        bench.main([*common, "--sections", "quality", "--counts", "10", "500"])
+    with pytest.raises(ValueError, match=r"Sample counts must lie in 1..96"):
+        bench.main([*common, "--sections", "diffusion", "--diffusion_counts", "10", "500"])
+    assert not (tmp_path / "runs").exists()  # nothing written, so the corrected command starts cleanly
+
+
 def test_the_heatmap_leaves_the_diagonal_blank_and_writes_a_png(tmp_path):
     domains = ["a", "b", "c"]
     panel = {(s, t): 0.1 * i for i, (s, t) in enumerate((s, t) for s in domains for t in domains if s != t)}
