@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench lint format model-cards clean
+.PHONY: install demo test bench bench-budget bench-quick lint format model-cards clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,10 +21,19 @@ demo: $(STAMP)
 model-cards: $(STAMP)
 	$(BIN)/python scripts/reference_cards.py --runs runs/reference --cards model_cards
 
-# Protection quality, diffusion and cost benchmarks into benchmarks/ (about 75 minutes on 2 CPU
-# cores; finished stages in runs/bench are reused). Not part of `make test`.
+# Protection quality, diffusion and cost benchmarks into benchmarks/ (see benchmarks/results.md for
+# the time each section took on 2 CPU cores; finished stages in runs/bench are reused). Not part of
+# `make test`. bench-budget adds the scratch-convergence check (scratch at twice the attack budget).
 bench: $(STAMP)
+	$(BIN)/python benchmarks/bench.py --runs_dir runs/bench --output_dir benchmarks --sections quality diffusion cost
+
+bench-budget: $(STAMP)
 	$(BIN)/python benchmarks/bench.py --runs_dir runs/bench --output_dir benchmarks
+
+# For iterating on a protection: the strongest attacks of the full bench, one seed, quality only.
+bench-quick: $(STAMP)
+	$(BIN)/python benchmarks/bench.py --runs_dir runs/bench-quick --output_dir runs/bench-quick/results \
+		--sections quality --seeds 0 --attacks full lora-r16 sgdm-lr1e-2 sgdm-lr1e-1 adamw-lr1e-2 full-masked
 
 test: lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=8

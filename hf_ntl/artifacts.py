@@ -14,7 +14,12 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from .data.fingerprint import SampleSet
+
 RECORD_FILE = "hf_ntl.json"
+# Beside the record: a hash per image of every sample set the stage trained on (a few hundred kB
+# for 10,000 images, kept out of the record that cards and users read).
+SAMPLES_FILE = "hf_ntl_samples.json"
 
 
 @contextmanager
@@ -51,6 +56,20 @@ def read_record(folder: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def write_samples(folder: str | os.PathLike, samples: dict[str, SampleSet]) -> None:
+    """Write the per-image hashes of each role's samples (`hf_ntl_samples.json`) for the leakage guard."""
+    content = {role: sample_set.to_dict() for role, sample_set in samples.items()}
+    (Path(folder) / SAMPLES_FILE).write_text(json.dumps(content) + "\n")
+
+
+def read_samples(folder: str | os.PathLike) -> dict[str, SampleSet] | None:
+    """The sample sets a model folder records, or `None` when it records none (a Hub model, an older run)."""
+    path = Path(folder) / SAMPLES_FILE
+    if not path.is_file():
+        return None
+    return {role: SampleSet.from_dict(values) for role, values in json.loads(path.read_text()).items()}
+
+
 RUN_FILE = "hf_ntl_run.json"
 # The `TrainingArguments` settings that shape a result, recorded beside a config's own fields.
 RECORDED_TRAINING_ARGUMENTS = (
@@ -70,6 +89,25 @@ def run_settings(config: Any, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     own = [f.name for f in dataclasses.fields(config) if f.name not in base and f.name != "overwrite"]
     names = own + [name for name in (*RECORDED_TRAINING_ARGUMENTS, *extra) if name in base and hasattr(config, name)]
     return json.loads(json.dumps({name: getattr(config, name) for name in names}, default=str))
+
+
+def run_identity(stage: str, config: Any, method: str | None = None) -> dict[str, Any]:
+    """What makes a run this run: its stage, its method and every setting that shapes its result.
+
+    Written to `hf_ntl_run.json` by `claim_output_dir`; a pipeline (demo, bench) reuses a finished
+    stage only when this equals the recorded identity (`finished_run`).
+    """
+    identity: dict[str, Any] = {"stage": stage, **({"method": method} if method else {})}
+    return identity | run_settings(config, extra=("num_train_epochs",))
+
+
+def finished_run(output_dir: str | os.PathLike, identity: dict[str, Any], finished: str = "model/hf_ntl.json") -> bool:
+    """Whether `output_dir` holds a finished result (`finished`) of exactly the run `identity` describes."""
+    out = Path(output_dir)
+    run_file = out / RUN_FILE
+    if not ((out / finished).is_file() and run_file.is_file()):
+        return False
+    return json.loads(run_file.read_text()) == json.loads(json.dumps(identity))
 
 
 class OutputDirError(ValueError):
@@ -103,7 +141,7 @@ def claim_output_dir(
     if not overwrite:
         if (out / finished).is_file():
             raise OutputDirError(f"{out} already holds a finished result ({out / finished}); {hint}")
-        if previous is not None and previous != identity:
+        if previous is not None and previous != identity and checkpoints:
             changed = sorted(k for k in identity.keys() | previous.keys() if identity.get(k) != previous.get(k))
             raise OutputDirError(f"{out} holds checkpoints of another run (differing in {', '.join(changed)}); {hint}")
         if previous is None and checkpoints:

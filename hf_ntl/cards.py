@@ -98,7 +98,11 @@ def _attack_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _describe_attack(spec: dict[str, Any]) -> str:
     trained = {"all": "all weights", "head": "head only", "lora": f"LoRA r={spec['lora_rank']} + head"}
-    parts = [trained[spec["trainable"]], f"{spec['optimizer']} lr {spec['learning_rate']:g}", f"{spec['steps']} steps"]
+    budget = f"{spec['steps']} steps"
+    if spec.get("epochs") is not None:
+        ceiling = f", at most {spec['max_steps']}" if spec.get("max_steps") is not None else ""
+        budget = f"{spec['epochs']:g} epochs, at least {spec['steps']} steps{ceiling}"
+    parts = [trained[spec["trainable"]], f"{spec['optimizer']} lr {spec['learning_rate']:g}", budget]
     if spec["reinit_head"]:
         parts.append("fresh head")
     if spec["mask"] == "masked":
@@ -143,8 +147,9 @@ def build_card(
         metrics=["accuracy", "slc_auc"],
         eval_results=_eval_results(record, report, "model"),
     )
-    worst = report["worst_case_curves"]
+    worst, chosen = report["worst_case_curves"], report["worst_case_attacks"]
     labels = list(report["slc_auc"])
+    steps = report["steps_per_count"]
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE),
@@ -155,14 +160,39 @@ def build_card(
         labels=labels,
         attack_rows=_attack_rows(report),
         accuracy_rows=[
-            {"n": n, **{label: _percent(worst[label][n]) for label in [*labels, SCRATCH]}} for n in report["counts"]
+            {"n": n, **{label: f"{_percent(worst[label][n])} ({chosen[label][n]})" for label in [*labels, SCRATCH]}}
+            for n in report["counts"]
         ],
+        steps_note=", ".join(f"n = {n}: {'/'.join(map(str, steps[n]))} steps" for n in report["counts"]),
+        max_steps=max(max(per_count) for per_count in steps.values()),
+        leakage_note=_leakage_note(report["test_overlap"]),
         scratch=SCRATCH,
         percent=_percent,
         embedded_note=EMBEDDED_DOMAINS_NOTE,
         has_plot=(report_dir / PLOT).is_file(),
         config_items=sorted(record.get("config", {}).items()),
     )
+
+
+def _leakage_note(overlap: dict[str, Any]) -> str:
+    """What the card says of the leakage guard's check of the test split against the training records."""
+    sets = sum(len(per_model) for per_model in overlap["counts"].values())
+    unrecorded = sorted({path for paths in overlap["unrecorded"].values() for path in paths})
+    if overlap["total"]:
+        note = (
+            f"**{overlap['total']} test images were trained on** (allowed for a deliberate experiment): the figures "
+            "below overstate what an attacker gets from unseen data."
+        )
+    elif not sets:
+        note = "not possible: no record of this model's (or its original's) training data was found."
+    else:
+        note = (
+            f"the {sets} sample sets this model's records (and its original's) say were trained on hold none of the "
+            "test images (hashes of every image compared before any fine-tuning)."
+        )
+    if unrecorded:
+        note += f" No record of training data for: {', '.join(unrecorded)} (not checked)."
+    return note
 
 
 def write_card(model_dir: str | os.PathLike, report_dir: str | os.PathLike, model_name: str | None = None) -> ModelCard:

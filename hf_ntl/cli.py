@@ -36,7 +36,7 @@ from diffusers.utils import logging as diffusers_logging
 from transformers import HfArgumentParser
 from transformers.utils import logging as transformers_logging
 
-from .artifacts import read_record
+from .artifacts import finished_run, run_identity
 from .cards import push_to_hub, write_card
 from .evaluation import EvaluateArguments, format_report_table, read_report, run_evaluation
 from .evaluation_diffusion import DiffusionEvaluateArguments, format_denoising_table, run_evaluation_diffusion
@@ -232,54 +232,60 @@ def demo_command(argv: Sequence[str]) -> None:
     out = Path(args.output_dir)
     if args.overwrite and out.exists():
         shutil.rmtree(out)
-    source_model, protected_model = out / "source" / MODEL_SUBDIR, out / args.method / MODEL_SUBDIR
-    audit = out / "audit"
-    if read_record(source_model):
+    # A finished stage is reused only when it is exactly the run asked for (its recorded identity);
+    # a stage with other settings is not reused, and its own folder check says what to do.
+    source_config = SourceConfig(
+        output_dir=str(out / "source"),
+        model_name_or_path=args.model,
+        dataset_name=args.source_dataset,
+        num_train_epochs=args.source_epochs,
+        num_train_samples=args.source_samples,
+        logging_strategy="epoch",
+        report_to="none",
+    )
+    source_model = out / "source" / MODEL_SUBDIR
+    if finished_run(source_config.output_dir, run_identity("source", source_config)):
         print(f"[1/4] reusing the source model in {source_model} (--overwrite to refit)")
     else:
         print(f"[1/4] fitting {args.model} on {args.source_dataset}")
-        config = SourceConfig(
-            output_dir=str(out / "source"),
-            model_name_or_path=args.model,
-            dataset_name=args.source_dataset,
-            num_train_epochs=args.source_epochs,
-            num_train_samples=args.source_samples,
-            logging_strategy="epoch",
-            report_to="none",
-        )
-        record = run_source(config)
+        record = run_source(source_config)
         print(f"      source test accuracy {100 * record['test_accuracy']:.2f}%")
-    if read_record(protected_model):
+
+    config_class, run = PROTECTIONS[args.method]
+    options = ["--output_dir", str(out / args.method), "--model_name_or_path", str(source_model)]
+    options += ["--source_dataset", args.source_dataset, "--target_dataset", args.target_dataset]
+    options += ["--logging_strategy", "no"]
+    protect_config = stage_config(config_class, args.protect_config, options, f"hf-ntl demo ({args.method})")
+    protected_model = out / args.method / MODEL_SUBDIR
+    if finished_run(protect_config.output_dir, run_identity("protect", protect_config, args.method)):
         print(f"[2/4] reusing the protected model in {protected_model}")
     else:
         print(f"[2/4] protecting it with {args.method} against {args.target_dataset}")
-        config_class, run = PROTECTIONS[args.method]
-        options = ["--output_dir", str(out / args.method), "--model_name_or_path", str(source_model)]
-        options += ["--source_dataset", args.source_dataset, "--target_dataset", args.target_dataset]
-        options += ["--logging_strategy", "no"]
-        record = run(stage_config(config_class, args.protect_config, options, f"hf-ntl demo ({args.method})"))
+        record = run(protect_config)
         print(
             f"      source accuracy {100 * record['source_accuracy_before']:.2f}% -> "
             f"{100 * record['source_accuracy_after']:.2f}%  ({record['wall_time_s']:.0f} s)"
         )
-    if (audit / "report.json").is_file():
+
+    # Each method's audit has its own folder: an audit belongs to one model.
+    audit = out / f"audit-{args.method}"
+    attacks = args.attacks or ["full", "head-only", "lora-r4"] + (["full-masked"] if args.method == "ntp" else [])
+    audit_args = EvaluateArguments(
+        model_name_or_path=str(protected_model),
+        original_model_name_or_path=str(source_model),
+        target_dataset=args.target_dataset,
+        suite=args.suite,
+        attacks=attacks,
+        counts=args.counts,
+        seeds=args.seeds,
+        output_dir=str(audit),
+    )
+    if finished_run(audit, run_identity("evaluate", audit_args), finished="report.json"):
         print(f"[3/4] reusing the audit in {audit}")
         report = read_report(audit / "report.json")
     else:
-        attacks = args.attacks or ["full", "head-only", "lora-r4"] + (["full-masked"] if args.method == "ntp" else [])
         print(f"[3/4] attacking it and the original on {args.target_dataset}: {', '.join(attacks)}; n = {args.counts}")
-        report = run_evaluation(
-            EvaluateArguments(
-                model_name_or_path=str(protected_model),
-                original_model_name_or_path=str(source_model),
-                target_dataset=args.target_dataset,
-                suite=args.suite,
-                attacks=attacks,
-                counts=args.counts,
-                seeds=args.seeds,
-                output_dir=str(audit),
-            )
-        )
+        report = run_evaluation(audit_args)
     write_card(protected_model, audit)
     print(f"[4/4] model card: {protected_model / 'README.md'}\n")
     print(format_report_table(report))

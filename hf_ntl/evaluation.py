@@ -3,8 +3,13 @@
 For every attack, seed and sample count, a fresh copy of the model under test (and, optionally,
 of the unprotected original) is fine-tuned on the first n samples of a seeded, class-stratified
 order of the target train split, and so is a randomly initialised copy of the same architecture
-under exactly the same `AttackSpec`. Every run reports its final test accuracy: nothing is
-selected on the test split.
+under exactly the same `AttackSpec`. Every run reports its final accuracy on a validation split
+(carved from the target train split, fixed by the data set and disjoint from every learning-curve
+subset) and on the test split: the worst case picks each n's attack on validation and reports its
+test accuracy; nothing is selected on the test split.
+
+Before any fine-tuning, the leakage guard (`hf_ntl.leakage`) checks that no test image is among
+the samples the models' records say they were trained on.
 
 Runs are independent, so under `accelerate launch` / `torchrun` each process takes its share and
 the results are gathered on every rank; the report is identical to a single-process run.
@@ -24,10 +29,13 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from .artifacts import claim_output_dir, read_record, run_settings
-from .attacks.finetune import AttackSpec, EncodedSplit, finetuned_accuracy, pruning_masks
+from .artifacts import claim_output_dir, read_record, run_identity
+from .attacks.finetune import AttackSpec, EncodedSplit, finetuned_accuracies, pruning_masks
 from .attacks.suite import load_suite
 from .data import ImagePreprocessor, class_names, load_image_classification_dataset, stratified_order
+from .data.fingerprint import SampleSet
+from .data.loading import validation_split
+from .leakage import check_test_overlap, test_hashes_by_size
 from .metrics import predict_accuracy
 from .metrics.learning_curve import (
     CurvePoint,
@@ -35,7 +43,7 @@ from .metrics.learning_curve import (
     counts_from_fractions,
     mean_curve,
     scratch_copy,
-    worst_case_curve,
+    selected_curve,
 )
 from .metrics.plots import plot_learning_curves
 from .metrics.slc_auc import slc_auc
@@ -62,7 +70,15 @@ class EvaluateArguments:
         default_factory=lambda: [10, 50, 200], metadata={"help": "Target sample counts (at least two)."}
     )
     fractions: list[float] | None = field(
-        default=None, metadata={"help": "Fractions of the target train split instead of counts."}
+        default=None,
+        metadata={"help": "Fractions of the target train split (less the validation split) instead of counts."},
+    )
+    validation_samples: int = field(
+        default=200,
+        metadata={
+            "help": "Target train samples held out to choose the worst-case attack per n (fixed by the data set; "
+            "never in a learning-curve subset)."
+        },
     )
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds (subset order and runs)."})
     original_model_name_or_path: str | None = field(
@@ -72,12 +88,22 @@ class EvaluateArguments:
         default=False,
         metadata={"help": "Give the model a fresh head of the target's class count when the counts differ."},
     )
+    allow_test_overlap: bool = field(
+        default=False,
+        metadata={
+            "help": "Go on when test images were trained on (a deliberate experiment; the report and card say so)."
+        },
+    )
     output_dir: str | None = field(default=None, metadata={"help": "Where to write report.json and the plot."})
     overwrite: bool = field(default=False, metadata={"help": "Replace the report already in output_dir."})
 
     def __post_init__(self) -> None:
         if not self.seeds:
             raise ValueError("Give at least one seed.")
+        if self.validation_samples < 10:
+            raise ValueError(
+                f"validation_samples must be at least 10 to choose between attacks, got {self.validation_samples}."
+            )
 
 
 @dataclass(frozen=True)
@@ -122,21 +148,29 @@ def sparsity(model: PreTrainedModel) -> float:
 def run_attacks(
     models: dict[str, PreTrainedModel],
     train: EncodedSplit,
+    validation: EncodedSplit,
     test: EncodedSplit,
     suite: list[AttackSpec],
     counts: list[int],
     seeds: list[int],
     progress: bool = True,
+    reference: PreTrainedModel | None = None,
+    with_scratch: bool = True,
 ) -> list[CurvePoint]:
     """Every (model, attack, seed, count) run, plus the scratch baseline, spread over processes.
 
     `models` maps labels ("model", "original") to checkpoints; the scratch baseline is a fresh,
-    seed-initialised copy of the first model's architecture.
+    seed-initialised copy of `reference`'s architecture (default: the first model's; with no
+    models, only scratch runs). `with_scratch=False` leaves scratch out (for a caller that shares
+    one baseline between audits). `train` is the pool learning-curve subsets are drawn from (the
+    target train split less `validation`).
     """
-    labels = [*models, SCRATCH]
+    labels = [*models, SCRATCH] if with_scratch else list(models)
     runs = [_Run(label, spec, seed, n) for spec in suite for label in labels for seed in seeds for n in counts]
     orders = {seed: torch.from_numpy(stratified_order(train.labels.numpy(), seed)) for seed in seeds}
-    reference = next(iter(models.values()))
+    if reference is None and not models:
+        raise ValueError("run_attacks needs a model, or a `reference` architecture for scratch-only runs.")
+    reference = reference if reference is not None else next(iter(models.values()))
     state = process_state()
     mine = []
     with state.split_between_processes(runs) as share:
@@ -145,35 +179,68 @@ def run_attacks(
             model = model.to(state.device)
             start = time.perf_counter()
             subset = train.select(orders[run.seed][: run.num_samples])
-            accuracy = finetuned_accuracy(model, subset, test, run.spec, run.seed)
-            seconds = time.perf_counter() - start
+            scores = finetuned_accuracies(model, subset, {"test": test, "validation": validation}, run.spec, run.seed)
             mine.append(
-                CurvePoint(run.label, run.spec.name, run.num_samples, run.seed, accuracy, run.spec.steps, seconds)
+                CurvePoint(
+                    run.label,
+                    run.spec.name,
+                    run.num_samples,
+                    run.seed,
+                    accuracy=scores["test"],
+                    validation_accuracy=scores["validation"],
+                    steps=run.spec.steps_for(run.num_samples),
+                    seconds=time.perf_counter() - start,
+                )
             )
     return gather_object(mine) if state.num_processes > 1 else mine
 
 
 def summarise(points: list[CurvePoint], suite: list[AttackSpec], labels: list[str]) -> dict[str, Any]:
-    """Mean curves per model and attack, worst cases, and SLC-AUC (raw and normalised) of each."""
-    curves = {
-        label: {
-            spec.name: mean_curve(p for p in points if p.model == label and p.attack == spec.name) for spec in suite
+    """Mean curves per model and attack, worst cases, and SLC-AUC (raw and normalised) of each.
+
+    Every choice is made on validation and reported on test: the worst case takes, at each n and
+    for each model (scratch included: an attacker without the model would also pick its best
+    recipe), the attack with the best validation accuracy; the strongest single attack is the one
+    whose validation SLC-AUC against its own scratch run is highest.
+    """
+
+    def curves_of(key: str) -> dict[str, dict[str, dict[int, float]]]:
+        return {
+            label: {
+                spec.name: mean_curve((p for p in points if p.model == label and p.attack == spec.name), key)
+                for spec in suite
+            }
+            for label in [*labels, SCRATCH]
         }
-        for label in [*labels, SCRATCH]
-    }
-    worst = {label: worst_case_curve(curves[label].values()) for label in curves}
+
+    curves, validation_curves = curves_of("accuracy"), curves_of("validation_accuracy")
+    worst, chosen = {}, {}
+    for label in curves:
+        worst[label], chosen[label] = selected_curve(curves[label], validation_curves[label])
+
+    def score(label: str, attack: str, on: dict[str, dict[str, dict[int, float]]]) -> dict[str, float]:
+        model_curve, scratch_curve = on[label][attack], on[SCRATCH][attack]
+        return slc_auc(list(model_curve), list(model_curve.values()), list(scratch_curve.values()))
+
     scores: dict[str, Any] = {}
     for label in labels:
-        per_attack = {}
-        for spec in suite:
-            model_curve, scratch_curve = curves[label][spec.name], curves[SCRATCH][spec.name]
-            per_attack[spec.name] = slc_auc(list(model_curve), list(model_curve.values()), list(scratch_curve.values()))
-        # Worst case: the attacker's best result at each count, against the best the same suite
-        # reaches from scratch (an attacker without the model would also pick its best recipe).
+        per_attack = {spec.name: score(label, spec.name, curves) for spec in suite}
+        per_attack_validation = {spec.name: score(label, spec.name, validation_curves) for spec in suite}
         worst_score = slc_auc(list(worst[label]), list(worst[label].values()), list(worst[SCRATCH].values()))
-        strongest = max(per_attack, key=lambda name: per_attack[name]["slc_auc"])
-        scores[label] = {"per_attack": per_attack, "worst_case": worst_score, "strongest_attack": strongest}
-    return {"curves": curves, "worst_case_curves": worst, "slc_auc": scores}
+        strongest = max(per_attack_validation, key=lambda name: per_attack_validation[name]["slc_auc"])
+        scores[label] = {
+            "per_attack": per_attack,
+            "per_attack_validation": per_attack_validation,
+            "worst_case": worst_score,
+            "strongest_attack": strongest,
+        }
+    return {
+        "curves": curves,
+        "validation_curves": validation_curves,
+        "worst_case_curves": worst,
+        "worst_case_attacks": chosen,
+        "slc_auc": scores,
+    }
 
 
 def run_evaluation(args: EvaluateArguments, progress: bool = True) -> dict[str, Any]:
@@ -181,21 +248,27 @@ def run_evaluation(args: EvaluateArguments, progress: bool = True) -> dict[str, 
     start = time.perf_counter()
     if args.output_dir:
         with process_state().main_process_first():
-            identity = {"stage": "evaluate", **run_settings(args)}
-            claim_output_dir(args.output_dir, identity, args.overwrite, finished="report.json")
+            claim_output_dir(args.output_dir, run_identity("evaluate", args), args.overwrite, finished="report.json")
     preprocessor = ImagePreprocessor.from_pretrained(args.model_name_or_path)
-    dataset = load_image_classification_dataset(
-        args.target_dataset,
-        image_column=args.image_column,
-        label_column=args.label_column,
-        image_size=preprocessor.image_size,
-    )
+
+    def load_target(image_size: int):
+        return load_image_classification_dataset(
+            args.target_dataset, image_column=args.image_column, label_column=args.label_column, image_size=image_size
+        )
+
+    dataset = load_target(preprocessor.image_size)
     names = class_names(dataset)
-    available = len(dataset["train"])
+    validation_indices, pool_indices = validation_split(dataset["train"]["label"], args.validation_samples)
+    available = len(pool_indices)
     counts = counts_from_fractions(args.fractions, available) if args.fractions else args.counts
-    counts = check_counts(counts, available)
+    counts = check_counts(counts, available, what=f"the target train split less {args.validation_samples} validation")
     if len(counts) < 2:
         raise ValueError(f"SLC-AUC needs at least two distinct sample counts, got {counts}.")
+    paths = {"model": args.model_name_or_path}
+    if args.original_model_name_or_path:
+        paths["original"] = args.original_model_name_or_path
+    hashes = test_hashes_by_size(dataset["test"], preprocessor.image_size, lambda size: load_target(size)["test"])
+    test_overlap = check_test_overlap(paths, hashes, allow_overlap=args.allow_test_overlap)
 
     # Suite and class counts are checked before any encoding or training.
     model = load_classifier(args.model_name_or_path)
@@ -207,14 +280,22 @@ def run_evaluation(args: EvaluateArguments, progress: bool = True) -> dict[str, 
         path = args.original_model_name_or_path
         models["original"] = _fit_to_target(original, path, names, suite, args.replace_head)
 
-    train = EncodedSplit.from_dataset(dataset["train"], preprocessor)
-    test = EncodedSplit.from_dataset(dataset["test"], preprocessor)
+    splits = {
+        "train pool": (dataset["train"].select(pool_indices), "train"),
+        "validation": (dataset["train"].select(validation_indices), "train"),
+        "test": (dataset["test"], "test"),
+    }
+    samples = {
+        role: SampleSet.of(split, args.target_dataset, name, preprocessor.image_size).summary()
+        for role, (split, name) in splits.items()
+    }
+    train, validation, test = (EncodedSplit.from_dataset(split, preprocessor) for split, _ in splits.values())
     zero_shot = {
         label: predict_accuracy(m, test.pixel_values, test.labels)
         for label, m in models.items()
         if m.config.num_labels == len(names) and not args.replace_head
     }
-    points = run_attacks(models, train, test, suite, counts, args.seeds, progress)
+    points = run_attacks(models, train, validation, test, suite, counts, args.seeds, progress)
     report: dict[str, Any] = {
         "model": args.model_name_or_path,
         "original": args.original_model_name_or_path,
@@ -222,11 +303,15 @@ def run_evaluation(args: EvaluateArguments, progress: bool = True) -> dict[str, 
         "source": read_record(args.model_name_or_path) if Path(args.model_name_or_path).is_dir() else {},
         "classes": len(names),
         "target_train_samples": available,
+        "target_validation_samples": len(validation),
         "target_test_samples": len(test),
+        "samples": samples,
+        "test_overlap": test_overlap,
         "counts": counts,
         "fractions": [n / available for n in counts],
         "seeds": list(args.seeds),
         "suite": [spec.to_dict() for spec in suite],
+        "steps_per_count": {n: sorted({spec.steps_for(n) for spec in suite}) for n in counts},
         "model_sparsity": model_sparsity,
         "zero_shot_accuracy": zero_shot,
         **summarise(points, suite, list(models)),
@@ -251,13 +336,22 @@ def write_report(report: dict[str, Any], folder: Path) -> None:
 def read_report(path: str | Path) -> dict[str, Any]:
     """Load a `report.json`, turning the sample counts JSON made into strings back into ints."""
     report = json.loads(Path(path).read_text())
+    if "validation_curves" not in report:
+        raise ValueError(
+            f"{path} was written by an older hf_ntl, before attacks were chosen on a validation split: rerun "
+            "`hf-ntl evaluate` to measure it under the current protocol."
+        )
     report["curves"] = {
         label: {attack: {int(n): a for n, a in curve.items()} for attack, curve in attacks.items()}
         for label, attacks in report["curves"].items()
     }
-    report["worst_case_curves"] = {
-        label: {int(n): a for n, a in curve.items()} for label, curve in report["worst_case_curves"].items()
+    report["validation_curves"] = {
+        label: {attack: {int(n): a for n, a in curve.items()} for attack, curve in attacks.items()}
+        for label, attacks in report["validation_curves"].items()
     }
+    for key in ("worst_case_curves", "worst_case_attacks"):
+        report[key] = {label: {int(n): v for n, v in curve.items()} for label, curve in report[key].items()}
+    report["steps_per_count"] = {int(n): steps for n, steps in report["steps_per_count"].items()}
     return report
 
 

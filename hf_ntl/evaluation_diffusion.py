@@ -25,10 +25,13 @@ from accelerate.utils import gather_object
 from diffusers import UNet2DModel
 from tqdm.auto import tqdm
 
-from .artifacts import claim_output_dir, read_record, run_settings
+from .artifacts import claim_output_dir, read_record, run_identity
 from .attacks.diffusion import DIFFUSION_SUITE, DiffusionAttackSpec, finetune_unet
 from .data import encode_diffusion_split, load_image_classification_dataset, stratified_order
+from .data.fingerprint import SampleSet
+from .data.loading import SPLIT_SEED, stratified_subset, validation_split
 from .evaluation import SCRATCH, _table, process_state
+from .leakage import check_test_overlap, test_hashes_by_size
 from .metrics.denoising import generate_samples, mean_denoising_mse, timestep_grid
 from .metrics.learning_curve import check_counts
 from .metrics.plots import plot_denoising_curves, plot_sample_grid
@@ -57,6 +60,17 @@ class DiffusionEvaluateArguments:
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds (image order and runs)."})
     probes: int = field(default=4, metadata={"help": "Restricted-MSE measurements along each run's steps."})
     test_samples: int = field(default=256, metadata={"help": "Test images per domain for the MSE."})
+    validation_samples: int = field(
+        default=100,
+        metadata={
+            "help": "Restricted train images held out to choose the strongest attack per n (fixed by the data set; "
+            "never given to an attacker)."
+        },
+    )
+    allow_test_overlap: bool = field(
+        default=False,
+        metadata={"help": "Go on when test images were trained on (a deliberate experiment; the report says so)."},
+    )
     eval_timesteps: int = field(default=10, metadata={"help": "Timesteps of the denoising-MSE grid."})
     sample_images: int = field(default=8, metadata={"help": "Images per row of the sample grid (0: none)."})
     num_inference_steps: int = field(default=100, metadata={"help": "DDPM sampling steps for the sample grid."})
@@ -66,8 +80,8 @@ class DiffusionEvaluateArguments:
     def __post_init__(self) -> None:
         if not self.seeds:
             raise ValueError("Give at least one seed.")
-        if self.probes < 1 or self.test_samples < 1 or self.eval_timesteps < 1:
-            raise ValueError("probes, test_samples and eval_timesteps must be >= 1.")
+        if self.probes < 1 or self.test_samples < 1 or self.eval_timesteps < 1 or self.validation_samples < 1:
+            raise ValueError("probes, test_samples, validation_samples and eval_timesteps must be >= 1.")
 
     def suite(self) -> list[DiffusionAttackSpec]:
         known = {spec.name: spec for spec in DIFFUSION_SUITE}
@@ -82,13 +96,15 @@ class DiffusionEvaluateArguments:
 
 @dataclass(frozen=True)
 class DenoisingPoint:
-    """One attack run: restricted and original-domain MSE after it, and restricted MSE along its steps."""
+    """One attack run: restricted (test and validation) and original-domain MSE after it, and restricted MSE
+    along its steps."""
 
     model: str
     attack: str
     num_samples: int
     seed: int
     restricted_mse: float
+    restricted_validation_mse: float
     original_mse: float
     restricted_mse_by_step: dict[int, float]
     seconds: float
@@ -109,7 +125,7 @@ def run_evaluation_diffusion(args: DiffusionEvaluateArguments, progress: bool = 
     start = time.perf_counter()
     if args.output_dir:
         with process_state().main_process_first():
-            identity = {"stage": "evaluate-diffusion", **run_settings(args)}
+            identity = run_identity("evaluate-diffusion", args)
             claim_output_dir(args.output_dir, identity, args.overwrite, finished="report.json")
     suite = args.suite()
     record = read_record(args.model_name_or_path) if Path(args.model_name_or_path).is_dir() else {}
@@ -129,23 +145,43 @@ def run_evaluation_diffusion(args: DiffusionEvaluateArguments, progress: bool = 
     size, channels = unet.config.sample_size, unet.config.in_channels
     target = load_image_classification_dataset(args.target_dataset, image_size=size)
     source = load_image_classification_dataset(source_dataset, image_size=size)
-    counts = check_counts(args.counts, len(target["train"]))
+    validation_indices, pool_indices = validation_split(target["train"]["label"], args.validation_samples)
+    what = f"the restricted train split less {args.validation_samples} validation images"
+    counts = check_counts(args.counts, len(pool_indices), what=what)
+    paths = {"model": args.model_name_or_path}
+    if args.original_model_name_or_path:
+        paths["original"] = args.original_model_name_or_path
+    hashes = test_hashes_by_size(
+        target["test"],
+        size,
+        lambda other: load_image_classification_dataset(args.target_dataset, image_size=other)["test"],
+    )
+    test_overlap = check_test_overlap(paths, hashes, allow_overlap=args.allow_test_overlap)
 
-    def encode(split, limit=None):
-        return encode_diffusion_split(split, size, channels, limit=limit)
+    def encode(split):
+        return encode_diffusion_split(split, size, channels)
 
-    train = encode(target["train"])
-    tests = {
-        "restricted": encode(target["test"], args.test_samples),
-        "original": encode(source["test"], args.test_samples),
+    def scored(split):  # a stratified subset fixed by the data set when the split is larger than test_samples
+        return stratified_subset(split, args.test_samples, seed=SPLIT_SEED) if len(split) > args.test_samples else split
+
+    splits = {
+        "restricted train pool": (target["train"].select(pool_indices), args.target_dataset, "train"),
+        "restricted validation": (target["train"].select(validation_indices), args.target_dataset, "train"),
+        "restricted test": (scored(target["test"]), args.target_dataset, "test"),
+        "original test": (scored(source["test"]), source_dataset, "test"),
     }
+    samples = {role: SampleSet.of(split, name, which, size).summary() for role, (split, name, which) in splits.items()}
+    train, validation, *scored_tests = (encode(split) for split, _, _ in splits.values())
+    tests = dict(zip(("restricted", "original"), scored_tests, strict=True))
     grid = timestep_grid(scheduler, args.eval_timesteps)
 
     def mse(model: torch.nn.Module, domain: str) -> float:
-        return mean_denoising_mse(model, scheduler, tests[domain], grid)
+        images = validation if domain == "validation" else tests[domain]
+        return mean_denoising_mse(model, scheduler, images, grid)
 
     before = {label: {domain: mse(m, domain) for domain in tests} for label, m in models.items()}
-    orders = {seed: torch.from_numpy(stratified_order(target["train"]["label"], seed)) for seed in args.seeds}
+    pool_labels = np.asarray(target["train"]["label"])[pool_indices]
+    orders = {seed: torch.from_numpy(stratified_order(pool_labels, seed)) for seed in args.seeds}
     labels = [*models, SCRATCH]
     runs = [(label, spec, seed, n) for spec in suite for label in labels for seed in args.seeds for n in counts]
     state = process_state()
@@ -164,8 +200,10 @@ def run_evaluation_diffusion(args: DiffusionEvaluateArguments, progress: bool = 
                 probe_every=max(1, spec.steps // args.probes),
             )
             final, seconds = by_step[spec.steps], time.perf_counter() - began
-            original_mse = mse(attacked, "original")
-            mine.append(DenoisingPoint(label, spec.name, n, seed, final, original_mse, by_step, seconds))
+            validation_mse, original_mse = mse(attacked, "validation"), mse(attacked, "original")
+            mine.append(
+                DenoisingPoint(label, spec.name, n, seed, final, validation_mse, original_mse, by_step, seconds)
+            )
     points = gather_object(mine) if state.num_processes > 1 else mine
     report: dict[str, Any] = {
         "model": args.model_name_or_path,
@@ -177,6 +215,9 @@ def run_evaluation_diffusion(args: DiffusionEvaluateArguments, progress: bool = 
         "seeds": list(args.seeds),
         "timestep_grid": grid,
         "test_samples": {domain: len(images) for domain, images in tests.items()},
+        "validation_samples": len(validation),
+        "samples": samples,
+        "test_overlap": test_overlap,
         "suite": [spec.to_dict() for spec in suite],
         "mse_before_attack": before,
         **summarise_denoising(points, suite, labels, counts),
@@ -197,7 +238,11 @@ def run_evaluation_diffusion(args: DiffusionEvaluateArguments, progress: bool = 
 def summarise_denoising(
     points: list[DenoisingPoint], suite: list[DiffusionAttackSpec], labels: list[str], counts: list[int]
 ) -> dict[str, Any]:
-    """Mean MSE per model, attack and n; the worst case (lowest restricted MSE over the suite) and its attack."""
+    """Mean MSE per model, attack and n; the worst case and its attack.
+
+    The worst case at each n is the attack with the lowest restricted *validation* MSE (what an attacker
+    can measure), reported with its restricted *test* MSE.
+    """
 
     def runs(label: str, attack: str, n: int) -> list[DenoisingPoint]:
         return [p for p in points if (p.model, p.attack, p.num_samples) == (label, attack, n)]
@@ -212,8 +257,9 @@ def summarise_denoising(
         }
 
     restricted, original = mean_curves("restricted_mse"), mean_curves("original_mse")
+    validation = mean_curves("restricted_validation_mse")
     strongest = {
-        label: {n: min(restricted[label], key=lambda attack: restricted[label][attack][n]) for n in counts}
+        label: {n: min(validation[label], key=lambda attack: validation[label][attack][n]) for n in counts}
         for label in labels
     }
     worst = {label: {n: restricted[label][strongest[label][n]][n] for n in counts} for label in labels}
@@ -224,6 +270,7 @@ def summarise_denoising(
         by_step[label] = {step: float(np.mean([h[step] for h in histories])) for step in histories[0]}
     return {
         "restricted_mse": restricted,
+        "restricted_validation_mse": validation,
         "original_mse_after_attack": original,
         "worst_case_restricted_mse": worst,
         "strongest_attack": strongest,

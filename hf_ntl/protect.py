@@ -22,7 +22,15 @@ from datasets import Dataset, DatasetDict
 from transformers import PreTrainedModel, Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from .artifacts import claim_output_dir, read_record, replacing_directory, run_settings, write_record
+from .artifacts import (
+    claim_output_dir,
+    read_record,
+    replacing_directory,
+    run_identity,
+    run_settings,
+    write_record,
+    write_samples,
+)
 from .attacks import EncodedSplit
 from .data import (
     ImagePreprocessor,
@@ -31,6 +39,8 @@ from .data import (
     stratified_order,
     stratified_subset,
 )
+from .data.fingerprint import SampleSet
+from .data.loading import SPLIT_SEED
 from .metrics import predict_accuracy
 from .metrics.denoising import mean_denoising_mse, timestep_grid
 from .models import head_linear, load_classifier, load_ddpm, save_ddpm
@@ -45,8 +55,11 @@ from .trainers import (
 )
 
 # Builds the method's trainer from (model, preprocessor, source data, target data); returns it with
-# a description of the data it trains on, for the record.
-TrainerFactory = Callable[[PreTrainedModel, ImagePreprocessor, DatasetDict, DatasetDict], tuple[Trainer, dict]]
+# the samples each role trains on (`{"target train": Dataset, ...}`: roles starting with "target"
+# come from the target data set, the others from the source), for the record.
+TrainerFactory = Callable[
+    [PreTrainedModel, ImagePreprocessor, DatasetDict, DatasetDict], tuple[Trainer, dict[str, Dataset]]
+]
 
 # Test images scored for the record's denoising MSE (a stratified subset when the split is larger).
 DIFFUSION_TEST_IMAGES = 500
@@ -62,16 +75,31 @@ def _fraction(dataset: Dataset, fraction: float, seed: int, skip: int = 0) -> Da
     return dataset.select(order[skip : skip + count])
 
 
+def _sample_sets(used: dict[str, Dataset], config: Any, image_size: int) -> dict[str, SampleSet]:
+    """The hashes of what each role trained on: `target ...` roles come from the target, the others from the source."""
+    return {
+        f"protection: {role}": SampleSet.of(
+            dataset, config.target_dataset if role.startswith("target") else config.source_dataset, "train", image_size
+        )
+        for role, dataset in used.items()
+    }
+
+
+def _count_key(role: str) -> str:
+    """`protection: source train` -> `source_train_samples` (the record's counts, as cards show them)."""
+    return role.removeprefix("protection: ").replace(" ", "_") + "_samples"
+
+
 def _protect(config: NTPConfig | SophonConfig, method: str, make_trainer: TrainerFactory) -> dict[str, Any]:
     if not config.model_name_or_path:
         raise ValueError("Say which model to protect: model_name_or_path (a source model folder or Hub id).")
     start = time.perf_counter()
     settings = run_settings(config)
     with config.main_process_first(desc="claiming the output folder"):
-        claim_output_dir(config.output_dir, {"stage": "protect", "method": method, **settings}, config.overwrite)
+        claim_output_dir(config.output_dir, run_identity("protect", config, method), config.overwrite)
     preprocessor = ImagePreprocessor.from_pretrained(config.model_name_or_path)
     source, target = (
-        load_image_classification_dataset(name, image_size=preprocessor.image_size, seed=config.seed)
+        load_image_classification_dataset(name, image_size=preprocessor.image_size)
         for name in (config.source_dataset, config.target_dataset)
     )
     model = load_classifier(config.model_name_or_path)
@@ -81,7 +109,8 @@ def _protect(config: NTPConfig | SophonConfig, method: str, make_trainer: Traine
             f"{config.model_name_or_path} has a {head_linear(model).out_features}-way head but {config.source_dataset} "
             f"has {source_classes} classes: protect the model on the data it was trained for."
         )
-    trainer, data = make_trainer(model, preprocessor, source, target)
+    trainer, used = make_trainer(model, preprocessor, source, target)
+    samples = _sample_sets(used, config, preprocessor.image_size)
     output = Path(config.output_dir)
     checkpoint = get_last_checkpoint(str(output)) if output.is_dir() else None
     # Source accuracy is measured directly, not with `trainer.evaluate()`: an evaluation before
@@ -100,7 +129,8 @@ def _protect(config: NTPConfig | SophonConfig, method: str, make_trainer: Traine
         "dataset": config.source_dataset,
         "target_dataset": config.target_dataset,
         "config": settings,
-        "data": data,
+        "data": {_count_key(role): len(sample_set.hashes) for role, sample_set in samples.items()},
+        "samples": {role: sample_set.summary() for role, sample_set in samples.items()},
         "source_accuracy_before": before if before is not None else source_record.get("test_accuracy"),
         "source_accuracy_after": after,
     }
@@ -111,6 +141,7 @@ def _protect(config: NTPConfig | SophonConfig, method: str, make_trainer: Traine
             trainer.model.save_pretrained(staging)
             preprocessor.save_pretrained(staging)
             write_record(staging, record)
+            write_samples(staging, samples)
     return record
 
 
@@ -123,7 +154,7 @@ def run_ntp(config: NTPConfig) -> dict[str, Any]:
         trainer = NTPTrainer(
             model, config, source_train, target_train, preprocessor=preprocessor, source_eval=source["test"]
         )
-        return trainer, {"source_train_samples": len(source_train), "target_train_samples": len(target_train)}
+        return trainer, {"source train": source_train, "target train": target_train}
 
     return _protect(config, "ntp", make_trainer)
 
@@ -145,12 +176,7 @@ def run_sophon(config: SophonConfig) -> dict[str, Any]:
         source_train = _fraction(train, config.source_fraction, config.seed, skip=config.guard_samples)
         target_train = _fraction(target["train"], config.target_fraction, config.seed)
         trainer = SophonTrainer(model, config, source_train, target_train, preprocessor, guard_eval=guard)
-        data = {
-            "source_train_samples": len(source_train),
-            "guard_samples": len(guard),
-            "target_train_samples": len(target_train),
-        }
-        return trainer, data
+        return trainer, {"source train": source_train, "guard": guard, "target train": target_train}
 
     return _protect(config, "sophon", make_trainer)
 
@@ -168,12 +194,12 @@ def run_sophon_diffusion(config: SophonDiffusionConfig) -> dict[str, Any]:
     start = time.perf_counter()
     settings = run_settings(config)
     with config.main_process_first(desc="claiming the output folder"):
-        identity = {"stage": "protect", "method": "sophon-diffusion", **settings}
+        identity = run_identity("protect", config, "sophon-diffusion")
         claim_output_dir(config.output_dir, identity, config.overwrite)
     unet, scheduler = load_ddpm(config.model_name_or_path)
     size, channels = unet.config.sample_size, unet.config.in_channels
     source, target = (
-        load_image_classification_dataset(name, image_size=size, seed=config.seed)
+        load_image_classification_dataset(name, image_size=size)
         for name in (config.source_dataset, config.target_dataset)
     )
     train = source["train"]
@@ -183,11 +209,16 @@ def run_sophon_diffusion(config: SophonDiffusionConfig) -> dict[str, Any]:
         )
 
     def encode(dataset: Dataset, limit: int | None = None):
-        return encode_diffusion_split(dataset, size, channels, limit=limit, seed=config.seed)
+        # A limited test subset is the data set's (SPLIT_SEED), not the run's: the same images as the audit's.
+        return encode_diffusion_split(dataset, size, channels, limit=limit, seed=SPLIT_SEED)
 
-    guard = encode(stratified_subset(train, config.guard_samples, seed=config.seed))
-    source_train = encode(_fraction(train, config.source_fraction, config.seed, skip=config.guard_samples))
-    target_train = encode(_fraction(target["train"], config.target_fraction, config.seed))
+    used = {
+        "guard": stratified_subset(train, config.guard_samples, seed=config.seed),
+        "source train": _fraction(train, config.source_fraction, config.seed, skip=config.guard_samples),
+        "target train": _fraction(target["train"], config.target_fraction, config.seed),
+    }
+    samples = _sample_sets(used, config, size)
+    guard, source_train, target_train = (encode(used[role]) for role in ("guard", "source train", "target train"))
     tests = {"source": encode(source["test"], DIFFUSION_TEST_IMAGES)}
     tests["target"] = encode(target["test"], DIFFUSION_TEST_IMAGES)
     trainer = SophonDiffusionTrainer(unet, config, scheduler, source_train, target_train, guard)
@@ -212,11 +243,10 @@ def run_sophon_diffusion(config: SophonDiffusionConfig) -> dict[str, Any]:
         "target_dataset": config.target_dataset,
         "config": settings,
         "data": {
-            "source_train_samples": len(source_train),
-            "guard_samples": len(guard),
-            "target_train_samples": len(target_train),
+            **{_count_key(role): len(sample_set.hashes) for role, sample_set in samples.items()},
             "test_samples": {domain: len(images) for domain, images in tests.items()},
         },
+        "samples": {role: sample_set.summary() for role, sample_set in samples.items()},
         "timestep_grid": grid,
         "denoising_mse_before": before,
         "denoising_mse_after": after,
@@ -227,4 +257,5 @@ def run_sophon_diffusion(config: SophonDiffusionConfig) -> dict[str, Any]:
         with replacing_directory(output / MODEL_SUBDIR) as staging:
             save_ddpm(trainer.model, scheduler, staging)
             write_record(staging, record)
+            write_samples(staging, samples)
     return record

@@ -13,8 +13,9 @@ from datasets import DatasetDict
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from .artifacts import claim_output_dir, replacing_directory, run_settings, write_record
+from .artifacts import claim_output_dir, replacing_directory, run_identity, write_record, write_samples
 from .data import ImageClassificationCollator, ImagePreprocessor, augment_batch, class_names
+from .data.fingerprint import SampleSet
 from .data.loading import load_image_classification_dataset
 from .metrics import compute_accuracy
 from .models import TINY_PRESETS, load_classifier
@@ -120,15 +121,13 @@ def fit_source_model(
 def run_source(config: SourceConfig) -> dict[str, Any]:
     """Load data and model from `config`, fit, and save `output_dir/model` (safetensors + record)."""
     start = time.perf_counter()
-    settings = run_settings(config, extra=("num_train_epochs",))
     with config.main_process_first(desc="claiming the output folder"):
-        claim_output_dir(config.output_dir, {"stage": "source", **settings}, config.overwrite)
+        claim_output_dir(config.output_dir, run_identity("source", config), config.overwrite)
     dataset = load_image_classification_dataset(
         config.dataset_name,
         image_column=config.image_column,
         label_column=config.label_column,
         image_size=config.image_size or 32,
-        seed=config.seed,
         num_train=config.num_train_samples,
     )
     names = class_names(dataset)
@@ -140,6 +139,7 @@ def run_source(config: SourceConfig) -> dict[str, Any]:
     else:
         preprocessor = ImagePreprocessor.from_pretrained(config.model_name_or_path, image_size=config.image_size)
     trainer, metrics = fit_source_model(model, preprocessor, dataset, config, augment=config.augment)
+    samples = {"source fit": SampleSet.of(dataset["train"], config.dataset_name, "train", config.image_size or 32)}
     record = {
         "stage": "source",
         "base_model": config.model_name_or_path,
@@ -149,6 +149,7 @@ def run_source(config: SourceConfig) -> dict[str, Any]:
         "test_samples": len(dataset["test"]),
         "epochs": config.num_train_epochs,
         "seed": config.seed,
+        "samples": {role: sample_set.summary() for role, sample_set in samples.items()},
         "wall_time_s": round(time.perf_counter() - start, 1),
         **metrics,
     }
@@ -157,4 +158,5 @@ def run_source(config: SourceConfig) -> dict[str, Any]:
             trainer.model.save_pretrained(staging)
             preprocessor.save_pretrained(staging)
             write_record(staging, record)
+            write_samples(staging, samples)
     return record

@@ -18,8 +18,10 @@ from torch.nn import functional as F
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from .artifacts import claim_output_dir, replacing_directory, run_settings, write_record
+from .artifacts import claim_output_dir, replacing_directory, run_identity, write_record, write_samples
 from .data import DiffusionImages, encode_diffusion_images, encode_diffusion_split, load_image_classification_dataset
+from .data.fingerprint import SampleSet
+from .data.loading import SPLIT_SEED
 from .losses import predict_noise
 from .metrics.denoising import mean_denoising_mse, timestep_grid
 from .models import TINY_UNET_PRESET, load_ddpm, save_ddpm
@@ -89,15 +91,16 @@ class DenoisingTrainer(Trainer):
 def run_diffusion_source(config: DiffusionSourceConfig) -> dict[str, Any]:
     """Fit the DDPM in `config` and save `output_dir/model` as a pipeline (safetensors + record)."""
     start = time.perf_counter()
-    settings = run_settings(config, extra=("num_train_epochs",))
     with config.main_process_first(desc="claiming the output folder"):
-        claim_output_dir(config.output_dir, {"stage": "ddpm-source", **settings}, config.overwrite)
+        claim_output_dir(config.output_dir, run_identity("ddpm-source", config), config.overwrite)
     unet, scheduler = load_ddpm(config.model_name_or_path, image_size=config.image_size, seed=config.seed)
     size, channels = unet.config.sample_size, unet.config.in_channels
-    dataset = load_image_classification_dataset(config.dataset_name, image_size=size, seed=config.seed)
+    dataset = load_image_classification_dataset(config.dataset_name, image_size=size)
     train = encode_diffusion_images(dataset["train"]["image"], size, channels)
-    test = encode_diffusion_split(dataset["test"], size, channels, limit=config.eval_samples, seed=config.seed)
+    # The scored test subset is the data set's (SPLIT_SEED), not the run's: the same images in every stage.
+    test = encode_diffusion_split(dataset["test"], size, channels, limit=config.eval_samples, seed=SPLIT_SEED)
     grid = timestep_grid(scheduler, config.eval_timesteps)
+    samples = {"source fit": SampleSet.of(dataset["train"], config.dataset_name, "train", size)}
     trainer = DenoisingTrainer(model=unet, args=config, train_dataset=DiffusionImages(train), noise_scheduler=scheduler)
     output = Path(config.output_dir)
     checkpoint = get_last_checkpoint(str(output)) if output.is_dir() else None
@@ -112,6 +115,7 @@ def run_diffusion_source(config: DiffusionSourceConfig) -> dict[str, Any]:
         "test_samples": len(test),
         "epochs": config.num_train_epochs,
         "seed": config.seed,
+        "samples": {role: sample_set.summary() for role, sample_set in samples.items()},
         "timestep_grid": grid,
         "test_denoising_mse": mean_denoising_mse(trainer.model, scheduler, test, grid, seed=config.seed),
         "wall_time_s": round(time.perf_counter() - start, 1),
@@ -120,4 +124,5 @@ def run_diffusion_source(config: DiffusionSourceConfig) -> dict[str, Any]:
         with replacing_directory(output / MODEL_SUBDIR) as staging:
             save_ddpm(trainer.model, scheduler, staging)
             write_record(staging, record)
+            write_samples(staging, samples)
     return record

@@ -13,7 +13,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from hf_ntl.artifacts import read_record
+from hf_ntl.artifacts import finished_run, run_identity
 from hf_ntl.cards import PLOT, write_card
 from hf_ntl.evaluation import EvaluateArguments, run_evaluation
 from hf_ntl.protect import run_ntp, run_sophon
@@ -30,31 +30,31 @@ def main() -> None:
     parser.add_argument("--cards", default="model_cards", help="Where the cards go.")
     args = parser.parse_args()
     runs, cards = Path(args.runs), Path(args.cards)
+    # A finished stage is reused only when it is exactly the run asked for (its recorded identity).
+    source_config = SourceConfig(output_dir=str(runs / "source"), dataset_name=SOURCE, report_to="none")
+    if not finished_run(source_config.output_dir, run_identity("source", source_config)):
+        run_source(source_config)
     source_model = runs / "source" / MODEL_SUBDIR
-    if not read_record(source_model):
-        run_source(SourceConfig(output_dir=str(runs / "source"), dataset_name=SOURCE, report_to="none"))
     for method, (config_class, run) in PROTECTIONS.items():
+        config = config_class(
+            output_dir=str(runs / method),
+            model_name_or_path=str(source_model),
+            source_dataset=SOURCE,
+            target_dataset=TARGET,
+            report_to="none",
+        )
+        if not finished_run(config.output_dir, run_identity("protect", config, method)):
+            run(config)
         model = runs / method / MODEL_SUBDIR
-        if not read_record(model):
-            run(
-                config_class(
-                    output_dir=str(runs / method),
-                    model_name_or_path=str(source_model),
-                    source_dataset=SOURCE,
-                    target_dataset=TARGET,
-                    report_to="none",
-                )
-            )
         audit = runs / "audit" / method
-        if not (audit / "report.json").is_file():
-            run_evaluation(
-                EvaluateArguments(
-                    model_name_or_path=str(model),
-                    original_model_name_or_path=str(source_model),
-                    target_dataset=TARGET,
-                    output_dir=str(audit),
-                )
-            )
+        audit_args = EvaluateArguments(
+            model_name_or_path=str(model),
+            original_model_name_or_path=str(source_model),
+            target_dataset=TARGET,
+            output_dir=str(audit),
+        )
+        if not finished_run(audit, run_identity("evaluate", audit_args), finished="report.json"):
+            run_evaluation(audit_args)
         name = f"tiny-resnet-{SOURCE}-{method}-{TARGET}"
         write_card(model, audit, model_name=name)
         folder = cards / name

@@ -97,9 +97,39 @@ def test_default_suite_covers_the_threat_model():
     assert [spec.name for spec in suite] == [spec.name for spec in DEFAULT_SUITE]
 
 
+def test_epoch_budgets_give_the_documented_step_counts():
+    spec = AttackSpec("full", steps=150, epochs=15, max_steps=1200, batch_size=32)
+    # max(150, ceil(15 * ceil(n / 32))), at most 1200; fewer samples than a batch make one batch an epoch.
+    assert [spec.steps_for(n) for n in (1, 10, 50, 200, 320, 321, 1147, 5000)] == [
+        150, 150, 150, 150, 150, 165, 540, 1200
+    ]  # fmt: skip
+    assert AttackSpec("fixed", steps=150, batch_size=32).steps_for(1147) == 150  # no epochs: a fixed budget
+    assert AttackSpec("half", steps=1, epochs=0.5, batch_size=10).steps_for(95) == 5
+    assert all(s.steps_for(1147) == 540 for s in load_suite("default", pruned=True))
+    with pytest.raises(ValueError, match="below the floor"):
+        AttackSpec("x", steps=100, epochs=1, max_steps=50)
+    with pytest.raises(ValueError, match="epochs must be positive"):
+        AttackSpec("x", epochs=0)
+
+
+def test_finetune_runs_the_budget_for_its_number_of_samples(train, monkeypatch):
+    steps = []
+    original_step = torch.optim.Adam.step
+
+    def counting_step(self, *args, **kwargs):
+        steps.append(1)
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", counting_step)
+    model = build_tiny_classifier("tiny-resnet", 10)
+    finetune(model, train.select(list(range(20))), AttackSpec("budget", steps=2, epochs=3, batch_size=8))
+    assert len(steps) == 9  # 3 epochs of ceil(20 / 8) = 3 batches
+
+
 def test_suite_selection_and_step_override():
     suite = load_suite("default", only=["lora-r4", "full"], steps=3)
     assert [spec.name for spec in suite] == ["full", "lora-r4"] and {spec.steps for spec in suite} == {3}
+    assert {spec.steps_for(1000) for spec in suite} == {3}  # a fixed budget replaces the epoch budget
     with pytest.raises(ValueError, match=r"Unknown attack name\(s\) \['lora-r99'\]"):
         load_suite("default", only=["lora-r99"])
     with pytest.raises(ValueError, match="Unknown suite 'heavy'"):

@@ -1,5 +1,6 @@
 """`make bench` wiring on three tiny save_to_disk domains: every stage runs, the results add up, stages are reused."""
 
+import dataclasses
 import importlib.util
 import json
 import statistics
@@ -59,6 +60,7 @@ def tiny_bench(tmp_path_factory):
     argv = [
         "--runs_dir", str(root / "runs"), "--output_dir", str(root / "results"), "--domains", *domains,
         "--source_steps", "3", "--suite", "quick", "--attack_steps", "2", "--counts", "4", "8", "--seeds", "0",
+        "--validation_samples", "16", "--diffusion_validation_samples", "12", "--audit_processes", "1",
         "--ntp_config", write_yaml(root / "ntp.yaml", {
             **small, "admm_rounds": 1, "steps_per_round": 3, "retrain_steps": 2, "probe_steps": 5}),
         "--sophon_config", write_yaml(root / "sophon.yaml", {
@@ -86,6 +88,13 @@ def test_every_section_runs_and_the_results_add_up(tiny_bench):
         report = json.loads((pair_dir(root, pair) / "audit" / "report.json").read_text())
         assert set(report["slc_auc"]) == {"original", "ntp", "sophon"}
         assert {p["model"] for p in report["points"]} == {"original", "ntp", "sophon", "scratch"}
+        assert report["target_validation_samples"] == 16 and report["target_train_samples"] == 96 - 16
+        assert pair["test_overlap"] == 0 == report["test_overlap"]["total"]
+        # The pairs attacking one target share one scratch baseline: its runs, not a rerun of them.
+        target = Path(pair["target"]).name
+        shared = json.loads((root / "runs" / "scratch" / target / "report.json").read_text())
+        assert [p for p in report["points"] if p["model"] == "scratch"] == shared["points"]
+        assert all(report["test_overlap"]["counts"][label] for label in ("original", "ntp", "sophon"))
         for label in ("original", "ntp", "sophon"):
             assert pair[label]["masked"] == report["slc_auc"][label]["per_attack"]["full-masked"]
             assert pair[label]["worst_case"] == report["slc_auc"][label]["worst_case"]
@@ -96,6 +105,15 @@ def test_every_section_runs_and_the_results_add_up(tiny_bench):
     for label in ("original", "ntp", "sophon"):
         expected = statistics.mean(p[label]["worst_case"]["slc_auc_normalized"] for p in pairs)
         assert averages[label]["worst_case_slc_auc_normalized"] == pytest.approx(expected)
+
+    # The budget check compares the pair audits' scratch runs with scratch at twice the steps.
+    budget = results["budget"]["targets"]
+    assert list(budget) == domains
+    for pair in pairs:
+        report = json.loads((pair_dir(root, pair) / "audit" / "report.json").read_text())
+        for n, row in budget[pair["target"]].items():
+            assert row["worst_case"] == report["worst_case_curves"]["scratch"][n]
+            assert row["steps"] == [2] and row["doubled_steps"] == [4]
 
     diffusion = results["diffusion"]
     assert set(diffusion["worst_case_restricted_mse"]) == {"sophon", "original", "scratch"}
@@ -109,6 +127,7 @@ def test_every_section_runs_and_the_results_add_up(tiny_bench):
 
     markdown = (root / "results" / "results.md").read_text()
     assert "## Protection quality" in markdown and "## Diffusion" in markdown and "## Cost" in markdown
+    assert "## Is the scratch baseline converged?" in markdown
     assert markdown.count(" → ") >= 6 and "NTP reference notebooks" in markdown
     assert (root / "results" / "slc_auc_heatmap.png").stat().st_size > 10_000
 
@@ -118,7 +137,7 @@ def test_a_second_run_reuses_every_stage_and_other_settings_are_refused(tiny_ben
     before = json.loads((root / "results" / "results.json").read_text())
     bench.main(argv)
     out = capsys.readouterr().out
-    assert out.count("reusing") == 3  # one finished JSON per section: nothing recomputed
+    assert out.count("reusing") == 4  # one finished JSON per section: nothing recomputed
     after = json.loads((root / "results" / "results.json").read_text())
     assert after["quality"] == before["quality"] and after["cost"] == before["cost"]
     with pytest.raises(SystemExit, match="other settings"):
@@ -137,10 +156,13 @@ def test_bad_bench_arguments_are_refused_before_any_work():
 def test_sample_counts_a_target_cannot_supply_are_refused_before_any_training(tmp_path):
     domains = [tiny_domain(tmp_path / name, seed) for seed, name in enumerate(["red", "green"])]
     common = ["--runs_dir", str(tmp_path / "runs"), "--output_dir", str(tmp_path / "results"), "--domains", *domains]
-    with pytest.raises(ValueError, match=r"Sample counts must lie in 1..96"):
+    common += ["--validation_samples", "16", "--diffusion_validation_samples", "6"]
+    with pytest.raises(ValueError, match=r"Sample counts must lie in 1..80 \(.*red's train split less 16 validation"):
         bench.main([*common, "--sections", "quality", "--counts", "10", "500"])
-    with pytest.raises(ValueError, match=r"Sample counts must lie in 1..96"):
+    with pytest.raises(ValueError, match=r"Sample counts must lie in 1..90"):
         bench.main([*common, "--sections", "diffusion", "--diffusion_counts", "10", "500"])
+    with pytest.raises(ValueError, match=r"96 train samples.*validation split of 200"):
+        bench.main([*common, "--sections", "quality", "--validation_samples", "200"])
     assert not (tmp_path / "runs").exists()  # nothing written, so the corrected command starts cleanly
 
 
@@ -149,3 +171,21 @@ def test_the_heatmap_leaves_the_diagonal_blank_and_writes_a_png(tmp_path):
     panel = {(s, t): 0.1 * i for i, (s, t) in enumerate((s, t) for s in domains for t in domains if s != t)}
     plot_pair_heatmaps({"one": panel, "two": panel}, domains, tmp_path / "h.png", "t", columns=2, value_label="v")
     assert (tmp_path / "h.png").stat().st_size > 5_000
+
+
+def test_an_audit_spread_over_two_processes_equals_one_process(tmp_path):
+    target = tiny_domain(tmp_path / "blue", 2)
+    suite = bench.load_suite("quick", steps=2)
+    args = bench.BenchArguments(counts=[4, 8], seeds=[0], validation_samples=16, audit_processes=1)
+    single = bench.audit(args, tmp_path / "one", {}, target, suite=suite)
+    double = bench.audit(dataclasses.replace(args, audit_processes=2), tmp_path / "two", {}, target, suite=suite)
+    assert double["processes"] == 2 and single["processes"] == 1
+
+    def without_time(points):
+        return sorted(
+            [{k: v for k, v in p.items() if k != "seconds"} for p in points],
+            key=lambda p: json.dumps(p, sort_keys=True),
+        )
+
+    assert without_time(double["points"]) == without_time(single["points"])
+    assert double["worst_case_curves"] == single["worst_case_curves"]

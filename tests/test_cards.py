@@ -120,3 +120,13 @@ def test_cards_refuse_missing_or_mismatched_inputs(audited, tmp_path):
         build_card(other, audit)
     with pytest.raises(FileNotFoundError, match="lacks README.md .*hf-ntl card"):
         push_to_hub(other, "me/x")
+
+
+def test_card_says_when_the_leakage_check_could_not_be_made(audited):
+    model_dir, audit = audited
+    text = build_card(model_dir, audit).text
+    # Neither folder records its training data (written by hand above): the card must not claim a check.
+    assert "**Leakage check**: not possible" in text and "hold none of the test images" not in text
+    unchecked = text.split("No record of training data for: ")[1].split(" (not checked)")[0]
+    assert sorted(unchecked.split(", ")) == sorted([str(model_dir), str(model_dir.parent.parent / "original")])
+    assert "n = 10: 2 steps, n = 20: 2 steps" in text  # the budget each n got

@@ -59,6 +59,10 @@ def test_unknown_keys_and_missing_files_are_errors(tmp_path, capsys):
 
 
 TINY_NTP = "admm_rounds: 1\nsteps_per_round: 4\nretrain_steps: 2\nprobe_steps: 10\nper_device_train_batch_size: 16\n"
+TINY_SOPHON = (
+    "iterations: 2\nguard_every: 1\ninner_steps: 1\nenvironments: 1\ninner_batch_sizes: [10]\nquery_size: 4\n"
+    "guard_samples: 8\nguard_threshold: 0.0\nper_device_train_batch_size: 8\n"
+)
 
 
 def test_stage_commands_chain_through_their_folders_and_refuse_to_mix_runs(tmp_path, capsys):
@@ -105,15 +109,35 @@ def test_demo_end_to_end_on_a_tiny_setup(tmp_path, capsys):
     assert "[4/4] model card" in printed and "worst case" in printed and "lora-r4" in printed
     assert (out / "source" / "model" / "model.safetensors").exists()
     assert read_record(out / "ntp" / "model")["config"]["steps_per_round"] == 4
-    report = json.loads((out / "audit" / "report.json").read_text())
+    report = json.loads((out / "audit-ntp" / "report.json").read_text())
     assert [spec["name"] for spec in report["suite"]] == ["full", "head-only", "lora-r4", "full-masked"]
     assert len(report["points"]) == 4 * 3 * 2  # attacks x (model, original, scratch) x counts
     assert set(report["zero_shot_accuracy"]) == {"model", "original"}
-    assert (out / "audit" / "learning_curves.png").stat().st_size > 1000
+    assert report["test_overlap"]["total"] == 0 and report["test_overlap"]["unrecorded"]["model"] == []
+    assert (out / "audit-ntp" / "learning_curves.png").stat().st_size > 1000
     card = ModelCard.load(out / "ntp" / "model" / "README.md")
     assert any("masked" in r.metric_name for r in card.data.eval_results)
+    assert "**Leakage check**: the 4 sample sets" in card.text  # model: 3 (fit, protection x 2), original: 1
     # A second run reuses every finished stage.
     main(["demo", *argv])
     printed = capsys.readouterr().out
     assert "reusing the source model" in printed and "reusing the protected model" in printed
     assert "reusing the audit" in printed
+
+    # SOPHON after NTP in the same folder (as the README suggests): the source model is reused, the audit is
+    # SOPHON's own, and so is the card.
+    (tmp_path / "sophon.yaml").write_text(TINY_SOPHON)
+    sophon = [*argv[:-1], str(tmp_path / "sophon.yaml"), "--method", "sophon"]
+    main(["demo", *sophon])
+    printed = capsys.readouterr().out
+    assert "reusing the source model" in printed and "reusing the audit" not in printed
+    report = json.loads((out / "audit-sophon" / "report.json").read_text())
+    assert report["model"] == str(out / "sophon" / "model") and report["source"]["method"] == "sophon"
+    assert "sophon" in ModelCard.load(out / "sophon" / "model" / "README.md").data.tags
+
+    # A stage asked for with other settings is never reused: its folder check refuses it instead.
+    (tmp_path / "ntp.yaml").write_text(TINY_NTP.replace("steps_per_round: 4", "steps_per_round: 5"))
+    with pytest.raises(OutputDirError, match="already holds a finished result"):
+        main(["demo", *argv])
+    assert "reusing the protected model" not in capsys.readouterr().out
+    assert read_record(out / "ntp" / "model")["config"]["steps_per_round"] == 4

@@ -1,19 +1,23 @@
 """SOPHON for diffusion: DoS loss, the trainer, LoRA/full attacks on UNets, pipelines on disk, the stages."""
 
+import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_from_disk
 from diffusers import DDPMPipeline
 from PIL import Image as PILImage
 
-from hf_ntl.artifacts import write_record
+from hf_ntl.artifacts import write_record, write_samples
 from hf_ntl.attacks import DiffusionAttackSpec, finetune_unet, unet_lora_target_modules, with_lora
 from hf_ntl.cli import main
 from hf_ntl.data import check_diffusion_images, encode_diffusion_images
+from hf_ntl.data.fingerprint import SampleSet
 from hf_ntl.evaluation_diffusion import DiffusionEvaluateArguments, run_evaluation_diffusion
+from hf_ntl.leakage import TestOverlapError
 from hf_ntl.losses import denial_of_service_loss, predict_noise
 from hf_ntl.metrics.denoising import denoising_mse, timestep_grid
 from hf_ntl.models import ModelLoadError, build_tiny_classifier, build_tiny_ddpm, load_ddpm, save_ddpm
@@ -330,6 +334,7 @@ def test_protect_and_evaluate_stages_write_a_loadable_pipeline_report_and_pictur
         attacks=["full-adamw-1e-3", "lora-r8"],
         steps=2,
         counts=[4, 8],
+        validation_samples=12,
         probes=2,
         eval_timesteps=3,
         sample_images=2,
@@ -339,11 +344,25 @@ def test_protect_and_evaluate_stages_write_a_loadable_pipeline_report_and_pictur
     report = run_evaluation_diffusion(args, progress=False)
     assert report["source_dataset"] == source  # read from the model's record
     assert len(report["points"]) == 2 * 3 * 2  # attacks x (model, original, scratch) x counts
+    assert report["validation_samples"] == 12 and report["test_overlap"]["total"] == 0
+    assert report["test_overlap"]["unrecorded"]["model"] == [str(tmp_path / "ddpm")]  # its record was written by hand
     for label in ("model", "original", "scratch"):
-        worst = report["worst_case_restricted_mse"][label]
-        assert worst[8] == min(report["restricted_mse"][label][a][8] for a in ("full-adamw-1e-3", "lora-r8"))
+        # The strongest attack is the lowest validation MSE, read on the test images.
+        chosen = report["strongest_attack"][label][8]
+        validation = report["restricted_validation_mse"][label]
+        assert validation[chosen][8] == min(validation[a][8] for a in ("full-adamw-1e-3", "lora-r8"))
+        assert report["worst_case_restricted_mse"][label][8] == report["restricted_mse"][label][chosen][8]
         assert set(report["worst_case_restricted_mse_by_step"][label]) == {1, 2}
     for name in ("report.json", "denoising_curves.png", "samples.png"):
         assert (tmp_path / "audit" / name).is_file(), name
     with pytest.raises(ValueError, match="Unknown diffusion attacks"):
         DiffusionEvaluateArguments(model_name_or_path="x", attacks=["nope"]).suite()
+
+    # A pipeline whose records say it was fitted on restricted test images is refused before any attack.
+    leaky = tmp_path / "leaky"
+    shutil.copytree(tmp_path / "ddpm", leaky)
+    test_images = load_from_disk(target)["test"].select([0, 1])
+    write_samples(leaky, {"source fit": SampleSet.of(test_images, target, "test", SIZE)})
+    leaky_args = dataclasses.replace(args, model_name_or_path=str(leaky), output_dir=None)
+    with pytest.raises(TestOverlapError, match="2 test image"):
+        run_evaluation_diffusion(leaky_args, progress=False)

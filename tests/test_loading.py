@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 from PIL import Image as PILImage
 
@@ -10,7 +11,9 @@ from hf_ntl.data import (
     stratified_order,
     stratified_subset,
 )
-from hf_ntl.data.loading import standardise_image_classification
+from hf_ntl.data.domains import EMBEDDED_DOMAINS
+from hf_ntl.data.fingerprint import image_hashes
+from hf_ntl.data.loading import SPLIT_SEED, standardise_image_classification, validation_split
 
 
 def tiny_images(count, size=8):
@@ -75,6 +78,53 @@ def test_imagefolder(tmp_path):
     dataset = load_image_classification_dataset(str(tmp_path / "pets"))
     assert_standard(dataset, ["cat", "dog"])
     assert sorted(dataset["train"]["label"]) == [0, 0, 0, 0, 1, 1, 1, 1]
+
+
+def _pixels(split):
+    return np.stack([np.asarray(image.convert("RGB")) for image in split["image"]])
+
+
+@pytest.mark.parametrize("domain", sorted(EMBEDDED_DOMAINS))
+def test_an_embedded_domain_has_one_split_whatever_seed_a_run_uses(domain, tmp_path):
+    # Sizes small enough to generate quickly; uci-digits is a real data set of fixed size.
+    sizes = {} if domain == "uci-digits" else {"num_train": 40, "num_test": 20}
+    splits = []
+    for run_seed in (0, 42):  # what fit-source / protect / evaluate seed their runs with
+        np.random.seed(run_seed)
+        torch.manual_seed(run_seed)
+        # Generated afresh each time (no shared cache): the split is a function of the data set alone.
+        cache = tmp_path / f"cache-{run_seed}"
+        splits.append(load_image_classification_dataset(domain, image_size=16, cache_dir=cache, **sizes))
+    for name in ("train", "test"):
+        np.testing.assert_array_equal(_pixels(splits[0][name]), _pixels(splits[1][name]))
+    # Train and test share no image.
+    assert not set(image_hashes(splits[0]["train"])) & set(image_hashes(splits[0]["test"]))
+    # The generation seed is part of the data set's identity: another one is another data set.
+    other = load_image_classification_dataset(domain, image_size=16, generation_seed=1, cache_dir=tmp_path, **sizes)
+    assert not np.array_equal(_pixels(other["test"]), _pixels(splits[0]["test"]))
+
+
+def test_validation_split_is_fixed_stratified_and_disjoint_from_the_pool():
+    labels = np.repeat(np.arange(4), 25)
+    validation, pool = validation_split(labels, 20)
+    assert len(validation) == 20 and len(pool) == 80 and not set(validation) & set(pool)
+    assert sorted(np.bincount(labels[validation])) == [5, 5, 5, 5]
+    again, _ = validation_split(labels, 20)
+    np.testing.assert_array_equal(validation, again)
+    np.testing.assert_array_equal(np.sort(validation), np.sort(stratified_order(labels, seed=SPLIT_SEED)[:20]))
+    with pytest.raises(ValueError, match="cannot be carved from a train split of 100"):
+        validation_split(labels, 100)
+
+
+def test_missing_test_split_is_held_out_the_same_in_every_stage(tmp_path):
+    train_only = DatasetDict(train=custom_dataset(labels_train=(0, 1, 2) * 10)["train"])
+    train_only.save_to_disk(str(tmp_path / "train_only"))
+    held_out = []
+    for run_seed in (0, 42):
+        np.random.seed(run_seed)
+        held_out.append(load_image_classification_dataset(str(tmp_path / "train_only"))["test"])
+    assert image_hashes(held_out[0]) == image_hashes(held_out[1])
+    assert held_out[0]["label"] == held_out[1]["label"]
 
 
 def test_missing_test_split_is_held_out_stratified(tmp_path):

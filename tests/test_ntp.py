@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from hf_ntl.artifacts import read_samples
 from hf_ntl.data import ImagePreprocessor, load_image_classification_dataset, stratified_subset
+from hf_ntl.data.fingerprint import image_hashes
 from hf_ntl.losses import capped_cross_entropy, fisher_ratio
 from hf_ntl.models import build_tiny_classifier, load_classifier
 from hf_ntl.protect import run_ntp
@@ -178,6 +180,16 @@ def test_run_ntp_saves_a_protected_model_with_its_record(tmp_path):
     assert saved["data"] == {"source_train_samples": 67, "target_train_samples": 50}
     assert 0 <= saved["source_accuracy_after"] <= 1 and saved["source_accuracy_before"] is not None
     assert (folder / "model.safetensors").exists() and not list(folder.glob("*.bin"))
+    # The record names the samples it trained on; they come from the train split every stage sees, whatever
+    # the protection's seed (42 here, 0 in evaluate): none is a test image of the audit.
+    samples = read_samples(folder)
+    assert set(samples) == {"protection: source train", "protection: target train"} == set(saved["samples"])
+    assert saved["samples"]["protection: source train"] == samples["protection: source train"].summary()
+    assert args.seed == 42
+    uci = load_image_classification_dataset("uci-digits")
+    trained = set(samples["protection: source train"].hashes)
+    assert len(trained) == 67 and trained <= set(image_hashes(uci["train"]))
+    assert not trained & set(image_hashes(uci["test"]))
 
 
 def test_bad_configurations_are_refused_early(tmp_path, data):

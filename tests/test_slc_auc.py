@@ -1,10 +1,9 @@
 import math
 
 import evaluate
-import numpy as np
 import pytest
 
-from hf_ntl.metrics.learning_curve import CurvePoint, mean_curve, worst_case_curve
+from hf_ntl.metrics.learning_curve import CurvePoint, mean_curve, selected_curve
 from hf_ntl.metrics.slc_auc import SLC_AUC_MODULE, area_under_log_curve, slc_auc
 
 COUNTS = [10, 50, 200]
@@ -62,12 +61,24 @@ def test_evaluate_module_gives_the_same_numbers():
     assert result == pytest.approx(expected)
 
 
-def test_mean_and_worst_case_curves():
+def test_mean_curves_of_test_and_validation_accuracy():
     points = [
-        CurvePoint("model", "a", n, seed, accuracy, 1, 0.0)
+        CurvePoint("model", "a", n, seed, accuracy, 1 - accuracy, 1, 0.0)
         for n, seed, accuracy in [(10, 0, 0.2), (10, 1, 0.4), (50, 0, 0.6), (50, 1, 0.8)]
     ]
     assert mean_curve(points) == pytest.approx({10: 0.3, 50: 0.7})
-    a, b, c = {10: 0.3, 50: 0.7}, {10: 0.5, 50: 0.6}, {10: 0.1, 50: 0.9}
-    assert worst_case_curve([a, b, c]) == {10: 0.5, 50: 0.9}
-    assert worst_case_curve([a, b, c]) == {n: float(np.max([a[n], b[n], c[n]])) for n in (10, 50)}
+    assert mean_curve(points, "validation_accuracy") == pytest.approx({10: 0.7, 50: 0.3})
+
+
+def test_worst_case_is_chosen_on_validation_and_read_on_test():
+    # Test and validation disagree: at n = 10 attack b is best on test but c on validation; at n = 50
+    # a is best on test, b on validation. The worst case must follow validation.
+    test = {"a": {10: 0.3, 50: 0.9}, "b": {10: 0.6, 50: 0.5}, "c": {10: 0.4, 50: 0.7}}
+    validation = {"a": {10: 0.2, 50: 0.5}, "b": {10: 0.3, 50: 0.8}, "c": {10: 0.5, 50: 0.6}}
+    curve, chosen = selected_curve(test, validation)
+    assert chosen == {10: "c", 50: "b"}
+    assert curve == {10: 0.4, 50: 0.5}
+    assert curve != {n: max(t[n] for t in test.values()) for n in (10, 50)}  # not the test argmax
+    # Ties go to the attack listed first, whatever the test split says.
+    tied = {"a": {10: 0.5}, "b": {10: 0.5}}
+    assert selected_curve({"a": {10: 0.1}, "b": {10: 0.9}}, tied) == ({10: 0.1}, {10: "a"})

@@ -5,8 +5,9 @@ import shutil
 import pytest
 import torch
 
-from hf_ntl.artifacts import OutputDirError
+from hf_ntl.artifacts import OutputDirError, read_samples
 from hf_ntl.data import ImagePreprocessor, load_image_classification_dataset
+from hf_ntl.data.fingerprint import image_hashes
 from hf_ntl.models import build_tiny_classifier, load_classifier
 from hf_ntl.source import SourceConfig, fit_source_model, run_source
 
@@ -29,11 +30,17 @@ def test_tiny_resnet_learns_font_digits_and_saves_safely(tmp_path):
     assert (folder / "model.safetensors").exists() and not list(folder.glob("*.bin"))
     saved = json.loads((folder / "hf_ntl.json").read_text())
     assert saved["stage"] == "source" and saved["test_accuracy"] == record["test_accuracy"]
+    # The record names the samples it was fitted on; the hashes beside it are those of the train split.
+    assert (
+        saved["samples"]["source fit"]["dataset"] == "font-digits" and saved["samples"]["source fit"]["samples"] == 4000
+    )
+    train = load_image_classification_dataset("font-digits", num_train=4000)["train"]
+    assert read_samples(folder)["source fit"].hashes == image_hashes(train)
 
     # The saved model reproduces the reported accuracy from disk: same weights, same preprocessing.
     model = load_classifier(folder).eval()
     preprocessor = ImagePreprocessor.from_pretrained(folder)
-    test = load_image_classification_dataset("font-digits", num_train=4000, seed=42)["test"]
+    test = load_image_classification_dataset("font-digits", num_train=4000)["test"]
     with torch.no_grad():
         logits = model(pixel_values=preprocessor(test["image"])).logits
     accuracy = (logits.argmax(-1) == torch.tensor(test["label"])).float().mean().item()

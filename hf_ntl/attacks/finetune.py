@@ -9,6 +9,7 @@ to tensors once per audit, so that a run costs only its optimiser steps.
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -40,8 +41,13 @@ class AttackSpec:
         reinit_head: discard the released head and start from a fresh one.
         optimizer: `sgd`, `sgd-momentum` (0.9), `adam` or `adamw`.
         learning_rate / weight_decay: optimiser settings.
-        steps: optimiser steps, the same whatever the number of samples, so that the model and the
-            scratch baseline get exactly the same budget.
+        steps: optimiser steps. Without `epochs`, the budget whatever the number of samples;
+            with `epochs`, the floor of the budget (small sets still get enough steps).
+        epochs: a budget that grows with the data: `max(steps, ceil(epochs * ceil(n / batch_size)))`
+            steps on n samples, capped at `max_steps`, so that scratch converges at large n too and
+            SLC-AUC measures saved data, not saved compute. The model and the scratch baseline
+            always get exactly the same budget.
+        max_steps: the ceiling of an epoch budget (`None`: none).
         batch_size: samples per step (all of them when fewer).
         lora_rank / lora_alpha: LoRA rank and scaling numerator (`trainable="lora"` only).
         mask: `"dense"`: pruned (zero) weights may regrow, as any real attacker allows;
@@ -55,6 +61,8 @@ class AttackSpec:
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     steps: int = 150
+    epochs: float | None = None
+    max_steps: int | None = None
     batch_size: int = 32
     lora_rank: int = 8
     lora_alpha: float | None = None
@@ -69,6 +77,18 @@ class AttackSpec:
             raise ValueError(f"{self.name}: mask must be one of {MASK_POLICIES}, got {self.mask!r}.")
         if self.learning_rate <= 0 or self.steps < 1 or self.batch_size < 1 or self.lora_rank < 1:
             raise ValueError(f"{self.name}: learning_rate, steps, batch_size and lora_rank must be positive.")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError(f"{self.name}: epochs must be positive (or left out for a fixed budget of steps).")
+        if self.max_steps is not None and self.max_steps < self.steps:
+            raise ValueError(f"{self.name}: max_steps ({self.max_steps}) is below the floor steps ({self.steps}).")
+
+    def steps_for(self, num_samples: int) -> int:
+        """The optimiser steps a run on `num_samples` samples gets (see `steps` and `epochs`)."""
+        if self.epochs is None:
+            return self.steps
+        per_epoch = math.ceil(num_samples / min(self.batch_size, num_samples))
+        steps = max(self.steps, math.ceil(self.epochs * per_epoch))
+        return steps if self.max_steps is None else min(steps, self.max_steps)
 
     @property
     def keeps_head(self) -> bool:
@@ -192,7 +212,7 @@ def finetune(model: PreTrainedModel, train: EncodedSplit, spec: AttackSpec, seed
         batch_size = min(spec.batch_size, len(train))
         order = torch.empty(0, dtype=torch.long)
         model.train()
-        for _ in range(spec.steps):
+        for _ in range(spec.steps_for(len(train))):
             if len(order) < batch_size:  # epoch-wise reshuffling: every sample seen once per epoch
                 order = torch.cat([order, torch.randperm(len(train), generator=generator)])
             batch, order = order[:batch_size], order[batch_size:]
@@ -213,3 +233,11 @@ def finetuned_accuracy(
 ) -> float:
     """Test accuracy after `finetune(model, train, spec, seed)`."""
     return predict_accuracy(finetune(model, train, spec, seed), test.pixel_values, test.labels)
+
+
+def finetuned_accuracies(
+    model: PreTrainedModel, train: EncodedSplit, splits: dict[str, EncodedSplit], spec: AttackSpec, seed: int = 0
+) -> dict[str, float]:
+    """Accuracy on each of `splits` (e.g. validation and test) of one `finetune(model, train, spec, seed)` run."""
+    tuned = finetune(model, train, spec, seed)
+    return {name: predict_accuracy(tuned, split.pixel_values, split.labels) for name, split in splits.items()}

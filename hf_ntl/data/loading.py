@@ -4,6 +4,12 @@
 folder, an `imagefolder` directory, or a Hub dataset id, and returns the uniform form the rest
 of hf_ntl relies on: a `DatasetDict` with `train` and `test`, an `image` column (`Image`) and a
 `label` column (`ClassLabel`), validated before any training starts.
+
+A data set's splits belong to the data set, never to a training run: an embedded domain is generated
+from its own `generation_seed` (0 unless asked otherwise), and a test split held out of a data set
+that has none is drawn with `SPLIT_SEED`, so that every stage (fit-source, protect, evaluate, the
+bench), whatever seed it trains with, sees the same train, validation and test samples. A run's seed
+only orders and subsamples the train split.
 """
 
 from __future__ import annotations
@@ -22,6 +28,10 @@ logger = logging.getLogger(__name__)
 
 _LABEL_COLUMN_GUESSES = ("label", "labels", "fine_label", "class", "target")
 
+# Fixed by the data set, not by any run: the held-out test split of a data set without one, and the
+# validation split `validation_split` carves out of train. Changing either changes every data set.
+SPLIT_SEED = 0
+
 
 class DatasetFormatError(ValueError):
     """A data set that cannot be used as an image-classification data set, and why."""
@@ -38,7 +48,7 @@ def load_image_classification_dataset(
     test_split: str = "test",
     test_size: float = 0.2,
     image_size: int = 32,
-    seed: int = 0,
+    generation_seed: int = 0,
     num_train: int | None = None,
     num_test: int | None = None,
     cache_dir: str | os.PathLike | None = None,
@@ -53,8 +63,11 @@ def load_image_classification_dataset(
             `Image` column; the only `ClassLabel` column, else a column called `label`, ...).
         config_name / revision: passed to `datasets.load_dataset` for Hub ids.
         train_split / test_split: split names. When the test split is missing, a stratified
-            `test_size` fraction of the train split is held out (seeded by `seed`).
-        image_size / seed / num_train / num_test / cache_dir: for embedded domains only.
+            `test_size` fraction of the train split is held out with `SPLIT_SEED`: the same
+            samples in every stage, whatever seed that stage trains with.
+        image_size / generation_seed / num_train / num_test / cache_dir: for embedded domains only;
+            they are part of the domain's identity (a different generation seed is a different
+            data set), never a training run's seed.
 
     Returns:
         `DatasetDict(train=..., test=...)` with exactly the columns `image` and `label`.
@@ -65,7 +78,12 @@ def load_image_classification_dataset(
     """
     if source in EMBEDDED_DOMAINS:
         raw = load_embedded_domain(
-            source, image_size=image_size, seed=seed, num_train=num_train, num_test=num_test, cache_dir=cache_dir
+            source,
+            image_size=image_size,
+            seed=generation_seed,
+            num_train=num_train,
+            num_test=num_test,
+            cache_dir=cache_dir,
         )
     else:
         if num_train is not None or num_test is not None:
@@ -79,7 +97,6 @@ def load_image_classification_dataset(
         train_split=train_split,
         test_split=test_split,
         test_size=test_size,
-        seed=seed,
     )
 
 
@@ -112,7 +129,6 @@ def standardise_image_classification(
     train_split: str = "train",
     test_split: str = "test",
     test_size: float = 0.2,
-    seed: int = 0,
 ) -> DatasetDict:
     """Select, rename and validate columns and splits (see `load_image_classification_dataset`)."""
     if train_split not in raw:
@@ -133,7 +149,12 @@ def standardise_image_classification(
     if test_split in raw:
         splits["test"] = _select_columns(raw[test_split], image_column, label_column, f"{source}[test]")
     else:
-        logger.warning("%s has no %r split: holding out %.0f%% of train as test.", source, test_split, 100 * test_size)
+        logger.warning(
+            "%s has no %r split: holding out %.0f%% of train as test (the same samples in every stage).",
+            source,
+            test_split,
+            100 * test_size,
+        )
 
     # The train split defines the label space; every split is checked against it before casting.
     class_label = splits["train"].features["label"]
@@ -150,7 +171,7 @@ def standardise_image_classification(
             splits[name] = split.cast_column("label", class_label)
 
     if "test" not in splits:
-        held_out = splits["train"].train_test_split(test_size=test_size, stratify_by_column="label", seed=seed)
+        held_out = splits["train"].train_test_split(test_size=test_size, stratify_by_column="label", seed=SPLIT_SEED)
         splits = {"train": held_out["train"], "test": held_out["test"]}
     present = np.unique(np.asarray(splits["train"]["label"]))
     if present.size < 2:
@@ -252,3 +273,20 @@ def stratified_subset(dataset: Dataset, num_samples: int, seed: int = 0) -> Data
     if not 1 <= num_samples <= len(dataset):
         raise ValueError(f"Asked for {num_samples} samples from a split of {len(dataset)}; use 1..{len(dataset)}.")
     return dataset.select(stratified_order(dataset["label"], seed)[:num_samples])
+
+
+def validation_split(labels: Sequence[int] | np.ndarray, num_validation: int) -> tuple[np.ndarray, np.ndarray]:
+    """(validation indices, remaining indices) of a train split, fixed by the data set.
+
+    The validation samples are the first `num_validation` of a class-stratified order drawn with
+    `SPLIT_SEED`, the same in every stage and for every run seed; learning-curve subsets are drawn
+    from the remaining indices only, so that choosing on validation never sees a training sample.
+    """
+    labels = np.asarray(labels)
+    if not 0 < num_validation < len(labels):
+        raise ValueError(
+            f"A validation split of {num_validation} samples cannot be carved from a train split of {len(labels)}; "
+            f"use 1..{len(labels) - 1}."
+        )
+    order = stratified_order(labels, seed=SPLIT_SEED)
+    return np.sort(order[:num_validation]), np.sort(order[num_validation:])

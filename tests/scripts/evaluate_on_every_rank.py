@@ -7,15 +7,15 @@ import hf_ntl.evaluation as evaluation
 
 model_dir, out_dir = sys.argv[1], sys.argv[2]
 executed = []
-original_run = evaluation.finetuned_accuracy
+original_run = evaluation.finetuned_accuracies
 
 
-def counting_run(model, train, test, spec, seed):
+def counting_run(model, train, splits, spec, seed):
     executed.append((spec.name, seed, len(train)))
-    return original_run(model, train, test, spec, seed)
+    return original_run(model, train, splits, spec, seed)
 
 
-evaluation.finetuned_accuracy = counting_run
+evaluation.finetuned_accuracies = counting_run
 args = evaluation.EvaluateArguments(
     model_name_or_path=model_dir, target_dataset="uci-digits", suite="quick", steps=2, counts=[5, 10], seeds=[0, 1]
 )
