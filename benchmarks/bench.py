@@ -1,24 +1,30 @@
 """`make bench`: how well hf_ntl protects, what it costs, and how that compares to the published results.
 
-    make bench                      # or: python benchmarks/bench.py --runs_dir runs/bench
+    make bench                      # = python benchmarks/bench.py --sections quality diffusion cost
+    make bench-budget               # all four sections (adds the scratch-convergence check)
     python benchmarks/bench.py --sections cost          # one section
 
-Three sections, all with fixed seeds on the embedded domains:
+Four sections, all with fixed seeds on the embedded domains, under the measurement protocol of
+ALGORITHMS.md §5 (splits fixed by the data set, a leakage guard before every audit, the worst case
+chosen on a validation split and read on test, budgets that grow with n):
 
-- **quality**: a source model per domain; for every ordered pair (source, target) NTP and SOPHON
-  protect it against the target (default settings); the original, both protected models and a
-  scratch baseline are attacked with the default suite plus the NTP paper's masked protocol
-  (`full-masked`), sharing one scratch baseline per pair. Source accuracy, SLC-AUC (raw and
-  normalised) under the masked protocol and for the suite's worst case, averaged over pairs
-  beside the published anchors.
+- **quality**: a source model per domain; one scratch baseline per target (shared by the pairs
+  attacking it: its runs are identical); for every ordered pair (source, target) NTP and SOPHON
+  protect the source model against the target (default settings); the original and both
+  protected models are attacked with the default suite plus the NTP paper's masked protocol
+  (`full-masked`). Source accuracy, SLC-AUC (raw and normalised) under the masked protocol and for
+  the suite's worst case, averaged over pairs beside the published anchors.
+- **budget**: scratch at twice every attack's budget on each target, against the quality section's
+  scratch runs: whether SLC-AUC measures saved data or saved compute.
 - **diffusion**: a tiny DDPM on the first domain, SOPHON (DoS) against the second, restricted
   denoising MSE after the diffusion suite for SOPHON, the original and scratch.
 - **cost**, measured in this run: protection step time over a plain `Trainer` step on the same
   batch size, SOPHON peak tensor memory at two K, one attack run, for three ResNet sizes.
 
-Every stage writes into `--runs_dir` and is reused when it has finished, so an interrupted bench
-picks up where it stopped; the results go to `--output_dir` (`results.json`, `results.md`,
-`slc_auc_heatmap.png`) only once every requested section is complete.
+Each audit's runs are spread over `--audit_processes` one-thread processes (torchrun). Every stage
+writes into `--runs_dir` and is reused when it finished with the same recorded identity, so an
+interrupted bench picks up where it stopped; the results go to `--output_dir` (`results.json`,
+`results.md`, `slc_auc_heatmap.png`) only once every requested section is complete.
 """
 
 from __future__ import annotations
@@ -800,8 +806,9 @@ def write_results(args: BenchArguments, results: dict[str, Any], out: Path) -> s
         parts += [
             "## Protection quality",
             f"{args.model}; every ordered pair of {', '.join(args.domains)}; attacks: the default suite plus the NTP "
-            f"paper's masked protocol (`full-masked`), n = {counts}, seeds {seeds}, one shared scratch baseline per "
-            "pair. SLC-AUC > 0: the model helps the attacker; < 0: it is a worse start than scratch.",
+            f"paper's masked protocol (`full-masked`), n = {counts}, seeds {seeds}, one scratch baseline per target "
+            "shared by the pairs attacking it. SLC-AUC > 0: the model helps the attacker; < 0: it is a worse start "
+            "than scratch.",
             pairs,
             "### Averages beside the published anchors",
             anchors,
