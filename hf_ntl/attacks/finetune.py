@@ -232,7 +232,7 @@ def finetuned_accuracy(
     model: PreTrainedModel, train: EncodedSplit, test: EncodedSplit, spec: AttackSpec, seed: int = 0
 ) -> float:
     """Test accuracy after `finetune(model, train, spec, seed)`."""
-    return predict_accuracy(finetune(model, train, spec, seed), test.pixel_values, test.labels)
+    return finetuned_accuracies(model, train, {"test": test}, spec, seed)["test"]
 
 
 def finetuned_accuracies(
