@@ -47,8 +47,10 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers.utils import logging as diffusers_logging
+from rich.table import Table
 from transformers import HfArgumentParser, ResNetConfig, ResNetForImageClassification, Trainer, TrainerCallback
 from transformers import TrainingArguments as PlainTrainingArguments
+from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging as transformers_logging
 
 from hf_ntl.artifacts import finished_run, read_record, run_identity
@@ -62,7 +64,7 @@ from hf_ntl.data import (
     stratified_subset,
 )
 from hf_ntl.data.loading import validation_split
-from hf_ntl.evaluation import SCRATCH, process_state, read_report, run_attacks, summarise, write_report
+from hf_ntl.evaluation import SCRATCH, process_state, read_report, run_attacks, run_seconds, summarise, write_report
 from hf_ntl.evaluation_diffusion import DiffusionEvaluateArguments, run_evaluation_diffusion
 from hf_ntl.leakage import check_test_overlap, test_hashes_by_size
 from hf_ntl.metrics.learning_curve import CurvePoint, check_counts
@@ -72,11 +74,12 @@ from hf_ntl.models import build_tiny_classifier, load_classifier
 from hf_ntl.protect import run_ntp, run_sophon, run_sophon_diffusion
 from hf_ntl.source import MODEL_SUBDIR, SourceConfig, run_source
 from hf_ntl.source_diffusion import DiffusionSourceConfig, run_diffusion_source
+from hf_ntl.terminal import format_duration, print_tables
 from hf_ntl.trainers import NTPConfig, NTPTrainer, SophonConfig, SophonDiffusionConfig, SophonTrainer
 
 SECTIONS = ("quality", "budget", "diffusion", "cost")
 # What the results do not depend on: where they go, which sections run now, how many processes share an audit.
-BOOKKEEPING = ("runs_dir", "output_dir", "sections", "overwrite", "audit_processes", "audit_request")
+BOOKKEEPING = ("runs_dir", "output_dir", "sections", "overwrite", "audit_processes", "audit_request", "dry_run")
 PROTECTIONS = {"ntp": (NTPConfig, run_ntp), "sophon": (SophonConfig, run_sophon)}
 LABELS = ("original", *PROTECTIONS)
 DISPLAY = {"original": "original", "ntp": "NTP", "sophon": "SOPHON", SCRATCH: "scratch"}
@@ -139,6 +142,9 @@ class BenchArguments:
     cost_sophon_iterations: int = field(default=5, metadata={"help": "Timed SOPHON iterations (after 1 warm-up)."})
     cost_inner_steps: list[int] = field(default_factory=lambda: [5, 50], metadata={"help": "SOPHON K compared."})
     overwrite: bool = field(default=False, metadata={"help": "Delete runs_dir first (otherwise stages are reused)."})
+    dry_run: bool = field(
+        default=False, metadata={"help": "Print what would run or be reused, with an estimated time; run nothing."}
+    )
     audit_request: str | None = field(
         default=None, metadata={"help": "Internal: run one audit (written by the bench) in this torchrun process."}
     )
@@ -195,29 +201,69 @@ def _cached(path: Path, compute) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- protection quality
 
 
-def fit_source(args: BenchArguments, folder: Path, domain: str) -> Path:
-    """The owner's source model for `domain` (a plain `Trainer` run of `source_steps` steps)."""
+def source_config(args: BenchArguments, folder: Path, domain: str) -> SourceConfig:
+    """The fit-source stage for `domain`: a plain `Trainer` run of `source_steps` steps."""
     options = ["--output_dir", str(folder), "--model_name_or_path", args.model, "--dataset_name", domain]
-    options += ["--max_steps", str(args.source_steps), "--logging_strategy", "no", "--disable_tqdm", "true"]
-    config = stage_config(SourceConfig, None, options, "bench fit-source")
+    options += ["--max_steps", str(args.source_steps), "--logging_strategy", "no"]
+    return stage_config(SourceConfig, None, options, "bench fit-source")
+
+
+def fit_source(args: BenchArguments, folder: Path, domain: str) -> Path:
+    """The owner's source model for `domain`, fitted unless a finished run of the same settings is there."""
+    config = source_config(args, folder, domain)
     if not finished_run(folder, run_identity("source", config)):
         print(f"  fitting {args.model} on {domain}")
         run_source(config)
     return folder / MODEL_SUBDIR
 
 
-def protect(args: BenchArguments, folder: Path, source_model: Path, source: str, target: str, method: str) -> Path:
-    """The source model protected against `target` with `method` (its defaults, or the bench's YAML)."""
-    config_class, run = PROTECTIONS[method]
+def protect_config(
+    args: BenchArguments, folder: Path, source_model: Path, source: str, target: str, method: str
+) -> NTPConfig | SophonConfig:
+    """The protect stage of `method` against `target` (the method's defaults, or the bench's YAML)."""
+    config_class, _ = PROTECTIONS[method]
     options = ["--output_dir", str(folder), "--model_name_or_path", str(source_model)]
-    options += ["--source_dataset", source, "--target_dataset", target]
-    options += ["--logging_strategy", "no", "--disable_tqdm", "true"]
+    options += ["--source_dataset", source, "--target_dataset", target, "--logging_strategy", "no"]
     yaml_path = args.ntp_config if method == "ntp" else args.sophon_config
-    config = stage_config(config_class, yaml_path, options, f"bench protect-{method}")
+    return stage_config(config_class, yaml_path, options, f"bench protect-{method}")
+
+
+def protect(args: BenchArguments, folder: Path, source_model: Path, source: str, target: str, method: str) -> Path:
+    """The source model protected against `target` with `method`, unless a finished run of it is there."""
+    config = protect_config(args, folder, source_model, source, target, method)
     if not finished_run(folder, run_identity("protect", config, method)):
         print(f"  protecting the {source} model against {target} with {method}")
-        run(config)
+        PROTECTIONS[method][1](config)
     return folder / MODEL_SUBDIR
+
+
+def audit_request(
+    args: BenchArguments,
+    folder: Path,
+    models: dict[str, Path],
+    target: str,
+    suite: list[AttackSpec],
+    scratch_report: Path | None = None,
+) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    """An audit's request (what `run_audit` reads), its identity, and whether `folder` holds it finished.
+
+    The identity is the request less the bench's bookkeeping: a finished audit is reused only for the same one.
+    """
+    request = {
+        "bench": {k: v for k, v in dataclasses.asdict(args).items() if k != "audit_request"},
+        "folder": str(folder),
+        "models": {label: str(path) for label, path in models.items()},
+        "target": target,
+        "suite": [spec.to_dict() for spec in suite],
+        "scratch_report": str(scratch_report) if scratch_report else None,
+    }
+    identity = {k: v for k, v in request.items() if k != "bench"} | {
+        k: v for k, v in request["bench"].items() if k not in BOOKKEEPING
+    }
+    request_file = folder / "audit_request.json"
+    finished = (folder / "report.json").is_file() and request_file.is_file()
+    finished = finished and json.loads(request_file.read_text()).get("identity") == json.loads(json.dumps(identity))
+    return request, identity, finished
 
 
 def audit(
@@ -237,24 +283,12 @@ def audit(
     many torchrun processes of one thread each (the report is identical to a one-process run: every
     run is seeded on its own).
     """
-    suite = suite or load_suite(args.suite, pruned=True, steps=args.attack_steps, only=args.attacks)
-    request = {
-        "bench": {k: v for k, v in dataclasses.asdict(args).items() if k != "audit_request"},
-        "folder": str(folder),
-        "models": {label: str(path) for label, path in models.items()},
-        "target": target,
-        "suite": [spec.to_dict() for spec in suite],
-        "scratch_report": str(scratch_report) if scratch_report else None,
-    }
-    # The request is the audit's identity: a finished audit is reused only for the same request.
-    request_file = folder / "audit_request.json"
-    identity = {k: v for k, v in request.items() if k != "bench"} | {
-        k: v for k, v in request["bench"].items() if k not in BOOKKEEPING
-    }
-    finished = (folder / "report.json").is_file() and request_file.is_file()
-    if finished and json.loads(request_file.read_text()).get("identity") == json.loads(json.dumps(identity)):
+    suite = suite or bench_suite(args)
+    request, identity, finished = audit_request(args, folder, models, target, suite, scratch_report)
+    if finished:
         print(f"  reusing {folder / 'report.json'}")
         return read_report(folder / "report.json")
+    request_file = folder / "audit_request.json"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "report.json").unlink(missing_ok=True)
     request_file.write_text(json.dumps({**request, "identity": identity}, indent=2) + "\n")
@@ -334,6 +368,11 @@ def run_audit(request: dict[str, Any]) -> None:
         torch.distributed.destroy_process_group()
 
 
+def bench_suite(args: BenchArguments) -> list[AttackSpec]:
+    """The attacks of the quality section: the suite with the masked protocol (the model under test is pruned)."""
+    return load_suite(args.suite, pruned=True, steps=args.attack_steps, only=args.attacks)
+
+
 def scratch_path(runs: Path, target: str) -> Path:
     """The report of the scratch baseline the pairs attacking `target` share."""
     return runs / "scratch" / Path(target).name / "report.json"
@@ -341,9 +380,7 @@ def scratch_path(runs: Path, target: str) -> Path:
 
 def quality(args: BenchArguments, runs: Path) -> dict[str, Any]:
     """Source models, protections and audits for every ordered pair; per pair, what the tables need."""
-    suite_names = [
-        spec.name for spec in load_suite(args.suite, pruned=True, steps=args.attack_steps, only=args.attacks)
-    ]
+    suite_names = [spec.name for spec in bench_suite(args)]
     if MASKED_ATTACK.name not in suite_names:
         raise ValueError(f"The bench needs the masked protocol: keep {MASKED_ATTACK.name!r} in --attacks.")
     sources = {domain: fit_source(args, runs / "sources" / Path(domain).name, domain) for domain in args.domains}
@@ -413,11 +450,9 @@ def quality_averages(result: dict[str, Any]) -> dict[str, dict[str, float]]:
 # ----------------------------------------------------------------------------- budget convergence
 
 
-def budget(args: BenchArguments, runs: Path) -> dict[str, Any]:
-    """Is scratch converged? Per target, scratch under the suite at twice its budget against the quality
-    section's scratch runs (same seeds, subsets and selection on validation)."""
-    suite = load_suite(args.suite, pruned=True, steps=args.attack_steps, only=args.attacks)
-    doubled = [
+def doubled_budget(suite: list[AttackSpec]) -> list[AttackSpec]:
+    """`suite` with twice every attack's budget (floor, epochs and ceiling)."""
+    return [
         dataclasses.replace(
             spec,
             steps=2 * spec.steps,
@@ -426,6 +461,13 @@ def budget(args: BenchArguments, runs: Path) -> dict[str, Any]:
         )
         for spec in suite
     ]
+
+
+def budget(args: BenchArguments, runs: Path) -> dict[str, Any]:
+    """Is scratch converged? Per target, scratch under the suite at twice its budget against the quality
+    section's scratch runs (same seeds, subsets and selection on validation)."""
+    suite = bench_suite(args)
+    doubled = doubled_budget(suite)
     targets = {}
     for target in args.domains:
         if not scratch_path(runs, target).is_file():
@@ -571,6 +613,7 @@ def _seconds_per_step(trainer: Trainer, warmup: int) -> float:
     """Mean wall time of the steps after the first `warmup` (which allocate optimiser state)."""
     timer = StepTimer()
     trainer.add_callback(timer)
+    trainer.remove_callback(PrinterCallback)  # a plain Trainer would print its closing log dictionary
     trainer.train()
     return float(np.diff(timer.ends[warmup - 1 :]).mean())
 
@@ -594,6 +637,7 @@ def cost(args: BenchArguments, runs: Path) -> dict[str, Any]:
         "logging_strategy": "no",
         "save_strategy": "no",
         "eval_strategy": "no",
+        "dataloader_pin_memory": torch.cuda.is_available(),  # pinning needs an accelerator; it only warns on CPU
     }
     warmup = 3
     rows = {}
@@ -879,6 +923,79 @@ def write_results(args: BenchArguments, results: dict[str, Any], out: Path) -> s
     return markdown
 
 
+# ----------------------------------------------------------------------------- --dry_run
+
+
+def plan(args: BenchArguments, runs: Path) -> Table:
+    """What the bench would do now: every stage of the quality and budget sections, finished (reused) or to
+    run, their attack runs, and the time of those runs estimated from a few timed steps of each attack."""
+    rows = Table(title="Bench plan (nothing trained, nothing written)", title_justify="left", box=None)
+    for column in ("stage", "to run", "reused", "attack runs to run"):
+        rows.add_column(column, justify="left" if column == "stage" else "right")
+    suite, labels = bench_suite(args), len(LABELS)
+    runs_per_model = len(suite) * len(args.seeds) * len(args.counts)
+    pending_runs: dict[str, int] = {}  # target -> attack runs still to make (all share the tiny architecture)
+
+    def add(stage: str, done: list[bool], runs_each: int = 0, target: str | None = None) -> None:
+        todo = done.count(False)
+        if target:
+            pending_runs[target] = pending_runs.get(target, 0) + todo * runs_each
+        rows.add_row(stage, str(todo), str(done.count(True)), str(todo * runs_each) if runs_each else "")
+
+    if "quality" in args.sections:
+        sources = {domain: runs / "sources" / Path(domain).name for domain in args.domains}
+        add(
+            "source models",
+            [finished_run(f, run_identity("source", source_config(args, f, d))) for d, f in sources.items()],
+        )
+        pairs = list(permutations(args.domains, 2))
+        for method in PROTECTIONS:
+            done = []
+            for source, target in pairs:
+                folder = runs / "quality" / f"{Path(source).name}__{Path(target).name}" / method
+                config = protect_config(args, folder, sources[source] / MODEL_SUBDIR, source, target, method)
+                done.append(finished_run(folder, run_identity("protect", config, method)))
+            add(f"{method} protections", done)
+        for target in args.domains:
+            _, _, finished = audit_request(args, scratch_path(runs, target).parent, {}, target, suite)
+            add(f"scratch audit on {Path(target).name}", [finished], runs_per_model, target)
+        for source, target in pairs:
+            folder = runs / "quality" / f"{Path(source).name}__{Path(target).name}"
+            models = {"original": sources[source] / MODEL_SUBDIR}
+            models |= {method: folder / method / MODEL_SUBDIR for method in PROTECTIONS}
+            _, _, finished = audit_request(args, folder / "audit", models, target, suite, scratch_path(runs, target))
+            add(f"audit {Path(source).name} -> {Path(target).name}", [finished], labels * runs_per_model, target)
+    if "budget" in args.sections:
+        for target in args.domains:
+            folder = runs / "budget" / Path(target).name
+            _, _, finished = audit_request(args, folder, {}, target, doubled_budget(suite))
+            add(f"scratch at twice the budget on {Path(target).name}", [finished], runs_per_model)
+    for section in ("diffusion", "cost"):
+        if section in args.sections:
+            done = (runs / f"{section}.json").is_file()
+            rows.add_row(f"{section} section", "0" if done else "1", "1" if done else "0", "(not estimated)")
+
+    # The runs' time, from a few timed steps of each attack on the tiny architecture (scratch's and the
+    # protected models'), spread over the audit's processes; the budget section's doubled runs are left out.
+    seconds = 0.0
+    for target, count in pending_runs.items():
+        dataset = load_image_classification_dataset(target)
+        validation_indices, pool_indices = validation_split(dataset["train"]["label"], args.validation_samples)
+        batch = dataset["train"].select(pool_indices[: max(spec.batch_size for spec in suite)])
+        sample = EncodedSplit.from_dataset(batch, ImagePreprocessor())
+        model = build_tiny_classifier(args.model, dataset["train"].features["label"].num_classes)
+        estimate = run_seconds(model, sample, suite, len(validation_indices) + len(dataset["test"]))
+        per_model = sum(estimate(spec, n) for spec in suite for n in args.counts) * len(args.seeds)
+        seconds += per_model * count / runs_per_model
+    rows.caption = (
+        f"{len(suite)} attacks x {len(args.seeds)} seeds x counts {args.counts} per model; "
+        f"the quality audits' runs: about {format_duration(seconds / args.audit_processes)} on "
+        f"{args.audit_processes} processes here (protections, source fits and the other sections not included)."
+    )
+    rows.caption_justify = "left"
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     (args,) = HfArgumentParser([BenchArguments]).parse_args_into_dataclasses(args=argv)
     transformers_logging.disable_progress_bar()
@@ -889,6 +1006,9 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     check_sample_counts(args)
     runs = Path(args.runs_dir)
+    if args.dry_run:
+        print_tables([plan(args, runs)])
+        return
     if args.overwrite and runs.exists():
         shutil.rmtree(runs)
     identity = {k: v for k, v in vars(args).items() if k not in BOOKKEEPING}

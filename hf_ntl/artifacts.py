@@ -15,6 +15,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from .data.fingerprint import SampleSet
+from .errors import InputError
 
 RECORD_FILE = "hf_ntl.json"
 # Beside the record: a hash per image of every sample set the stage trained on (a few hundred kB
@@ -82,11 +83,15 @@ RECORDED_TRAINING_ARGUMENTS = (
 )
 
 
+# Options that say how to treat a run (its folder, whether to run it at all), not what it computes.
+NOT_SETTINGS = ("overwrite", "dry_run")
+
+
 def run_settings(config: Any, extra: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The settings that define a run: the fields a config adds to `TrainingArguments` (but `overwrite`,
-    which says how to treat the folder, not what to compute) and the recorded training arguments."""
+    """The settings that define a run: the fields a config adds to `TrainingArguments` (but `NOT_SETTINGS`)
+    and the recorded training arguments."""
     base = {f.name for f in dataclasses.fields(TrainingArguments)}
-    own = [f.name for f in dataclasses.fields(config) if f.name not in base and f.name != "overwrite"]
+    own = [f.name for f in dataclasses.fields(config) if f.name not in base and f.name not in NOT_SETTINGS]
     names = own + [name for name in (*RECORDED_TRAINING_ARGUMENTS, *extra) if name in base and hasattr(config, name)]
     return json.loads(json.dumps({name: getattr(config, name) for name in names}, default=str))
 
@@ -110,7 +115,7 @@ def finished_run(output_dir: str | os.PathLike, identity: dict[str, Any], finish
     return json.loads(run_file.read_text()) == json.loads(json.dumps(identity))
 
 
-class OutputDirError(ValueError):
+class OutputDirError(InputError):
     """An output folder holds another run's results; nothing was touched."""
 
 

@@ -24,6 +24,8 @@ from .evaluation import SCRATCH, read_report
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 PLOT = "learning_curves.png"
 EMBEDDED_DOMAINS_NOTE = "embedded hf_ntl domain (generated locally, not on the Hub)"
+# Class names a card lists when the labels were encoded from strings; config.json's id2label has them all.
+LABEL_NAMES_SHOWN = 20
 
 
 def _is_hub_id(name: str | None) -> bool:
@@ -166,12 +168,24 @@ def build_card(
         steps_note=", ".join(f"n = {n}: {'/'.join(map(str, steps[n]))} steps" for n in report["counts"]),
         max_steps=max(max(per_count) for per_count in steps.values()),
         leakage_note=_leakage_note(report["test_overlap"]),
+        label_encoding_note=_label_encoding_note(record.get("label_encoding")),
         scratch=SCRATCH,
         percent=_percent,
         embedded_note=EMBEDDED_DOMAINS_NOTE,
         has_plot=(report_dir / PLOT).is_file(),
         config_items=sorted(record.get("config", {}).items()),
     )
+
+
+def _label_encoding_note(encoding: dict[str, Any] | None) -> str | None:
+    """The line saying which class id each name got, when the record says the labels were strings."""
+    if not encoding:
+        return None
+    classes = list(encoding["classes"].items())
+    shown = ", ".join(f"{class_id} = {name}" for class_id, name in classes[:LABEL_NAMES_SHOWN])
+    more = len(classes) - LABEL_NAMES_SHOWN
+    rest = f", and {more} more (all in `config.json`'s `id2label`)" if more > 0 else ""
+    return f"Labels were encoded from the string column `{encoding['column']}`: {shown}{rest}."
 
 
 def _leakage_note(overlap: dict[str, Any]) -> str:

@@ -23,26 +23,32 @@ command line override the file.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+import datasets
 import yaml
 from diffusers.utils import logging as diffusers_logging
+from rich.table import Table
 from transformers import HfArgumentParser
 from transformers.utils import logging as transformers_logging
 
 from .artifacts import finished_run, run_identity
 from .cards import push_to_hub, write_card
-from .evaluation import EvaluateArguments, format_report_table, read_report, run_evaluation
-from .evaluation_diffusion import DiffusionEvaluateArguments, format_denoising_table, run_evaluation_diffusion
+from .errors import InputError
+from .evaluation import EvaluateArguments, dry_run, read_report, report_tables, run_evaluation
+from .evaluation_diffusion import DiffusionEvaluateArguments, denoising_tables, run_evaluation_diffusion
 from .protect import run_ntp, run_sophon, run_sophon_diffusion
 from .source import MODEL_SUBDIR, SourceConfig, run_source
 from .source_diffusion import DiffusionSourceConfig, run_diffusion_source
+from .terminal import format_duration, print_tables, set_verbose, stop_displays
 from .trainers import NTPConfig, SophonConfig, SophonDiffusionConfig
 
 
@@ -112,10 +118,13 @@ def yaml_to_argv(path: str) -> list[str]:
     """Turn a YAML mapping of option names to values into command-line arguments."""
     config_path = Path(path)
     if not config_path.is_file():
-        raise SystemExit(f"error: config file {path} does not exist.")
-    values = yaml.safe_load(config_path.read_text()) or {}
+        raise InputError(f"config file {path} does not exist.")
+    try:
+        values = yaml.safe_load(config_path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise InputError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from err
     if not isinstance(values, dict):
-        raise SystemExit(f"error: {path} must hold a mapping of option names to values.")
+        raise InputError(f"{path} must hold a mapping of option names to values.")
     argv: list[str] = []
     for key, value in values.items():
         argv.append(f"--{key}")
@@ -126,21 +135,35 @@ def yaml_to_argv(path: str) -> list[str]:
     return argv
 
 
+class _Parser(HfArgumentParser):
+    """`HfArgumentParser` whose errors are `InputError`s: `main` prints them on one line, without the usage
+    block (hundreds of TrainingArguments options), and points to `--help`."""
+
+    def error(self, message: str) -> NoReturn:
+        raise InputError(f"{message} (`{self.prog} --help` lists the options)")
+
+
 def parse(dataclass_types: Sequence[type], argv: Sequence[str], prog: str) -> tuple:
     """Parse `argv` (with an optional `--config file.yaml` first) into the dataclasses.
 
     Options on the command line come after the file's, so they win. Unknown options, whether in
-    the file or on the command line, are an error that names them.
+    the file or on the command line, are an error that names them; so is a value the dataclasses'
+    own checks (`__post_init__`) refuse.
     """
     argv = list(argv)
     if "--config" in argv:
         at = argv.index("--config")
         if at + 1 >= len(argv):
-            raise SystemExit("error: --config needs a file name.")
+            raise InputError("--config needs a file name.")
         argv = yaml_to_argv(argv[at + 1]) + argv[:at] + argv[at + 2 :]
-    parser = HfArgumentParser(dataclass_types, prog=prog, allow_abbrev=False)
+    parser = _Parser(dataclass_types, prog=prog, allow_abbrev=False)
     parser.add_argument("--config", help="YAML file of options; command-line options override it.")
-    *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    try:
+        *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ValueError as err:  # a dataclass's __post_init__ (ours or TrainingArguments') refused a value
+        if isinstance(err, InputError):
+            raise
+        raise InputError(str(err)) from err
     if remaining:
         parser.error(f"unknown options: {' '.join(remaining)}")
     return tuple(p for p in parsed if not isinstance(p, argparse.Namespace))
@@ -186,7 +209,41 @@ def protect_sophon_command(argv: Sequence[str]) -> None:
 
 def evaluate_command(argv: Sequence[str]) -> None:
     (args,) = parse([EvaluateArguments], argv, "hf-ntl evaluate")
-    print(format_report_table(run_evaluation(args)))
+    if args.dry_run:
+        print_tables([plan_table(dry_run(args))])
+        return
+    print_tables(report_tables(run_evaluation(args)))
+
+
+def plan_table(plan: dict[str, Any]) -> Table:
+    """`hf-ntl evaluate --dry_run`'s output: what the audit would run, and for about how long."""
+    rows = Table(
+        title="Audit plan (nothing trained, nothing written)", title_justify="left", box=None, show_header=False
+    )
+    rows.add_column(style="bold")
+    rows.add_column()
+    for label, path in plan["models"].items():
+        if path:
+            rows.add_row(label, path)
+    rows.add_row("scratch", "a fresh copy of the model's architecture per seed")
+    samples = plan["samples"]
+    rows.add_row(
+        "target",
+        f"{plan['target']}: {samples['train pool']} train pool, {samples['validation']} validation, "
+        f"{samples['test']} test (test images trained on: {plan['test_overlap']})",
+    )
+    rows.add_row("attacks", f"{len(plan['attacks'])}: {', '.join(plan['attacks'])}")
+    rows.add_row("counts / seeds", f"{', '.join(map(str, plan['counts']))} / {', '.join(map(str, plan['seeds']))}")
+    runs = len(plan["attacks"]), sum(1 for path in plan["models"].values() if path) + 1
+    rows.add_row(
+        "runs",
+        f"{plan['runs']} ({runs[0]} attacks x {runs[1]} models x {len(plan['seeds'])} seeds x "
+        f"{len(plan['counts'])} counts)",
+    )
+    budget = "; ".join(f"n={n}: {'/'.join(map(str, steps))}" for n, steps in plan["steps_per_count"].items())
+    rows.add_row("steps per run", budget)
+    rows.add_row("estimated time", f"{format_duration(plan['estimated_seconds'])} here, in one process")
+    return rows
 
 
 def fit_ddpm_command(argv: Sequence[str]) -> None:
@@ -211,7 +268,7 @@ def protect_sophon_diffusion_command(argv: Sequence[str]) -> None:
 
 def evaluate_diffusion_command(argv: Sequence[str]) -> None:
     (args,) = parse([DiffusionEvaluateArguments], argv, "hf-ntl evaluate-diffusion")
-    print(format_denoising_table(run_evaluation_diffusion(args)))
+    print_tables(denoising_tables(run_evaluation_diffusion(args)))
 
 
 def card_command(argv: Sequence[str]) -> None:
@@ -287,9 +344,9 @@ def demo_command(argv: Sequence[str]) -> None:
         print(f"[3/4] attacking it and the original on {args.target_dataset}: {', '.join(attacks)}; n = {args.counts}")
         report = run_evaluation(audit_args)
     write_card(protected_model, audit)
-    print(f"[4/4] model card: {protected_model / 'README.md'}\n")
-    print(format_report_table(report))
-    print(f"\nreport and plot: {audit}   wall time {time.perf_counter() - start:.0f} s")
+    print(f"[4/4] model card: {protected_model / 'README.md'}")
+    print(f"      report and plot: {audit}   wall time {time.perf_counter() - start:.0f} s\n")
+    print_tables(report_tables(report))
 
 
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
@@ -312,20 +369,60 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
 }
 
 
+# Options every command takes, read before the command's own.
+GLOBAL_OPTIONS = {
+    "--verbose": "show the Trainer's own progress bars and logs instead of one progress display per stage",
+    "--debug": "show the full traceback of every error (also: HF_NTL_DEBUG=1)",
+}
+
+
+def _usage() -> str:
+    lines = [f"  {name:<26} {summary}" for name, (_, summary) in COMMANDS.items()]
+    options = [f"  {name:<26} {summary}" for name, summary in GLOBAL_OPTIONS.items()]
+    return (
+        "usage: hf-ntl COMMAND [--config file.yaml] [options]\n\ncommands:\n"
+        + "\n".join(lines)
+        + "\n\noptions of every command:\n"
+        + "\n".join(options)
+        + f"\n  {'--version':<26} print hf_ntl's version"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    """Run `hf-ntl COMMAND ...`: input errors print one line and exit 2; bugs keep their traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = [f"  {name:<26} {summary}" for name, (_, summary) in COMMANDS.items()]
-        usage = "usage: hf-ntl COMMAND [--config file.yaml] [options]\n\ncommands:\n" + "\n".join(lines)
-        if argv and argv[0] not in ("-h", "--help"):
-            raise SystemExit(f"error: unknown command {argv[0]!r}\n\n{usage}")
-        print(usage + "\n\n`hf-ntl COMMAND --help` lists a command's options.")
+    debug = "--debug" in argv or os.environ.get("HF_NTL_DEBUG", "") not in ("", "0")
+    verbose = "--verbose" in argv
+    argv = [arg for arg in argv if arg not in GLOBAL_OPTIONS]
+    if argv[:1] == ["--version"]:
+        print(f"hf-ntl {version('hf_ntl')}")
         return
-    # Weights load in milliseconds here; their per-tensor bars would bury the training progress.
-    transformers_logging.disable_progress_bar()
-    diffusers_logging.disable_progress_bar()
-    command, _ = COMMANDS[argv[0]]
-    command(argv[1:])
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage() + "\n\n`hf-ntl COMMAND --help` lists a command's options.")
+        return
+    name = argv[0]
+    if name not in COMMANDS:
+        print(f"hf-ntl: error: unknown command {name!r}; `hf-ntl --help` lists them.", file=sys.stderr)
+        raise SystemExit(2)
+    set_verbose(verbose)
+    if not verbose:
+        # Weights load in milliseconds and data sets map in seconds here; the libraries' own bars for
+        # them would bury the stage's progress. `--verbose` keeps them.
+        transformers_logging.disable_progress_bar()
+        diffusers_logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+    command, _ = COMMANDS[name]
+    try:
+        command(argv[1:])
+    except InputError as err:
+        stop_displays()
+        if debug:
+            raise
+        print(f"hf-ntl {name}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except BaseException:
+        stop_displays()
+        raise
 
 
 if __name__ == "__main__":

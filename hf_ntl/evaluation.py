@@ -19,22 +19,25 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
-from tqdm.auto import tqdm
+from datasets import Dataset
+from rich.console import RenderableType
 from transformers import PreTrainedModel
 
 from .artifacts import claim_output_dir, read_record, run_identity
-from .attacks.finetune import AttackSpec, EncodedSplit, finetuned_accuracies, pruning_masks
+from .attacks.finetune import AttackSpec, EncodedSplit, finetune, finetuned_accuracies, pruning_masks
 from .attacks.suite import load_suite
 from .data import ImagePreprocessor, class_names, load_image_classification_dataset, stratified_order
 from .data.fingerprint import SampleSet
-from .data.loading import validation_split
+from .data.loading import label_encoding, validation_split
+from .errors import InputError
 from .leakage import check_test_overlap, test_hashes_by_size
 from .metrics import predict_accuracy
 from .metrics.learning_curve import (
@@ -49,6 +52,7 @@ from .metrics.plots import plot_learning_curves
 from .metrics.slc_auc import slc_auc
 from .models import head_linear, load_classifier
 from .pruning import mask_sparsity
+from .terminal import signed, table, tables_text, titled, track
 
 SCRATCH = "scratch"
 
@@ -96,12 +100,16 @@ class EvaluateArguments:
     )
     output_dir: str | None = field(default=None, metadata={"help": "Where to write report.json and the plot."})
     overwrite: bool = field(default=False, metadata={"help": "Replace the report already in output_dir."})
+    dry_run: bool = field(
+        default=False,
+        metadata={"help": "Check everything and print the plan (runs, budget, estimated time); train nothing."},
+    )
 
     def __post_init__(self) -> None:
         if not self.seeds:
-            raise ValueError("Give at least one seed.")
+            raise InputError("Give at least one seed.")
         if self.validation_samples < 10:
-            raise ValueError(
+            raise InputError(
                 f"validation_samples must be at least 10 to choose between attacks, got {self.validation_samples}."
             )
 
@@ -123,7 +131,7 @@ def _fit_to_target(
         return model
     keeping = [spec.name for spec in suite if spec.keeps_head]
     if keeping and not replace_head:
-        raise ValueError(
+        raise InputError(
             f"{path} has a {outputs}-way head but the target has {len(names)} classes, and attacks {keeping} "
             "keep the head. Pass --replace_head to give it a fresh head of the target's size, or use attacks "
             "with reinit_head: true."
@@ -174,7 +182,7 @@ def run_attacks(
     state = process_state()
     mine = []
     with state.split_between_processes(runs) as share:
-        for run in tqdm(share, desc="attack runs", disable=not (progress and state.is_main_process)):
+        for run in track(share, "audit", len(share), show=progress and state.is_main_process):
             model = scratch_copy(reference, run.seed) if run.label == SCRATCH else models[run.label]
             model = model.to(state.device)
             start = time.perf_counter()
@@ -243,12 +251,30 @@ def summarise(points: list[CurvePoint], suite: list[AttackSpec], labels: list[st
     }
 
 
-def run_evaluation(args: EvaluateArguments, progress: bool = True) -> dict[str, Any]:
-    """Load, attack, score; write `report.json` and `learning_curves.png` to `args.output_dir`."""
-    start = time.perf_counter()
-    if args.output_dir:
-        with process_state().main_process_first():
-            claim_output_dir(args.output_dir, run_identity("evaluate", args), args.overwrite, finished="report.json")
+@dataclass
+class AuditPlan:
+    """An audit loaded and checked, before any encoding or fine-tuning (`plan_evaluation`)."""
+
+    preprocessor: ImagePreprocessor
+    names: list[str]
+    models: dict[str, PreTrainedModel]
+    model_sparsity: float
+    suite: list[AttackSpec]
+    counts: list[int]
+    seeds: list[int]
+    splits: dict[str, Dataset]
+    samples: dict[str, Any]
+    test_overlap: dict[str, Any]
+
+    @property
+    def runs(self) -> int:
+        """Fine-tuning runs the audit makes: every attack, model (and scratch), seed and count."""
+        return len(self.suite) * (len(self.models) + 1) * len(self.seeds) * len(self.counts)
+
+
+def plan_evaluation(args: EvaluateArguments) -> AuditPlan:
+    """Load the models and the target data, and check everything an audit depends on (sample counts, the
+    leakage guard, the suite, class counts) without encoding or fine-tuning anything."""
     preprocessor = ImagePreprocessor.from_pretrained(args.model_name_or_path)
 
     def load_target(image_size: int):
@@ -263,14 +289,13 @@ def run_evaluation(args: EvaluateArguments, progress: bool = True) -> dict[str, 
     counts = counts_from_fractions(args.fractions, available) if args.fractions else args.counts
     counts = check_counts(counts, available, what=f"the target train split less {args.validation_samples} validation")
     if len(counts) < 2:
-        raise ValueError(f"SLC-AUC needs at least two distinct sample counts, got {counts}.")
+        raise InputError(f"SLC-AUC needs at least two distinct sample counts, got {counts}.")
     paths = {"model": args.model_name_or_path}
     if args.original_model_name_or_path:
         paths["original"] = args.original_model_name_or_path
     hashes = test_hashes_by_size(dataset["test"], preprocessor.image_size, lambda size: load_target(size)["test"])
     test_overlap = check_test_overlap(paths, hashes, allow_overlap=args.allow_test_overlap)
 
-    # Suite and class counts are checked before any encoding or training.
     model = load_classifier(args.model_name_or_path)
     model_sparsity = sparsity(model)
     suite = load_suite(args.suite, pruned=model_sparsity >= 0.01, steps=args.steps, only=args.attacks)
@@ -280,39 +305,65 @@ def run_evaluation(args: EvaluateArguments, progress: bool = True) -> dict[str, 
         path = args.original_model_name_or_path
         models["original"] = _fit_to_target(original, path, names, suite, args.replace_head)
 
-    splits = {
+    roles = {
         "train pool": (dataset["train"].select(pool_indices), "train"),
         "validation": (dataset["train"].select(validation_indices), "train"),
         "test": (dataset["test"], "test"),
     }
     samples = {
         role: SampleSet.of(split, args.target_dataset, name, preprocessor.image_size).summary()
-        for role, (split, name) in splits.items()
+        for role, (split, name) in roles.items()
     }
-    train, validation, test = (EncodedSplit.from_dataset(split, preprocessor) for split, _ in splits.values())
+    return AuditPlan(
+        preprocessor=preprocessor,
+        names=names,
+        models=models,
+        model_sparsity=model_sparsity,
+        suite=suite,
+        counts=counts,
+        seeds=list(args.seeds),
+        splits={role: split for role, (split, _) in roles.items()},
+        samples=samples,
+        test_overlap=test_overlap,
+    )
+
+
+def run_evaluation(args: EvaluateArguments, progress: bool = True) -> dict[str, Any]:
+    """Load, attack, score; write `report.json` and `learning_curves.png` to `args.output_dir`."""
+    start = time.perf_counter()
+    if args.output_dir:
+        with process_state().main_process_first():
+            claim_output_dir(args.output_dir, run_identity("evaluate", args), args.overwrite, finished="report.json")
+    plan = plan_evaluation(args)
+    models, suite, counts = plan.models, plan.suite, plan.counts
+    train, validation, test = (
+        EncodedSplit.from_dataset(plan.splits[role], plan.preprocessor) for role in ("train pool", "validation", "test")
+    )
     zero_shot = {
         label: predict_accuracy(m, test.pixel_values, test.labels)
         for label, m in models.items()
-        if m.config.num_labels == len(names) and not args.replace_head
+        if m.config.num_labels == len(plan.names) and not args.replace_head
     }
     points = run_attacks(models, train, validation, test, suite, counts, args.seeds, progress)
+    available = len(train)
     report: dict[str, Any] = {
         "model": args.model_name_or_path,
         "original": args.original_model_name_or_path,
         "target": args.target_dataset,
         "source": read_record(args.model_name_or_path) if Path(args.model_name_or_path).is_dir() else {},
-        "classes": len(names),
+        "classes": len(plan.names),
+        "target_label_encoding": label_encoding(plan.splits["test"]),
         "target_train_samples": available,
         "target_validation_samples": len(validation),
         "target_test_samples": len(test),
-        "samples": samples,
-        "test_overlap": test_overlap,
+        "samples": plan.samples,
+        "test_overlap": plan.test_overlap,
         "counts": counts,
         "fractions": [n / available for n in counts],
         "seeds": list(args.seeds),
         "suite": [spec.to_dict() for spec in suite],
         "steps_per_count": {n: sorted({spec.steps_for(n) for spec in suite}) for n in counts},
-        "model_sparsity": model_sparsity,
+        "model_sparsity": plan.model_sparsity,
         "zero_shot_accuracy": zero_shot,
         **summarise(points, suite, list(models)),
         "points": [p.to_dict() for p in sorted(points, key=lambda p: (p.attack, p.model, p.seed, p.num_samples))],
@@ -321,6 +372,66 @@ def run_evaluation(args: EvaluateArguments, progress: bool = True) -> dict[str, 
     if args.output_dir and process_state().is_main_process:
         write_report(report, Path(args.output_dir))
     return report
+
+
+def run_seconds(
+    model: PreTrainedModel, sample: EncodedSplit, suite: list[AttackSpec], scored: int, timed_steps: int = 4
+) -> Callable[[AttackSpec, int], float]:
+    """An estimate of one audit run's seconds, `(spec, n) -> seconds`, from a few timed steps of each attack.
+
+    Each attack of `suite` fine-tunes `model` on the batch `sample` for one step and for `timed_steps` + 1
+    steps: the difference is the cost of a step, the rest its set-up; scoring `scored` samples is timed
+    on the batch and scaled. Scratch runs share the model's architecture, so the estimate holds for them.
+    """
+    # The first steps of a process are slow (allocator, kernel selection): warm up before timing.
+    finetune(model, sample, replace(suite[0], steps=timed_steps, epochs=None, max_steps=None), seed=0)
+    seconds_per_step, setup_seconds = {}, {}
+    for spec in suite:
+        times = []
+        for steps in (1, timed_steps + 1):
+            # The faster of two tries, so that a moment of load elsewhere on the machine does not count.
+            tries = []
+            for _ in range(2):
+                began = time.perf_counter()
+                finetune(model, sample, replace(spec, steps=steps, epochs=None, max_steps=None), seed=0)
+                tries.append(time.perf_counter() - began)
+            times.append(min(tries))
+        seconds_per_step[spec.name] = max(times[1] - times[0], 0.0) / timed_steps
+        setup_seconds[spec.name] = max(times[0] - seconds_per_step[spec.name], 0.0)
+    began = time.perf_counter()
+    predict_accuracy(model, sample.pixel_values, sample.labels)
+    scoring_seconds = (time.perf_counter() - began) * scored / len(sample)
+
+    def estimate(spec: AttackSpec, num_samples: int) -> float:
+        return setup_seconds[spec.name] + spec.steps_for(num_samples) * seconds_per_step[spec.name] + scoring_seconds
+
+    return estimate
+
+
+def dry_run(args: EvaluateArguments) -> dict[str, Any]:
+    """What `run_evaluation(args)` would do, checked and timed, without running the audit or writing anything.
+
+    Every check of a real run is made (counts, leakage guard, suite, class counts); the time is estimated
+    by `run_seconds` on one batch of target samples, on this machine in one process.
+    """
+    plan = plan_evaluation(args)
+    model = next(iter(plan.models.values())).to(process_state().device)
+    batch = max(spec.batch_size for spec in plan.suite)
+    sample = EncodedSplit.from_dataset(plan.splits["train pool"].select(range(batch)), plan.preprocessor)
+    seconds = run_seconds(model, sample, plan.suite, len(plan.splits["validation"]) + len(plan.splits["test"]))
+    per_seed_and_model = sum(seconds(spec, n) for spec in plan.suite for n in plan.counts)
+    return {
+        "models": {"model": args.model_name_or_path, "original": args.original_model_name_or_path},
+        "target": args.target_dataset,
+        "samples": {role: len(split) for role, split in plan.splits.items()},
+        "attacks": [spec.name for spec in plan.suite],
+        "counts": plan.counts,
+        "seeds": plan.seeds,
+        "runs": plan.runs,
+        "steps_per_count": {n: sorted({spec.steps_for(n) for spec in plan.suite}) for n in plan.counts},
+        "test_overlap": plan.test_overlap["total"],
+        "estimated_seconds": per_seed_and_model * (len(plan.models) + 1) * len(plan.seeds),
+    }
 
 
 def write_report(report: dict[str, Any], folder: Path) -> None:
@@ -337,7 +448,7 @@ def read_report(path: str | Path) -> dict[str, Any]:
     """Load a `report.json`, turning the sample counts JSON made into strings back into ints."""
     report = json.loads(Path(path).read_text())
     if "validation_curves" not in report:
-        raise ValueError(
+        raise InputError(
             f"{path} was written by an older hf_ntl, before attacks were chosen on a validation split: rerun "
             "`hf-ntl evaluate` to measure it under the current protocol."
         )
@@ -363,36 +474,30 @@ def _title(report: dict[str, Any]) -> str:
     return f"{model} -> {report['target']}"
 
 
-def format_report_table(report: dict[str, Any]) -> str:
-    """Terminal tables: SLC-AUC (raw / normalised) per attack and worst case; worst-case accuracies."""
+def report_tables(report: dict[str, Any]) -> list[RenderableType]:
+    """The report on a terminal: SLC-AUC per attack and worst case (coloured by sign), worst-case accuracies."""
     labels = list(report["slc_auc"])
     attacks = [spec["name"] for spec in report["suite"]]
-    rows = [["attack"] + [f"{label}: SLC-AUC raw / normalised" for label in labels]]
+    scores = table(["attack", *labels])
     for attack in [*attacks, "worst case"]:
+        if attack == "worst case":
+            scores.add_section()
         cells = []
         for label in labels:
-            scores = report["slc_auc"][label]
-            score = scores["worst_case"] if attack == "worst case" else scores["per_attack"][attack]
-            cells.append(f"{score['slc_auc']:+.3f} / {score['slc_auc_normalized']:+.3f}")
-        rows.append([attack, *cells])
+            by_label = report["slc_auc"][label]
+            score = by_label["worst_case"] if attack == "worst case" else by_label["per_attack"][attack]
+            cells.append(signed(score["slc_auc"], f"{score['slc_auc']:+.3f} / {score['slc_auc_normalized']:+.3f}"))
+        scores.add_row(attack, *cells)
     worst = report["worst_case_curves"]
-    accuracy_rows = [["n", *[f"{label} (worst case)" for label in labels], f"{SCRATCH} (best)"]]
+    accuracies = table(["n", *[f"{label} (worst case)" for label in labels], f"{SCRATCH} (best)"])
     for n in report["counts"]:
-        cells = [f"{100 * worst[label][n]:.1f}%" for label in [*labels, SCRATCH]]
-        accuracy_rows.append([str(n), *cells])
-    return _table(rows, rule_before_last=True) + "\n\n" + _table(accuracy_rows)
-
-
-def _table(rows: list[list[str]], rule_before_last: bool = False) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [
-        "  ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-        )
-        for row in rows
+        accuracies.add_row(str(n), *[f"{100 * worst[label][n]:.1f}%" for label in [*labels, SCRATCH]])
+    return [
+        titled("SLC-AUC against scratch, raw / normalised (above 0: a better start than scratch)", scores),
+        titled("Test accuracy after the attack chosen on validation", accuracies),
     ]
-    rule = "-" * len(lines[0])
-    lines.insert(1, rule)
-    if rule_before_last:
-        lines.insert(len(lines) - 1, rule)
-    return "\n".join(lines)
+
+
+def format_report_table(report: dict[str, Any]) -> str:
+    """`report_tables` as plain text."""
+    return tables_text(report_tables(report))

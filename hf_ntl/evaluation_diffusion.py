@@ -23,19 +23,21 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object
 from diffusers import UNet2DModel
-from tqdm.auto import tqdm
+from rich.console import RenderableType
 
 from .artifacts import claim_output_dir, read_record, run_identity
 from .attacks.diffusion import DIFFUSION_SUITE, DiffusionAttackSpec, finetune_unet
 from .data import encode_diffusion_split, load_image_classification_dataset, stratified_order
 from .data.fingerprint import SampleSet
 from .data.loading import SPLIT_SEED, stratified_subset, validation_split
-from .evaluation import SCRATCH, _table, process_state
+from .errors import InputError
+from .evaluation import SCRATCH, process_state
 from .leakage import check_test_overlap, test_hashes_by_size
 from .metrics.denoising import generate_samples, mean_denoising_mse, timestep_grid
 from .metrics.learning_curve import check_counts
 from .metrics.plots import plot_denoising_curves, plot_sample_grid
 from .models import load_ddpm
+from .terminal import table, tables_text, titled, track
 
 
 @dataclass
@@ -79,15 +81,15 @@ class DiffusionEvaluateArguments:
 
     def __post_init__(self) -> None:
         if not self.seeds:
-            raise ValueError("Give at least one seed.")
+            raise InputError("Give at least one seed.")
         if self.probes < 1 or self.test_samples < 1 or self.eval_timesteps < 1 or self.validation_samples < 1:
-            raise ValueError("probes, test_samples, validation_samples and eval_timesteps must be >= 1.")
+            raise InputError("probes, test_samples, validation_samples and eval_timesteps must be >= 1.")
 
     def suite(self) -> list[DiffusionAttackSpec]:
         known = {spec.name: spec for spec in DIFFUSION_SUITE}
         unknown = sorted(set(self.attacks or []) - set(known))
         if unknown:
-            raise ValueError(f"Unknown diffusion attacks {unknown}; choose from {sorted(known)}.")
+            raise InputError(f"Unknown diffusion attacks {unknown}; choose from {sorted(known)}.")
         chosen = [known[name] for name in self.attacks] if self.attacks else list(DIFFUSION_SUITE)
         if self.steps is not None:
             chosen = [DiffusionAttackSpec(**{**spec.to_dict(), "steps": self.steps}) for spec in chosen]
@@ -131,7 +133,7 @@ def run_evaluation_diffusion(args: DiffusionEvaluateArguments, progress: bool = 
     record = read_record(args.model_name_or_path) if Path(args.model_name_or_path).is_dir() else {}
     source_dataset = args.source_dataset or record.get("dataset")
     if not source_dataset:
-        raise ValueError(f"{args.model_name_or_path} has no hf_ntl record naming its domain: pass --source_dataset.")
+        raise InputError(f"{args.model_name_or_path} has no hf_ntl record naming its domain: pass --source_dataset.")
     unet, scheduler = load_ddpm(args.model_name_or_path)
     models = {"model": unet}
     if args.original_model_name_or_path:
@@ -140,7 +142,7 @@ def run_evaluation_diffusion(args: DiffusionEvaluateArguments, progress: bool = 
             original.config.sample_size != unet.config.sample_size
             or original.config.in_channels != unet.config.in_channels
         ):
-            raise ValueError("The original and the model under test take images of different shapes.")
+            raise InputError("The original and the model under test take images of different shapes.")
         models["original"] = original
     size, channels = unet.config.sample_size, unet.config.in_channels
     target = load_image_classification_dataset(args.target_dataset, image_size=size)
@@ -187,7 +189,7 @@ def run_evaluation_diffusion(args: DiffusionEvaluateArguments, progress: bool = 
     state = process_state()
     mine = []
     with state.split_between_processes(runs) as share:
-        for label, spec, seed, n in tqdm(share, desc="attack runs", disable=not (progress and state.is_main_process)):
+        for label, spec, seed, n in track(share, "audit", len(share), show=progress and state.is_main_process):
             model = scratch_unet(unet, seed) if label == SCRATCH else models[label]
             began = time.perf_counter()
             attacked, by_step = finetune_unet(
@@ -313,16 +315,29 @@ def _title(report: dict[str, Any]) -> str:
     return f"{name} -> {report['target']}"
 
 
-def format_denoising_table(report: dict[str, Any]) -> str:
-    """Terminal table: restricted MSE after attack per n (attacker's best) and original-domain MSE."""
+def denoising_tables(report: dict[str, Any]) -> list[RenderableType]:
+    """The report on a terminal: restricted MSE after the attacker's best attack per n, and MSE before attack."""
     labels = list(report["worst_case_restricted_mse"])
-    rows = [["restricted images", *[f"{label}: restricted MSE (attack)" for label in labels]]]
+    after = table(
+        "Restricted denoising MSE after the attack chosen on validation (higher: less learned)", ["n", *labels]
+    )
     for n in report["counts"]:
-        cells = [
-            f"{report['worst_case_restricted_mse'][label][n]:.4f} ({report['strongest_attack'][label][n]})"
-            for label in labels
-        ]
-        rows.append([str(n), *cells])
-    before = [["before attack", *[f"{label}: restricted / original MSE" for label in report["mse_before_attack"]]]]
-    before.append(["", *[f"{v['restricted']:.4f} / {v['original']:.4f}" for v in report["mse_before_attack"].values()]])
-    return _table(rows) + "\n\n" + _table(before)
+        after.add_row(
+            str(n),
+            *[
+                f"{report['worst_case_restricted_mse'][label][n]:.4f} ({report['strongest_attack'][label][n]})"
+                for label in labels
+            ],
+        )
+    before = table(["", *report["mse_before_attack"]])
+    for domain in ("restricted", "original"):
+        before.add_row(domain, *[f"{mse[domain]:.4f}" for mse in report["mse_before_attack"].values()])
+    return [
+        titled("Restricted denoising MSE after the attack chosen on validation (higher: less learned)", after),
+        titled("Denoising MSE before attack", before),
+    ]
+
+
+def format_denoising_table(report: dict[str, Any]) -> str:
+    """`denoising_tables` as plain text."""
+    return tables_text(denoising_tables(report))

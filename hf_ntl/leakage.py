@@ -17,10 +17,11 @@ from datasets import Dataset
 
 from .artifacts import read_record, read_samples
 from .data.fingerprint import SampleSet, image_hashes
+from .errors import InputError
 from .models import TINY_PRESETS, TINY_UNET_PRESET
 
 
-class TestOverlapError(ValueError):
+class TestOverlapError(InputError):
     """The test split holds samples a model under audit was trained on."""
 
     __test__ = False  # not a pytest test class, whatever its name says

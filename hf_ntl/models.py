@@ -29,6 +29,8 @@ from transformers import (
     ViTConfig,
 )
 
+from .errors import InputError, missing_local_path, not_local_nor_hub
+
 logger = logging.getLogger(__name__)
 
 # Where image classifiers in transformers keep their head (ResNet, ViT, ConvNeXt, Swin, BEiT,
@@ -36,7 +38,7 @@ logger = logging.getLogger(__name__)
 HEAD_ATTRIBUTES = ("classifier", "head", "fc", "score")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(InputError):
     """A checkpoint that cannot be used as an image classifier, and what to do about it."""
 
 
@@ -138,6 +140,8 @@ def load_classifier(
             str(name_or_path), num_labels, image_size=image_size, class_names=class_names, seed=seed
         )
 
+    if message := missing_local_path(name_or_path):
+        raise ModelLoadError(message)
     kwargs: dict = {"use_safetensors": True, "revision": revision}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
@@ -145,15 +149,17 @@ def load_classifier(
         kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True, **_label_maps(num_labels, class_names))
     try:
         model, loading_info = AutoModelForImageClassification.from_pretrained(
-            str(name_or_path), output_loading_info=True, **kwargs
+            os.path.expanduser(name_or_path), output_loading_info=True, **kwargs
         )
     except ValueError as err:  # raised for configs that have no image-classification class
         raise ModelLoadError(
             f"{name_or_path} is not an image classifier transformers can load with "
             f"AutoModelForImageClassification ({err}). Point to a classification checkpoint."
         ) from err
-    except (OSError, SafetensorError) as err:  # missing folder, no safetensors, unreachable Hub, corrupt
-        local = Path(str(name_or_path))
+    except (OSError, SafetensorError) as err:  # no safetensors, unreachable Hub or no such repository, corrupt
+        local = Path(name_or_path).expanduser()
+        if not local.exists():
+            raise ModelLoadError(not_local_nor_hub(name_or_path, err)) from err
         hint = (
             " It has no model.safetensors: hf_ntl does not unpickle .bin files; convert it with "
             "`model.save_pretrained(folder)` from a trusted environment."
@@ -286,7 +292,9 @@ def load_ddpm(
     """
     if str(name_or_path) == TINY_UNET_PRESET:
         return build_tiny_ddpm(image_size, seed=seed)
-    local = Path(str(name_or_path))
+    if message := missing_local_path(name_or_path):
+        raise ModelLoadError(message)
+    local = Path(name_or_path).expanduser()
     if local.is_dir() and not (local / "model_index.json").is_file():
         kind = " (it holds a transformers config.json: a classifier?)" if (local / "config.json").is_file() else ""
         raise ModelLoadError(
@@ -295,8 +303,12 @@ def load_ddpm(
             "google/ddpm-cifar10-32."
         )
     try:
-        pipeline = DDPMPipeline.from_pretrained(str(name_or_path), use_safetensors=True, revision=revision)
+        pipeline = DDPMPipeline.from_pretrained(
+            os.path.expanduser(name_or_path), use_safetensors=True, revision=revision
+        )
     except (OSError, ValueError, SafetensorError) as err:  # missing files, no safetensors, unreachable Hub
+        if not local.exists():
+            raise ModelLoadError(not_local_nor_hub(name_or_path, err)) from err
         raise ModelLoadError(
             f"Could not read a DDPM pipeline from {name_or_path}: {err}. hf_ntl reads safetensors weights only; "
             "convert .bin weights with `pipeline.save_pretrained(folder)` in a trusted environment."

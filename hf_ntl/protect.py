@@ -40,7 +40,8 @@ from .data import (
     stratified_subset,
 )
 from .data.fingerprint import SampleSet
-from .data.loading import SPLIT_SEED
+from .data.loading import SPLIT_SEED, label_encoding
+from .errors import InputError
 from .metrics import predict_accuracy
 from .metrics.denoising import mean_denoising_mse, timestep_grid
 from .models import head_linear, load_classifier, load_ddpm, save_ddpm
@@ -92,7 +93,7 @@ def _count_key(role: str) -> str:
 
 def _protect(config: NTPConfig | SophonConfig, method: str, make_trainer: TrainerFactory) -> dict[str, Any]:
     if not config.model_name_or_path:
-        raise ValueError("Say which model to protect: model_name_or_path (a source model folder or Hub id).")
+        raise InputError("Say which model to protect: model_name_or_path (a source model folder or Hub id).")
     start = time.perf_counter()
     settings = run_settings(config)
     with config.main_process_first(desc="claiming the output folder"):
@@ -105,7 +106,7 @@ def _protect(config: NTPConfig | SophonConfig, method: str, make_trainer: Traine
     model = load_classifier(config.model_name_or_path)
     source_classes = source["train"].features["label"].num_classes
     if head_linear(model).out_features != source_classes:
-        raise ValueError(
+        raise InputError(
             f"{config.model_name_or_path} has a {head_linear(model).out_features}-way head but {config.source_dataset} "
             f"has {source_classes} classes: protect the model on the data it was trained for."
         )
@@ -134,6 +135,8 @@ def _protect(config: NTPConfig | SophonConfig, method: str, make_trainer: Traine
         "source_accuracy_before": before if before is not None else source_record.get("test_accuracy"),
         "source_accuracy_after": after,
     }
+    if encoding := label_encoding(source):  # the head's classes, as the card shows them
+        record["label_encoding"] = encoding
     record |= trainer.method_results()
     record["wall_time_s"] = round(time.perf_counter() - start, 1)
     if trainer.is_world_process_zero():
@@ -169,7 +172,7 @@ def run_sophon(config: SophonConfig) -> dict[str, Any]:
     def make_trainer(model, preprocessor, source, target):
         train = source["train"]
         if config.guard_samples >= len(train):
-            raise ValueError(
+            raise InputError(
                 f"guard_samples ({config.guard_samples}) must be smaller than the {len(train)} source train samples."
             )
         guard = stratified_subset(train, config.guard_samples, seed=config.seed)
@@ -190,7 +193,7 @@ def run_sophon_diffusion(config: SophonDiffusionConfig) -> dict[str, Any]:
     timestep grid), the guard's log and the wall time.
     """
     if not config.model_name_or_path:
-        raise ValueError("Say which model to protect: model_name_or_path (a DDPM pipeline folder or Hub id).")
+        raise InputError("Say which model to protect: model_name_or_path (a DDPM pipeline folder or Hub id).")
     start = time.perf_counter()
     settings = run_settings(config)
     with config.main_process_first(desc="claiming the output folder"):
@@ -204,7 +207,7 @@ def run_sophon_diffusion(config: SophonDiffusionConfig) -> dict[str, Any]:
     )
     train = source["train"]
     if config.guard_samples >= len(train):
-        raise ValueError(
+        raise InputError(
             f"guard_samples ({config.guard_samples}) must be smaller than the {len(train)} source train samples."
         )
 

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .errors import InputError
 from .models import classification_head_name
 
 STATE_TENSORS = "ntp_state.safetensors"
@@ -50,7 +51,7 @@ def prunable_parameter_names(model: nn.Module, patterns: list[str] | None = None
         ]
         what = "the default selection (conv and linear weights outside the head)"
     if not names:
-        raise ValueError(f"No prunable parameters matched {what} in {type(model).__name__}.")
+        raise InputError(f"No prunable parameters matched {what} in {type(model).__name__}.")
     return names
 
 
@@ -142,7 +143,7 @@ class AdmmState:
         """Read what `save` wrote; returns the state and the extra tensors."""
         folder = Path(folder)
         if not (folder / STATE_TENSORS).exists() or not (folder / STATE_JSON).exists():
-            raise FileNotFoundError(f"{folder} holds no NTP state ({STATE_TENSORS}, {STATE_JSON}); cannot resume NTP.")
+            raise InputError(f"{folder} holds no NTP state ({STATE_TENSORS}, {STATE_JSON}); cannot resume NTP.")
         tensors = load_file(str(folder / STATE_TENSORS))
         meta = json.loads((folder / STATE_JSON).read_text())
 

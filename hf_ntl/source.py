@@ -16,9 +16,11 @@ from transformers.trainer_utils import get_last_checkpoint
 from .artifacts import claim_output_dir, replacing_directory, run_identity, write_record, write_samples
 from .data import ImageClassificationCollator, ImagePreprocessor, augment_batch, class_names
 from .data.fingerprint import SampleSet
-from .data.loading import load_image_classification_dataset
+from .data.loading import label_encoding, load_image_classification_dataset
+from .errors import InputError
 from .metrics import compute_accuracy
 from .models import TINY_PRESETS, load_classifier
+from .terminal import metric_status, show_progress
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +78,9 @@ class SourceConfig(TrainingArguments):
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # pinning needs an accelerator; it only warns on CPU
         if self.image_size is not None and self.image_size < 8:
-            raise ValueError(f"image_size must be at least 8, got {self.image_size}.")
+            raise InputError(f"image_size must be at least 8, got {self.image_size}.")
         if self.remove_unused_columns:
-            raise ValueError("remove_unused_columns=True would drop the image/label columns the collator needs.")
+            raise InputError("remove_unused_columns=True would drop the image/label columns the collator needs.")
 
 
 def fit_source_model(
@@ -97,7 +99,7 @@ def fit_source_model(
     """
     num_classes = len(class_names(dataset))
     if model.config.num_labels != num_classes:
-        raise ValueError(
+        raise InputError(
             f"The model has {model.config.num_labels} outputs but the data set has {num_classes} classes; "
             "load it with num_labels equal to the class count to replace the head."
         )
@@ -110,6 +112,7 @@ def fit_source_model(
         data_collator=ImageClassificationCollator(preprocessor),
         compute_metrics=compute_accuracy,
     )
+    show_progress(trainer, "source fit", metric_status(("loss", "loss {:.3f}"), ("eval_accuracy", "test acc {:.1%}")))
     checkpoint = get_last_checkpoint(args.output_dir) if resume and Path(args.output_dir).is_dir() else None
     if checkpoint:
         logger.info("Resuming source training from %s", checkpoint)
@@ -153,6 +156,9 @@ def run_source(config: SourceConfig) -> dict[str, Any]:
         "wall_time_s": round(time.perf_counter() - start, 1),
         **metrics,
     }
+    # Only when the labels were class names (strings): the column they came from and the id each name got.
+    if encoding := label_encoding(dataset):
+        record["label_encoding"] = encoding
     if trainer.is_world_process_zero():
         with replacing_directory(Path(config.output_dir) / MODEL_SUBDIR) as staging:
             trainer.model.save_pretrained(staging)

@@ -22,10 +22,12 @@ from .artifacts import claim_output_dir, replacing_directory, run_identity, writ
 from .data import DiffusionImages, encode_diffusion_images, encode_diffusion_split, load_image_classification_dataset
 from .data.fingerprint import SampleSet
 from .data.loading import SPLIT_SEED
+from .errors import InputError
 from .losses import predict_noise
 from .metrics.denoising import mean_denoising_mse, timestep_grid
 from .models import TINY_UNET_PRESET, load_ddpm, save_ddpm
 from .source import MODEL_SUBDIR
+from .terminal import metric_status, show_progress
 
 
 @dataclass
@@ -69,7 +71,7 @@ class DiffusionSourceConfig(TrainingArguments):
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False
         if self.eval_samples < 1 or self.eval_timesteps < 1:
-            raise ValueError("eval_samples and eval_timesteps must be >= 1.")
+            raise InputError("eval_samples and eval_timesteps must be >= 1.")
 
 
 class DenoisingTrainer(Trainer):
@@ -102,6 +104,7 @@ def run_diffusion_source(config: DiffusionSourceConfig) -> dict[str, Any]:
     grid = timestep_grid(scheduler, config.eval_timesteps)
     samples = {"source fit": SampleSet.of(dataset["train"], config.dataset_name, "train", size)}
     trainer = DenoisingTrainer(model=unet, args=config, train_dataset=DiffusionImages(train), noise_scheduler=scheduler)
+    show_progress(trainer, "DDPM fit", metric_status(("loss", "denoising loss {:.4f}")))
     output = Path(config.output_dir)
     checkpoint = get_last_checkpoint(str(output)) if output.is_dir() else None
     trainer.train(resume_from_checkpoint=checkpoint)

@@ -144,6 +144,36 @@ def test_a_second_run_reuses_every_stage_and_other_settings_are_refused(tiny_ben
         bench.main([*argv[: argv.index("--seeds") + 1], "1", *argv[argv.index("--seeds") + 2 :]])
 
 
+def _plan_rows(printed: str) -> dict[str, list[str]]:
+    """`--dry_run`'s stages: name -> [to run, reused, attack runs to run (when it has any)]."""
+    rows = {}
+    for line in printed.splitlines():
+        words = line.split()
+        figures = [word for word in words if word.isdigit()]
+        if words and words[0] in ("source", "ntp", "sophon", "scratch", "audit") and figures:
+            rows[" ".join(words[: len(words) - len(figures)])] = figures
+    return rows
+
+
+def test_dry_run_sees_what_is_finished_and_writes_nothing(tiny_bench, tmp_path, capsys):
+    _, argv, _ = tiny_bench
+    bench.main([*argv, "--dry_run"])
+    finished = _plan_rows(capsys.readouterr().out)
+    # After the full run, every stage is one the bench would reuse: the plan uses the bench's own predicates.
+    assert len(finished) == 1 + 2 + 3 + 6 + 3  # sources, protections, scratch, pair audits, doubled scratch
+    assert finished["source models"] == ["0", "3"] and finished["ntp protections"] == ["0", "6"]
+    assert all(figures[:2] == ["0", "1"] for name, figures in finished.items() if "audit" in name or "twice" in name)
+
+    fresh = tmp_path / "fresh"
+    bench.main([*argv[:1], str(fresh), *argv[2:], "--dry_run"])
+    planned = _plan_rows(capsys.readouterr().out)
+    per_model = len(bench.bench_suite(bench.BenchArguments(suite="quick"))) * 1 * 2  # attacks x seeds x counts
+    assert planned["source models"] == ["3", "0"]
+    assert planned["scratch audit on red"] == ["1", "0", str(per_model)]
+    assert planned["audit red -> green"] == ["1", "0", str(3 * per_model)]
+    assert not fresh.exists()
+
+
 def test_bad_bench_arguments_are_refused_before_any_work():
     with pytest.raises(ValueError, match="Unknown sections"):
         bench.BenchArguments(sections=["speed"])

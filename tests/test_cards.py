@@ -1,7 +1,8 @@
 import pytest
 from huggingface_hub import HfApi, ModelCard
 
-from hf_ntl.artifacts import write_record
+from hf_ntl import cards
+from hf_ntl.artifacts import read_record, write_record
 from hf_ntl.cards import build_card, push_to_hub, write_card
 from hf_ntl.data import ImagePreprocessor
 from hf_ntl.evaluation import EvaluateArguments, read_report, run_evaluation
@@ -130,3 +131,20 @@ def test_card_says_when_the_leakage_check_could_not_be_made(audited):
     unchecked = text.split("No record of training data for: ")[1].split(" (not checked)")[0]
     assert sorted(unchecked.split(", ")) == sorted([str(model_dir), str(model_dir.parent.parent / "original")])
     assert "n = 10: 2 steps, n = 20: 2 steps" in text  # the budget each n got
+
+
+def test_card_says_how_string_labels_were_encoded(audited, monkeypatch):
+    model_dir, audit = audited
+    assert "Labels were encoded" not in build_card(model_dir, audit).text  # class ids: nothing to say
+
+    def with_encoding(classes):
+        encoding = {"column": "species", "classes": {str(i): name for i, name in enumerate(classes)}}
+        monkeypatch.setattr(cards, "read_record", lambda folder: {**read_record(folder), "label_encoding": encoding})
+        return build_card(model_dir, audit).text
+
+    assert "\nLabels were encoded from the string column `species`: 0 = cat, 1 = dog.\n" in with_encoding(
+        ["cat", "dog"]
+    )
+    many = with_encoding([f"c{i}" for i in range(25)])
+    assert "0 = c0, 1 = c1," in many and "19 = c19, and 5 more (all in `config.json`'s `id2label`)." in many
+    assert "20 = c20" not in many

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, load_from_disk
 from PIL import Image as PILImage
 
 from hf_ntl.data import (
@@ -13,7 +13,7 @@ from hf_ntl.data import (
 )
 from hf_ntl.data.domains import EMBEDDED_DOMAINS
 from hf_ntl.data.fingerprint import image_hashes
-from hf_ntl.data.loading import SPLIT_SEED, standardise_image_classification, validation_split
+from hf_ntl.data.loading import SPLIT_SEED, label_encoding, standardise_image_classification, validation_split
 
 
 def tiny_images(count, size=8):
@@ -141,6 +141,57 @@ def test_integer_labels_become_a_class_label(tmp_path):
     assert_standard(dataset, ["0", "1", "2"])
 
 
+def string_labelled(train, test):
+    """A data set labelled with class names, in a column the loader cannot guess."""
+
+    def split(names):
+        return Dataset.from_dict({"picture": tiny_images(len(names)), "species": list(names)})
+
+    return DatasetDict(train=split(train), test=split(test))
+
+
+def test_string_labels_are_class_encoded_alike_in_every_split(tmp_path):
+    # The test split lacks "bird": encoded on its own it would number cat 0 and dog 1.
+    string_labelled(["dog", "cat", "bird", "cat", "dog", "bird"], ["cat", "dog"]).save_to_disk(str(tmp_path / "s"))
+    dataset = load_image_classification_dataset(str(tmp_path / "s"), label_column="species")
+    assert_standard(dataset, ["bird", "cat", "dog"])
+    assert dataset["train"]["label"] == [2, 1, 0, 1, 2, 0]
+    assert dataset["test"]["label"] == [1, 2]
+    encoding = {"column": "species", "classes": {"0": "bird", "1": "cat", "2": "dog"}}
+    assert label_encoding(dataset) == encoding
+    # It travels with the label column: a split, a subset, a save_to_disk round trip.
+    dataset.save_to_disk(str(tmp_path / "standard"))
+    assert label_encoding(load_from_disk(str(tmp_path / "standard"))["test"].select([0])) == encoding
+    # Labels that were class ids already have no encoding to report.
+    assert label_encoding(standardise_image_classification(custom_dataset())) is None
+
+
+def test_a_class_name_train_never_has_is_refused(tmp_path):
+    string_labelled(["cat", "dog", "cat", "dog"], ["cat", "zebra"]).save_to_disk(str(tmp_path / "s"))
+    with pytest.raises(DatasetFormatError, match=r"\[test\]: 1 class name\(s\) never seen in train: 'zebra'"):
+        load_image_classification_dataset(str(tmp_path / "s"), label_column="species")
+
+
+def test_integer_labels_numbered_from_one_are_refused_with_the_fix(tmp_path):
+    custom_dataset(labels_train=(1, 2, 3, 1, 2, 3), labels_test=(1, 2, 3), label_feature=Value("int64")).save_to_disk(
+        str(tmp_path / "from_one")
+    )
+    with pytest.raises(DatasetFormatError, match=r"run 1\.\.3, so class 0 would be empty.*x\['fine'\] - 1"):
+        load_image_classification_dataset(str(tmp_path / "from_one"), label_column="fine")
+
+
+def test_missing_local_paths_and_unknown_hub_ids_are_told_apart(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for path in (str(tmp_path / "no" / "such"), "./data", "runs/a/data", "data/"):
+        with pytest.raises(DatasetFormatError, match=f"^no such folder: {path}") as caught:
+            load_image_classification_dataset(path)
+        assert "Repo id" not in str(caught.value)
+    with pytest.raises(DatasetFormatError, match=r"\(looked for .*runs/a/data\)"):
+        load_image_classification_dataset("runs/a/data")
+    with pytest.raises(DatasetFormatError, match=r"^someone/data is not an embedded domain .* nor a local folder"):
+        load_image_classification_dataset("someone/data")
+
+
 def test_wrong_column_name(tmp_path):
     custom_dataset().save_to_disk(str(tmp_path / "saved"))
     with pytest.raises(DatasetFormatError, match=r"no column 'pixels'.*\['img', 'fine', 'id'\]"):
@@ -170,7 +221,9 @@ def test_empty_split_and_single_class(tmp_path):
 
 
 def test_unknown_name_is_explained():
-    with pytest.raises(DatasetFormatError, match="not an embedded domain .*font-digits.*load_dataset failed"):
+    with pytest.raises(
+        DatasetFormatError, match=r"not an embedded domain .*font-digits.* nor a local folder \(no such folder\), and "
+    ):
         load_image_classification_dataset("no-such-domain")
 
 

@@ -12,6 +12,7 @@ from hf_ntl.models import (
     forward_with_features,
     head_linear,
     load_classifier,
+    load_ddpm,
     reinitialise_head,
 )
 
@@ -114,3 +115,23 @@ def test_bad_label_spaces():
         load_classifier("tiny-resnet", num_labels=3, class_names=["a", "b"])
     with pytest.raises(ModelLoadError, match="Unknown tiny preset"):
         build_tiny_classifier("tiny-swin", 3)
+
+
+@pytest.mark.parametrize("load", [load_classifier, load_ddpm])
+def test_missing_local_paths_and_unknown_hub_ids_are_told_apart(load, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for path in (str(tmp_path / "no" / "such"), "./model", "~/no-such-model", "runs/a/model", "model/"):
+        with pytest.raises(ModelLoadError, match=f"^no such folder: {path}") as caught:
+            load(path)
+        assert "Repo id" not in str(caught.value)
+    with pytest.raises(ModelLoadError, match=r"\(looked for .*runs/a/model\)"):
+        load("runs/a/model")
+    # `owner/name` could be either: the Hub is tried too (offline here), and both failures are said.
+    with pytest.raises(ModelLoadError, match="^someone/model is not a local folder .* loading it from the Hub failed"):
+        load("someone/model")
+
+
+def test_a_home_relative_path_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    build_tiny_classifier("tiny-resnet", 3, class_names=["a", "b", "c"]).save_pretrained(tmp_path / "mine")
+    assert load_classifier("~/mine").config.id2label[2] == "c"

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from hf_ntl.data import ImagePreprocessor, load_image_classification_dataset, stratified_subset
+from hf_ntl.errors import InputError
 from hf_ntl.losses import inverse_cross_entropy, inverse_cross_entropy_neg_logits, kl_from_uniform
 from hf_ntl.metrics.memory import peak_memory
 from hf_ntl.models import build_tiny_classifier, head_linear, load_classifier
@@ -267,7 +268,7 @@ def test_bad_configurations_are_refused_early(tmp_path, data):
         make_trainer(config(tmp_path, inner_batch_sizes=[100]), data)
     with pytest.raises(ValueError, match="already below guard_threshold"):
         make_trainer(config(tmp_path, guard_threshold=0.99), data).train()
-    with pytest.raises(FileNotFoundError, match="not a SOPHON checkpoint"):
+    with pytest.raises(InputError, match="not a SOPHON checkpoint"):
         make_trainer(config(tmp_path), data).load_method_state(tmp_path)
 
 

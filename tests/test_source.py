@@ -2,8 +2,11 @@ import json
 import logging
 import shutil
 
+import numpy as np
 import pytest
 import torch
+from datasets import Dataset, DatasetDict
+from PIL import Image as PILImage
 
 from hf_ntl.artifacts import OutputDirError, read_samples
 from hf_ntl.data import ImagePreprocessor, load_image_classification_dataset
@@ -30,6 +33,7 @@ def test_tiny_resnet_learns_font_digits_and_saves_safely(tmp_path):
     assert (folder / "model.safetensors").exists() and not list(folder.glob("*.bin"))
     saved = json.loads((folder / "hf_ntl.json").read_text())
     assert saved["stage"] == "source" and saved["test_accuracy"] == record["test_accuracy"]
+    assert "label_encoding" not in saved  # font-digits is labelled with class ids
     # The record names the samples it was fitted on; the hashes beside it are those of the train split.
     assert (
         saved["samples"]["source fit"]["dataset"] == "font-digits" and saved["samples"]["source fit"]["samples"] == 4000
@@ -71,6 +75,25 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, caplog):
     shutil.rmtree(interrupted / "source" / "model")
     with pytest.raises(OutputDirError, match=r"another run \(differing in learning_rate\)"):
         run_source(config(interrupted, save_total_limit=None, learning_rate=1e-2, **small))
+
+
+def test_the_record_says_how_string_labels_were_encoded(tmp_path):
+    rng = np.random.default_rng(0)
+
+    def split(names):
+        images = [PILImage.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)) for _ in names]
+        return Dataset.from_dict({"image": images, "species": names})
+
+    DatasetDict(train=split(["dog", "cat"] * 4), test=split(["cat", "dog"])).save_to_disk(str(tmp_path / "pets"))
+    quick = {"max_steps": 1, "per_device_train_batch_size": 8, "eval_strategy": "no", "save_strategy": "no"}
+    record = run_source(
+        config(tmp_path, dataset_name=str(tmp_path / "pets"), label_column="species", num_train_samples=None, **quick)
+    )
+    encoding = {"column": "species", "classes": {"0": "cat", "1": "dog"}}
+    assert record["label_encoding"] == encoding
+    folder = tmp_path / "source" / "model"
+    assert json.loads((folder / "hf_ntl.json").read_text())["label_encoding"] == encoding
+    assert load_classifier(folder).config.id2label == {0: "cat", 1: "dog"}
 
 
 def test_class_count_mismatch_is_caught_before_training(tmp_path):

@@ -1,11 +1,14 @@
 import json
+import logging
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image as PILImage
+from transformers.image_processing_base import ImageProcessingMixin
 
-from hf_ntl.data import ImageClassificationCollator, ImagePreprocessor, light_augment
+from hf_ntl.data import ImageClassificationCollator, ImagePreprocessor, light_augment, transforms
+from hf_ntl.errors import InputError
 
 
 def test_normalisation_matches_hand_computation():
@@ -41,6 +44,40 @@ def test_round_trip_and_default_without_config(tmp_path):
     assert ImagePreprocessor.from_pretrained(tmp_path / "saved") == original
     (tmp_path / "empty").mkdir()
     assert ImagePreprocessor.from_pretrained(tmp_path / "empty") == ImagePreprocessor()
+
+
+def test_a_missing_checkpoint_is_an_error_not_default_preprocessing(tmp_path, monkeypatch, caplog):
+    with pytest.raises(InputError, match=f"^no such folder: {tmp_path}/nope$"):
+        ImagePreprocessor.from_pretrained(tmp_path / "nope")
+    # Offline, a Hub id that is not cached gives no file: the defaults, said so.
+    with caplog.at_level(logging.WARNING, logger="hf_ntl.data.transforms"):
+        assert ImagePreprocessor.from_pretrained("someone/model") == ImagePreprocessor()
+    assert "someone/model has no preprocessor_config.json (not a local folder" in caplog.text
+
+    def no_such_repository(name):  # what transformers raises online for a repository the Hub does not have
+        try:
+            raise LookupError("404 Repository Not Found")
+        except LookupError as err:
+            raise OSError(f"{name} is not a local folder and is not a valid model identifier") from err
+
+    monkeypatch.setattr(ImageProcessingMixin, "get_image_processor_dict", no_such_repository)
+    with pytest.raises(InputError, match="^someone/model is not a local folder .* the Hub failed: .*valid model"):
+        ImagePreprocessor.from_pretrained("someone/model")
+
+
+def test_converting_other_modes_to_rgb_is_said_once_per_mode(monkeypatch, caplog):
+    monkeypatch.setattr(transforms, "_MODES_MENTIONED", set())
+    grey, rgba = PILImage.new("L", (8, 8), 128), PILImage.new("RGBA", (8, 8), (1, 2, 3, 0))
+    preprocessor = ImagePreprocessor(image_size=8)
+    with caplog.at_level(logging.WARNING, logger="hf_ntl.data.transforms"):
+        for _ in range(3):  # three batches
+            preprocessor([grey, grey, PILImage.new("RGB", (8, 8))])
+        light_augment(grey)
+        preprocessor([rgba])
+    assert caplog.messages == [
+        "Images in PIL mode L (grayscale) are converted to RGB for the model.",
+        "Images in PIL mode RGBA (transparency is dropped) are converted to RGB for the model.",
+    ]
 
 
 def test_rejects_bad_statistics():

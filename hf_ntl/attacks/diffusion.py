@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..data.transforms import check_diffusion_images
+from ..errors import InputError
 from ..losses import predict_noise
 from .finetune import OPTIMIZERS, make_optimizer
 
@@ -52,11 +53,11 @@ class DiffusionAttackSpec:
 
     def __post_init__(self) -> None:
         if self.trainable not in ("all", "lora"):
-            raise ValueError(f"{self.name}: trainable must be 'all' or 'lora' for a UNet, got {self.trainable!r}.")
+            raise InputError(f"{self.name}: trainable must be 'all' or 'lora' for a UNet, got {self.trainable!r}.")
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"{self.name}: unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}.")
+            raise InputError(f"{self.name}: unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}.")
         if self.learning_rate <= 0 or self.steps < 1 or self.batch_size < 1 or self.lora_rank < 1:
-            raise ValueError(f"{self.name}: learning_rate, steps, batch_size and lora_rank must be positive.")
+            raise InputError(f"{self.name}: learning_rate, steps, batch_size and lora_rank must be positive.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,7 +78,7 @@ def unet_lora_target_modules(unet: nn.Module) -> list[str]:
         if isinstance(module, (nn.Linear, nn.Conv2d)) and name.endswith(UNET_LORA_SUFFIXES)
     ]
     if not names:
-        raise ValueError(f"{type(unet).__name__} has no attention projections or resnet convs for LoRA.")
+        raise InputError(f"{type(unet).__name__} has no attention projections or resnet convs for LoRA.")
     return names
 
 

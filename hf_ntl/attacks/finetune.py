@@ -21,6 +21,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..data.transforms import ImagePreprocessor
+from ..errors import InputError
 from ..metrics import predict_accuracy
 from ..models import classification_head, classification_head_name, head_linear, reinitialise_head
 
@@ -70,17 +71,17 @@ class AttackSpec:
 
     def __post_init__(self) -> None:
         if self.trainable not in TRAINABLE:
-            raise ValueError(f"{self.name}: trainable must be one of {TRAINABLE}, got {self.trainable!r}.")
+            raise InputError(f"{self.name}: trainable must be one of {TRAINABLE}, got {self.trainable!r}.")
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"{self.name}: unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}.")
+            raise InputError(f"{self.name}: unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}.")
         if self.mask not in MASK_POLICIES:
-            raise ValueError(f"{self.name}: mask must be one of {MASK_POLICIES}, got {self.mask!r}.")
+            raise InputError(f"{self.name}: mask must be one of {MASK_POLICIES}, got {self.mask!r}.")
         if self.learning_rate <= 0 or self.steps < 1 or self.batch_size < 1 or self.lora_rank < 1:
-            raise ValueError(f"{self.name}: learning_rate, steps, batch_size and lora_rank must be positive.")
+            raise InputError(f"{self.name}: learning_rate, steps, batch_size and lora_rank must be positive.")
         if self.epochs is not None and self.epochs <= 0:
-            raise ValueError(f"{self.name}: epochs must be positive (or left out for a fixed budget of steps).")
+            raise InputError(f"{self.name}: epochs must be positive (or left out for a fixed budget of steps).")
         if self.max_steps is not None and self.max_steps < self.steps:
-            raise ValueError(f"{self.name}: max_steps ({self.max_steps}) is below the floor steps ({self.steps}).")
+            raise InputError(f"{self.name}: max_steps ({self.max_steps}) is below the floor steps ({self.steps}).")
 
     def steps_for(self, num_samples: int) -> int:
         """The optimiser steps a run on `num_samples` samples gets (see `steps` and `epochs`)."""
@@ -136,7 +137,7 @@ def lora_target_modules(model: nn.Module) -> list[str]:
         and (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1))
     ]
     if not names:
-        raise ValueError(f"{type(model).__name__} has no linear or conv layer outside its head for LoRA.")
+        raise InputError(f"{type(model).__name__} has no linear or conv layer outside its head for LoRA.")
     return names
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from ..errors import InputError
 from .finetune import AttackSpec
 
 # The default budget grows with the data (see `AttackSpec.epochs`): at least DEFAULT_BUDGET["steps"]
@@ -78,17 +79,17 @@ def load_suite(
     elif Path(name_or_path).is_file():
         suite = _suite_from_yaml(Path(name_or_path))
     else:
-        raise ValueError(f"Unknown suite {name_or_path!r}: not one of {sorted(SUITES)} and not a YAML file.")
+        raise InputError(f"Unknown suite {name_or_path!r}: not one of {sorted(SUITES)} and not a YAML file.")
     if only:
         unknown = sorted(set(only) - {spec.name for spec in suite})
         if unknown:
-            raise ValueError(f"Unknown attack name(s) {unknown}; this suite has {[spec.name for spec in suite]}.")
+            raise InputError(f"Unknown attack name(s) {unknown}; this suite has {[spec.name for spec in suite]}.")
         suite = [spec for spec in suite if spec.name in only]
     if steps is not None:
         suite = [dataclasses.replace(spec, steps=steps, epochs=None, max_steps=None) for spec in suite]
     names = [spec.name for spec in suite]
     if len(set(names)) != len(names):
-        raise ValueError(f"Attack names must be unique within a suite: {names}.")
+        raise InputError(f"Attack names must be unique within a suite: {names}.")
     return suite
 
 
@@ -96,14 +97,14 @@ def _suite_from_yaml(path: Path) -> list[AttackSpec]:
     content = yaml.safe_load(path.read_text())
     entries = content.get("attacks") if isinstance(content, dict) else content
     if not isinstance(entries, list) or not entries:
-        raise ValueError(f"{path}: expected a non-empty list of attacks (or a mapping with an `attacks:` list).")
+        raise InputError(f"{path}: expected a non-empty list of attacks (or a mapping with an `attacks:` list).")
     known = {field.name for field in dataclasses.fields(AttackSpec)}
     suite = []
     for position, entry in enumerate(entries, start=1):
         if not isinstance(entry, dict) or "name" not in entry:
-            raise ValueError(f"{path}: attack {position} must be a mapping with at least a `name`.")
+            raise InputError(f"{path}: attack {position} must be a mapping with at least a `name`.")
         unknown = sorted(set(entry) - known)
         if unknown:
-            raise ValueError(f"{path}: attack {entry['name']!r} has unknown keys {unknown}; known: {sorted(known)}.")
+            raise InputError(f"{path}: attack {entry['name']!r} has unknown keys {unknown}; known: {sorted(known)}.")
         suite.append(AttackSpec(**entry))
     return suite

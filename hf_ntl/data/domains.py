@@ -33,6 +33,8 @@ from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bar
 from PIL import Image as PILImage
 from PIL import ImageDraw, ImageFilter, ImageFont
 
+from ..errors import InputError
+
 logger = logging.getLogger(__name__)
 
 # Bump when a generator changes its output, so that stale caches are not reused.
@@ -222,7 +224,7 @@ def _scan_to_image(scan: np.ndarray, size: int) -> PILImage.Image:
 
 def _generate_uci_digits(size: int, seed: int, num_train: int | None, num_test: int | None):
     if num_train is not None or num_test is not None:
-        raise ValueError("uci-digits is a real data set of fixed size (1,347 train / 450 test); do not set counts.")
+        raise InputError("uci-digits is a real data set of fixed size (1,347 train / 450 test); do not set counts.")
     train_x, test_x, train_y, test_y = _uci_split(seed)
     return (
         [_scan_to_image(s, size) for s in train_x],
@@ -408,15 +410,15 @@ def load_embedded_domain(
         A `DatasetDict` with `train` and `test`, columns `image` (`Image`) and `label` (`ClassLabel`).
     """
     if name not in EMBEDDED_DOMAINS:
-        raise ValueError(f"Unknown embedded domain {name!r}; choose one of {sorted(EMBEDDED_DOMAINS)}.")
+        raise InputError(f"Unknown embedded domain {name!r}; choose one of {sorted(EMBEDDED_DOMAINS)}.")
     spec = EMBEDDED_DOMAINS[name]
     if image_size < 8:
-        raise ValueError(f"image_size must be at least 8 pixels, got {image_size}.")
+        raise InputError(f"image_size must be at least 8 pixels, got {image_size}.")
     if spec.default_num_train is not None:
         num_train = spec.default_num_train if num_train is None else num_train
         num_test = spec.default_num_test if num_test is None else num_test
         if num_train < 10 or num_test < 10:
-            raise ValueError(f"{name} needs at least 10 train and 10 test samples (one per class).")
+            raise InputError(f"{name} needs at least 10 train and 10 test samples (one per class).")
 
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = f"{name}-v{GENERATOR_VERSION}-size{image_size}-seed{seed}-train{num_train}-test{num_test}"

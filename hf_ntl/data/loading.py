@@ -3,7 +3,8 @@
 `load_image_classification_dataset` accepts an embedded domain name, a local `save_to_disk`
 folder, an `imagefolder` directory, or a Hub dataset id, and returns the uniform form the rest
 of hf_ntl relies on: a `DatasetDict` with `train` and `test`, an `image` column (`Image`) and a
-`label` column (`ClassLabel`), validated before any training starts.
+`label` column (`ClassLabel`), validated before any training starts. Labels given as class names
+(strings) are encoded into class ids, and `label_encoding` says how.
 
 A data set's splits belong to the data set, never to a training run: an embedded domain is generated
 from its own `generation_seed` (0 unless asked otherwise), and a test split held out of a data set
@@ -18,22 +19,28 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Image, Value, load_dataset, load_from_disk
 
+from ..errors import InputError, missing_local_path
 from .domains import EMBEDDED_DOMAINS, load_embedded_domain
 
 logger = logging.getLogger(__name__)
 
 _LABEL_COLUMN_GUESSES = ("label", "labels", "fine_label", "class", "target")
 
+# The `id` of a `label` ClassLabel whose names were class-encoded from a column of strings, before the column's
+# name: the one piece of a feature that travels with the column through select, map, casts and save_to_disk.
+_ENCODED_FROM_STRINGS = "hf_ntl:encoded-from-strings:"
+
 # Fixed by the data set, not by any run: the held-out test split of a data set without one, and the
 # validation split `validation_split` carves out of train. Changing either changes every data set.
 SPLIT_SEED = 0
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(InputError):
     """A data set that cannot be used as an image-classification data set, and why."""
 
 
@@ -60,7 +67,9 @@ def load_image_classification_dataset(
             `textured-shapes`), a folder written by `save_to_disk`, an `imagefolder` directory
             (one sub-folder per class), or a Hub dataset id such as `"uoft-cs/cifar10"`.
         image_column / label_column: the columns to use; detected when not given (the only
-            `Image` column; the only `ClassLabel` column, else a column called `label`, ...).
+            `Image` column; the only `ClassLabel` column, else a column called `label`, ...). The label
+            column holds class ids (a `ClassLabel` or integers from 0) or class names (strings): names are
+            encoded as the sorted names of the train split (see `label_encoding`).
         config_name / revision: passed to `datasets.load_dataset` for Hub ids.
         train_split / test_split: split names. When the test split is missing, a stratified
             `test_size` fraction of the train split is held out with `SPLIT_SEED`: the same
@@ -73,8 +82,10 @@ def load_image_classification_dataset(
         `DatasetDict(train=..., test=...)` with exactly the columns `image` and `label`.
 
     Raises:
-        DatasetFormatError: the source cannot be loaded, a named column or split is missing,
-            labels fall outside the class range, fewer than two classes, or an empty split.
+        DatasetFormatError: the source cannot be loaded (a path with no such folder), a named column or
+            split is missing, labels fall outside the class range, integer labels start above 0 (numbered
+            1..K, class 0 would be empty), a split names a class train does not have, fewer than two
+            classes, or an empty split.
     """
     if source in EMBEDDED_DOMAINS:
         raw = load_embedded_domain(
@@ -101,6 +112,8 @@ def load_image_classification_dataset(
 
 
 def _load_external(source: str, *, config_name: str | None, revision: str | None) -> DatasetDict:
+    if message := missing_local_path(source):
+        raise DatasetFormatError(message)
     path = Path(source).expanduser()
     if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
         loaded = load_from_disk(str(path))
@@ -110,9 +123,13 @@ def _load_external(source: str, *, config_name: str | None, revision: str | None
         # `load_dataset` picks the builder (parquet, imagefolder, ...) from what it finds.
         loaded = load_dataset(str(path) if path.is_dir() else source, config_name, revision=revision)
     except Exception as err:  # datasets raises many types (FileNotFoundError, HfHubHTTPError, ...)
+        if not path.exists():
+            raise DatasetFormatError(
+                f"{source} is not an embedded domain ({', '.join(sorted(EMBEDDED_DOMAINS))}) nor a local folder "
+                f"(no such folder), and loading it from the Hub failed: {type(err).__name__}: {err}"
+            ) from err
         raise DatasetFormatError(
-            f"Could not load data set {source!r}: it is not an embedded domain "
-            f"({', '.join(sorted(EMBEDDED_DOMAINS))}), not a save_to_disk folder, and loading it with "
+            f"Could not load data set {source!r}: it is not a save_to_disk folder, and loading it with "
             f"datasets.load_dataset failed: {type(err).__name__}: {err}"
         ) from err
     if not isinstance(loaded, DatasetDict):
@@ -157,16 +174,27 @@ def standardise_image_classification(
         )
 
     # The train split defines the label space; every split is checked against it before casting.
-    class_label = splits["train"].features["label"]
-    if not isinstance(class_label, ClassLabel):
-        labels = np.asarray(splits["train"]["label"])
-        class_label = ClassLabel(names=[str(i) for i in range(max(int(labels.max()), 0) + 1)])
+    train_feature = splits["train"].features["label"]
+    if _holds_strings(train_feature):
+        # The sorted names Dataset.class_encode_column would give, cast rather than mapped: a map rewrites the
+        # image column too, and one ClassLabel encodes every split alike. Its id says where the names came from.
+        names = sorted(_names_in(splits["train"], f"{source}[train]"))
+        class_label = ClassLabel(names=names, id=f"{_ENCODED_FROM_STRINGS}{label_column}")
+    elif isinstance(train_feature, ClassLabel):
+        class_label = train_feature
+    else:
+        class_label = _integer_class_label(splits["train"], label_column, f"{source}[train]")
     for name, split in splits.items():
         where = f"{source}[{name}]"
         feature = split.features["label"]
+        if _holds_strings(feature) != _holds_strings(train_feature):
+            raise DatasetFormatError(f"{where}: its labels are {feature} but train's are {train_feature}.")
         if isinstance(feature, ClassLabel) and feature.names != class_label.names:
             raise DatasetFormatError(f"{where}: its classes {feature.names} differ from train's {class_label.names}.")
-        _check_labels(split, class_label, where)
+        if _holds_strings(feature):
+            _check_names(split, class_label, where)
+        else:
+            _check_labels(split, class_label, where)
         if not isinstance(feature, ClassLabel):
             splits[name] = split.cast_column("label", class_label)
 
@@ -220,9 +248,30 @@ def _select_columns(split: Dataset, image_column: str, label_column: str, where:
         raise DatasetFormatError(f"{where}: column {image_column!r} is {image_feature}, not images.")
     label_feature = split.features["label"]
     is_integer = isinstance(label_feature, Value) and label_feature.dtype.startswith(("int", "uint"))
-    if not (is_integer or isinstance(label_feature, ClassLabel)):
-        raise DatasetFormatError(f"{where}: column {label_column!r} is {label_feature}; expected integer class ids.")
+    if not (is_integer or isinstance(label_feature, ClassLabel) or _holds_strings(label_feature)):
+        raise DatasetFormatError(
+            f"{where}: column {label_column!r} is {label_feature}; expected integer class ids or class names."
+        )
     return split
+
+
+def _holds_strings(feature: object) -> bool:
+    return isinstance(feature, Value) and feature.dtype in ("string", "large_string")
+
+
+def _integer_class_label(train: Dataset, label_column: str, where: str) -> ClassLabel:
+    """Classes `0..max` for plain integer labels, refusing labels that start above 0 (class 0 would be empty)."""
+    labels = np.asarray(train["label"])
+    low, high = int(labels.min()), int(labels.max())
+    if low > 0:
+        # Almost always labels numbered from 1: training would go on with an extra class that never occurs.
+        raise DatasetFormatError(
+            f"{where}: the integer labels in {label_column!r} run {low}..{high}, so class 0"
+            f"{f'..{low - 1}' if low > 1 else ''} would be empty. Shift them to start at 0, e.g. "
+            f"dataset.map(lambda x: {{{label_column!r}: x[{label_column!r}] - {low}}}), or cast the column to a "
+            "datasets.ClassLabel with one name per class."
+        )
+    return ClassLabel(names=[str(i) for i in range(max(high, 0) + 1)])
 
 
 def _check_labels(split: Dataset, class_label: ClassLabel, where: str) -> None:
@@ -235,10 +284,45 @@ def _check_labels(split: Dataset, class_label: ClassLabel, where: str) -> None:
         )
 
 
+def _names_in(split: Dataset, where: str) -> set[str]:
+    names = set(split.unique("label"))
+    if None in names:
+        raise DatasetFormatError(f"{where}: some samples have no label (None); drop them or label them.")
+    return names
+
+
+def _check_names(split: Dataset, class_label: ClassLabel, where: str) -> None:
+    unknown = sorted(_names_in(split, where) - set(class_label.names))
+    if unknown:
+        raise DatasetFormatError(
+            f"{where}: {len(unknown)} class name(s) never seen in train: {', '.join(map(repr, unknown[:10]))}"
+            f"{', ...' if len(unknown) > 10 else ''}. The train split defines the classes ({class_label.num_classes}); "
+            "drop these samples or add them to train."
+        )
+
+
 def class_names(dataset: Dataset | DatasetDict) -> list[str]:
     """The class names of a standardised data set (or of its train split)."""
     split = dataset["train"] if isinstance(dataset, DatasetDict) else dataset
     return list(split.features["label"].names)
+
+
+def label_encoding(dataset: Dataset | DatasetDict) -> dict[str, Any] | None:
+    """How class names in the data were turned into class ids, when they were; `None` for data labelled with ids.
+
+    A label column of strings (`"cat"`, `"dog"`) is encoded by `standardise_image_classification` into the sorted
+    names of its train split, which the `label` `ClassLabel` keeps as its names; this gives that mapping as the
+    record says it: `{"column": <the original column>, "classes": {"0": "cat", "1": "dog"}}`. It is read from the
+    `ClassLabel` itself, so it survives `select`, `map` and `save_to_disk`.
+    """
+    split = dataset["train"] if isinstance(dataset, DatasetDict) else dataset
+    feature = split.features["label"]
+    if not (feature.id or "").startswith(_ENCODED_FROM_STRINGS):
+        return None
+    return {
+        "column": feature.id.removeprefix(_ENCODED_FROM_STRINGS),
+        "classes": {str(i): name for i, name in enumerate(feature.names)},
+    }
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,11 +20,25 @@ from datasets import Dataset
 from PIL import Image as PILImage
 from PIL import ImageEnhance
 
+from ..errors import InputError, missing_local_path, not_local_nor_hub
 from .loading import stratified_subset
 
 logger = logging.getLogger(__name__)
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
+
+# What converting a PIL mode to RGB does, for the notice given the first time images of that mode are met.
+_MODE_NOTES = {
+    "1": "black and white",
+    "L": "grayscale",
+    "LA": "grayscale; transparency is dropped",
+    "P": "palette",
+    "RGBA": "transparency is dropped",
+    "I;16": "16-bit; values above 255 are clipped",
+    "I": "32-bit; values above 255 are clipped",
+}
+# Modes already reported: once per process is enough to know, once per batch would drown the training log.
+_MODES_MENTIONED: set[str] = set()
 
 
 @dataclass
@@ -53,14 +67,24 @@ class ImagePreprocessor:
         """Read size/mean/std from a checkpoint's image-processor config (Hub id or folder).
 
         Falls back to defaults (with a warning) when the checkpoint has no such file. `image_size`
-        overrides the size (e.g. to keep 32x32 images small on a model trained at 224).
+        overrides the size (e.g. to keep 32x32 images small on a model trained at 224). Raises
+        `InputError` for a path with no such folder, and for a Hub id that is no local folder and
+        whose repository the Hub does not give.
         """
         from transformers.image_processing_base import ImageProcessingMixin
 
+        if message := missing_local_path(name_or_path):
+            raise InputError(message)
+        local = Path(name_or_path).expanduser().exists()
         try:
-            config, _ = ImageProcessingMixin.get_image_processor_dict(str(name_or_path))
-        except OSError:
-            logger.warning("%s has no %s; using default preprocessing.", name_or_path, PREPROCESSOR_FILE)
+            config, _ = ImageProcessingMixin.get_image_processor_dict(os.path.expanduser(name_or_path))
+        except OSError as err:
+            # transformers chains the Hub's error (no such repository, gated, ...) as the cause; a checkpoint that
+            # only lacks the file raises without one, and gets the defaults.
+            if err.__cause__ is not None and not local:
+                raise InputError(not_local_nor_hub(name_or_path, err)) from err
+            where = "" if local else " (not a local folder; the Hub gave none)"
+            logger.warning("%s has no %s%s; using default preprocessing.", name_or_path, PREPROCESSOR_FILE, where)
             config = {}
         size = config.get("size", {})
         side = size if isinstance(size, int) else size.get("height") or size.get("shortest_edge") or cls.image_size
@@ -95,7 +119,7 @@ class ImagePreprocessor:
         side = self.image_size
         arrays = []
         for image in images:
-            image = image.convert("RGB")
+            image = _to_rgb(image)
             if image.size != (side, side):
                 image = image.resize((side, side), PILImage.Resampling.BILINEAR)
             arrays.append(np.asarray(image))
@@ -112,6 +136,17 @@ class ImagePreprocessor:
         return self.normalise(self.load(images))
 
 
+def _to_rgb(image: PILImage.Image) -> PILImage.Image:
+    """`image` in RGB, saying the first time in this process that images of its mode are converted."""
+    if image.mode == "RGB":
+        return image
+    if image.mode not in _MODES_MENTIONED:
+        _MODES_MENTIONED.add(image.mode)
+        note = f" ({_MODE_NOTES[image.mode]})" if image.mode in _MODE_NOTES else ""
+        logger.warning("Images in PIL mode %s%s are converted to RGB for the model.", image.mode, note)
+    return image.convert("RGB")
+
+
 def light_augment(image: PILImage.Image) -> PILImage.Image:
     """A small random shift, scale and rotation plus a brightness/contrast jitter.
 
@@ -122,7 +157,7 @@ def light_augment(image: PILImage.Image) -> PILImage.Image:
         torch.empty(6).uniform_(-1, 1).mul_(torch.tensor([10.0, 0.1, 0.08, 0.08, 0.15, 0.15])).tolist()
     )
     width, height = image.size
-    image = image.convert("RGB").rotate(
+    image = _to_rgb(image).rotate(
         angle,
         resample=PILImage.Resampling.BILINEAR,
         translate=(dx * width, dy * height),

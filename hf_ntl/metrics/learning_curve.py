@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from ..errors import InputError
+
 
 @dataclass(frozen=True)
 class CurvePoint:
@@ -48,18 +50,18 @@ def check_counts(counts: Sequence[int], available: int, what: str = "the target 
     """Validate a grid of sample counts: non-empty, positive, at most the `available` samples of `what`."""
     counts = sorted({int(n) for n in counts})
     if not counts:
-        raise ValueError("The grid of sample counts is empty; give at least one count, e.g. 10 50 200.")
+        raise InputError("The grid of sample counts is empty; give at least one count, e.g. 10 50 200.")
     if counts[0] < 1 or counts[-1] > available:
-        raise ValueError(f"Sample counts must lie in 1..{available} ({what}), got {counts}.")
+        raise InputError(f"Sample counts must lie in 1..{available} ({what}), got {counts}.")
     return counts
 
 
 def counts_from_fractions(fractions: Sequence[float], available: int) -> list[int]:
     """Turn fractions of the target train split into sample counts (at least one sample each)."""
     if not fractions:
-        raise ValueError("The grid of fractions is empty; give e.g. 0.01 0.1 1.0.")
+        raise InputError("The grid of fractions is empty; give e.g. 0.01 0.1 1.0.")
     if min(fractions) <= 0 or max(fractions) > 1:
-        raise ValueError(f"Fractions must lie in (0, 1], got {list(fractions)}.")
+        raise InputError(f"Fractions must lie in (0, 1], got {list(fractions)}.")
     return sorted({max(1, round(f * available)) for f in fractions})
 
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
+from ..errors import InputError
+
 
 @dataclass
 class NTPConfig(TrainingArguments):
@@ -103,4 +105,4 @@ class NTPConfig(TrainingArguments):
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise InputError(message)

@@ -23,11 +23,12 @@ import torch
 from datasets import Dataset
 from torch import nn
 from torch.nn import functional as F
-from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ..data.paired import PairedCollator, PairedImageDataset
 from ..data.transforms import ImagePreprocessor
+from ..errors import InputError
 from ..losses import capped_cross_entropy, fisher_ratio
 from ..metrics import compute_accuracy
 from ..models import forward_with_features, head_linear
@@ -40,6 +41,7 @@ from ..pruning import (
     prunable_parameter_names,
     sparsity_report,
 )
+from ..terminal import show_progress
 from .ntp_config import NTPConfig
 
 logger = logging.getLogger(__name__)
@@ -94,14 +96,14 @@ class NTPTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         if target_train is None or len(target_train) == 0:
-            raise ValueError("NTP needs target-domain data (the domain to make non-transferable); none was given.")
+            raise InputError("NTP needs target-domain data (the domain to make non-transferable); none was given.")
         source_classes = source_train.features["label"].num_classes
         target_classes = target_train.features["label"].num_classes
         outputs = head_linear(model).out_features
         if outputs != source_classes:
-            raise ValueError(f"The model has {outputs} outputs but the source data has {source_classes} classes.")
+            raise InputError(f"The model has {outputs} outputs but the source data has {source_classes} classes.")
         if args.target_head == "shared" and target_classes != outputs:
-            raise ValueError(
+            raise InputError(
                 f"target_head='shared' uses the model's {outputs}-way head, but the target has {target_classes} "
                 "classes; use target_head='probe'."
             )
@@ -124,6 +126,7 @@ class NTPTrainer(Trainer):
         self.probe: nn.Linear | None = None
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self.add_callback(_AdmmSchedule(self))
+        show_progress(self, "NTP", self._progress_status)
 
     # ------------------------------------------------------------------ method state
 
@@ -177,7 +180,7 @@ class NTPTrainer(Trainer):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
-                raise ValueError(f"No checkpoint in {self.args.output_dir} to resume from.")
+                raise InputError(f"No checkpoint in {self.args.output_dir} to resume from.")
         self._start_or_restore(resume_from_checkpoint or None)
         return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
 
@@ -241,6 +244,20 @@ class NTPTrainer(Trainer):
             logs["sparsity"] = mask_sparsity(self.admm.masks)
             self._metrics.clear()
         super().log(logs, start_time)
+
+    def _progress_status(self, state: TrainerState, latest: dict[str, float]) -> str:
+        """The progress bar's status: the ADMM round and its primal residual, then masked retraining with the
+        achieved sparsity; source accuracy at the last evaluation."""
+        config = self.args
+        if state.global_step < config.admm_rounds * config.steps_per_round:
+            parts = [f"ADMM round {state.global_step // config.steps_per_round + 1}/{config.admm_rounds}"]
+            if self.admm is not None and self.admm.history:
+                parts.append(f"residual {self.admm.history[-1]['primal_residual']:.3g}")
+        else:
+            parts = ["masked retraining", f"sparsity {mask_sparsity(self.admm.masks):.1%}"]
+        if "eval_accuracy" in latest:
+            parts.append(f"source acc {latest['eval_accuracy']:.1%}")
+        return " · ".join(parts)
 
     def sparsity(self) -> dict[str, object]:
         """Achieved sparsity of the prunable weights, overall and per tensor."""

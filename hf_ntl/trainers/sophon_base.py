@@ -42,10 +42,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch.func import functional_call
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ..attacks import make_optimizer
+from ..errors import InputError
+from ..terminal import show_progress
 from .sophon_config import SophonConfigBase
 
 logger = logging.getLogger(__name__)
@@ -65,6 +67,11 @@ class SimulatedAttack:
     learning_rate: float
     batch_size: int
     reinit_head: bool = False
+
+    @property
+    def family(self) -> str:
+        """The kind of threat this attacker stands for (its optimiser, and a fresh head if it has one)."""
+        return f"{self.optimizer}+fresh head" if self.reinit_head else self.optimizer
 
 
 class _SophonSchedule(TrainerCallback):
@@ -99,13 +106,18 @@ class SophonBaseTrainer(Trainer):
             the guard's samples, collator, ...).
     """
 
-    # The key of `evaluate()`'s metrics the guard reads (model kind).
+    # The key of `evaluate()`'s metrics the guard reads; how the progress bar shows it and what the
+    # attackers reach on their query batches; whether a higher outcome is a more successful attacker
+    # (accuracy) or a less successful one (denoising MSE) (model kind).
     guard_metric: str = ""
+    guard_format: str = "{:.4f}"
+    outcome_format: str = "{:.4f}"
+    higher_outcome_is_worse: bool = False
 
     def __init__(self, model: torch.nn.Module, args: SophonConfigBase, restricted_size: int, **kwargs: Any) -> None:
         largest_batch = max(args.inner_batch_sizes)
         if largest_batch > restricted_size:
-            raise ValueError(
+            raise InputError(
                 f"inner_batch_sizes go up to {largest_batch} but only {restricted_size} restricted samples were "
                 "given; lower inner_batch_sizes or use more restricted data (target_fraction)."
             )
@@ -116,7 +128,11 @@ class SophonBaseTrainer(Trainer):
         self.guard_log: dict[str, Any] = {"history": [], "last_good_step": None, "tripped_at": None}
         self.guarding = False
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        # What each attacker family reaches at the end of its simulated fine-tuning (the first metric
+        # `suppression_loss` returns), as a moving average: shown while training, kept in the record.
+        self.family_outcomes: dict[str, float] = {}
         self.add_callback(_SophonSchedule(self))
+        show_progress(self, "SOPHON", self._progress_status)
 
     # ------------------------------------------------------------------ hooks of a model kind
 
@@ -207,6 +223,10 @@ class SophonBaseTrainer(Trainer):
                 self._metrics[f"attacker_query_{key}"].append(value)
         for key, value in metrics.items():
             self._metrics[f"attacker_final_query_{key}"].append(value)
+            self._metrics[f"attacker_final_query_{key}/{attack.family}"].append(value)
+        outcome = next(iter(metrics.values()))
+        previous = self.family_outcomes.get(attack.family, outcome)
+        self.family_outcomes[attack.family] = 0.8 * previous + 0.2 * outcome
         self._metrics["attacker_support_loss"].append(loss.item())
 
     def suppression_step(self, iteration: int) -> None:
@@ -261,8 +281,9 @@ class SophonBaseTrainer(Trainer):
         return False
 
     def method_results(self) -> dict[str, Any]:
-        """What the protection record holds about this method's outcome: the guard's log."""
-        return {"guard": self.guard_log}
+        """What the protection record holds about this method's outcome: the guard's log, and what each
+        simulated attacker family reached on its query batches at the end (moving average)."""
+        return {"guard": self.guard_log, "attacker_families": dict(sorted(self.family_outcomes.items()))}
 
     def save_method_state(self, folder: str | Path) -> None:
         """Write the guard's last good state and log and the FTS optimiser state (safetensors + JSON)."""
@@ -277,7 +298,7 @@ class SophonBaseTrainer(Trainer):
     def load_method_state(self, folder: str | Path) -> None:
         folder = Path(folder)
         if not (folder / STATE_TENSORS).is_file():
-            raise FileNotFoundError(f"{folder} holds no SOPHON state ({STATE_TENSORS}); it is not a SOPHON checkpoint.")
+            raise InputError(f"{folder} holds no SOPHON state ({STATE_TENSORS}); it is not a SOPHON checkpoint.")
         tensors = load_file(str(folder / STATE_TENSORS))
         payload = json.loads((folder / STATE_JSON).read_text())
         self.guard_log = payload["guard"]
@@ -295,7 +316,7 @@ class SophonBaseTrainer(Trainer):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
-                raise ValueError(f"No checkpoint in {self.args.output_dir} to resume from.")
+                raise InputError(f"No checkpoint in {self.args.output_dir} to resume from.")
         if resume_from_checkpoint:
             self.load_method_state(resume_from_checkpoint)
         else:
@@ -315,6 +336,22 @@ class SophonBaseTrainer(Trainer):
         return output
 
     # ------------------------------------------------------------------ logging
+
+    def _progress_status(self, state: TrainerState, latest: dict[str, float]) -> str:
+        """The progress bar's status: the outer iteration, the guard's last value, what each attacker family reaches."""
+        ntr_steps = self.args.ntr_steps
+        iterations = math.ceil(state.max_steps / ntr_steps)
+        parts = [f"iteration {min(state.global_step // ntr_steps + 1, iterations)}/{iterations}"]
+        if self.guard_log["history"]:
+            value = self.guard_log["history"][-1][self.guard_metric.removeprefix("eval_")]
+            parts.append("guard " + self.guard_format.format(value))
+        if self.family_outcomes:
+            # The kinds of attacker that reach most (highest accuracy or, for diffusion, lowest MSE): the worst case.
+            worse = self.higher_outcome_is_worse
+            ranked = sorted(self.family_outcomes.items(), key=lambda item: item[1], reverse=worse)
+            reached = ", ".join(f"{family} {self.outcome_format.format(value)}" for family, value in ranked[:3])
+            parts.append(f"best attackers (of {len(ranked)} kinds) reach {reached}")
+        return " · ".join(parts)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: add the FTS averages gathered since the last one

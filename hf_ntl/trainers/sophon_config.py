@@ -9,6 +9,7 @@ import torch
 from transformers import TrainingArguments
 
 from ..attacks import OPTIMIZERS
+from ..errors import InputError
 from ..losses import SUPPRESSION_LOSSES
 
 
@@ -85,7 +86,7 @@ class SophonConfigBase(TrainingArguments):
             self.dataloader_pin_memory = False
         for ok, message in self.validation_checks():
             if not ok:
-                raise ValueError(message)
+                raise InputError(message)
 
     def validation_checks(self) -> list[tuple[bool, str]]:
         """(condition, error message) pairs checked at construction; model kinds add their own."""

@@ -25,6 +25,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from torch.nn import functional as F
 
 from ..data.transforms import DiffusionImages, check_diffusion_images
+from ..errors import InputError
 from ..losses import denial_of_service_loss, predict_noise
 from ..metrics.denoising import mean_denoising_mse, timestep_grid
 from .sophon_base import Forward, SophonBaseTrainer
@@ -66,11 +67,11 @@ class SophonDiffusionTrainer(SophonBaseTrainer):
             (guard_images, "guard images"),
         ):
             if len(images) == 0:
-                raise ValueError(f"SOPHON needs {what}; none were given.")
+                raise InputError(f"SOPHON needs {what}; none were given.")
             check_diffusion_images(images, size, channels, what)
         last = noise_scheduler.config.num_train_timesteps - 1
         if (args.timestep_max or 0) > last or args.timestep_min > last:
-            raise ValueError(f"timestep_min/timestep_max must be <= {last}, the schedule's last timestep.")
+            raise InputError(f"timestep_min/timestep_max must be <= {last}, the schedule's last timestep.")
         super().__init__(
             model,
             args,

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 
 from ..attacks import EncodedSplit
 from ..data.transforms import ImageClassificationCollator, ImagePreprocessor
+from ..errors import InputError
 from ..losses import SUPPRESSION_LOSSES
 from ..metrics import compute_accuracy, predict_accuracy
 from ..models import head_linear
@@ -43,6 +44,9 @@ class SophonTrainer(SophonBaseTrainer):
     """
 
     guard_metric = "eval_accuracy"
+    guard_format = "{:.1%}"
+    outcome_format = "{:.0%}"
+    higher_outcome_is_worse = True  # an attacker's query accuracy
 
     def __init__(
         self,
@@ -55,16 +59,16 @@ class SophonTrainer(SophonBaseTrainer):
         **kwargs: Any,
     ) -> None:
         if target_train is None or len(target_train) == 0:
-            raise ValueError("SOPHON needs restricted-domain data (the domain to make untunable); none was given.")
+            raise InputError("SOPHON needs restricted-domain data (the domain to make untunable); none was given.")
         if guard_eval is None or len(guard_eval) == 0:
-            raise ValueError("SOPHON's guard needs held-out original-domain samples (guard_eval); none were given.")
+            raise InputError("SOPHON's guard needs held-out original-domain samples (guard_eval); none were given.")
         outputs = head_linear(model).out_features
         source_classes = source_train.features["label"].num_classes
         target_classes = target_train.features["label"].num_classes
         if outputs != source_classes:
-            raise ValueError(f"The model has {outputs} outputs but the source data has {source_classes} classes.")
+            raise InputError(f"The model has {outputs} outputs but the source data has {source_classes} classes.")
         if target_classes != outputs and args.head_reinit_probability < 1:
-            raise ValueError(
+            raise InputError(
                 f"The restricted data has {target_classes} classes but the model's head has {outputs}: simulated "
                 "attackers cannot keep (share) the head; set head_reinit_probability=1 so that each starts from "
                 f"a fresh {target_classes}-way head."
@@ -136,7 +140,7 @@ class SophonTrainer(SophonBaseTrainer):
 
     def check_start(self, value: float) -> None:
         if not self.guard_passes(value):
-            raise ValueError(
+            raise InputError(
                 f"The model's original-domain accuracy is {value:.4f}, already below guard_threshold "
                 f"{self.args.guard_threshold}: protect a model trained on the original domain, or lower it."
             )
