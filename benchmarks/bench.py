@@ -44,6 +44,7 @@ from itertools import permutations
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
 from diffusers.utils import logging as diffusers_logging
@@ -64,6 +65,7 @@ from hf_ntl.data import (
     stratified_subset,
 )
 from hf_ntl.data.loading import validation_split
+from hf_ntl.errors import InputError
 from hf_ntl.evaluation import SCRATCH, process_state, read_report, run_attacks, run_seconds, summarise, write_report
 from hf_ntl.evaluation_diffusion import DiffusionEvaluateArguments, run_evaluation_diffusion
 from hf_ntl.leakage import check_test_overlap, test_hashes_by_size
@@ -74,7 +76,7 @@ from hf_ntl.models import build_tiny_classifier, load_classifier
 from hf_ntl.protect import run_ntp, run_sophon, run_sophon_diffusion
 from hf_ntl.source import MODEL_SUBDIR, SourceConfig, run_source
 from hf_ntl.source_diffusion import DiffusionSourceConfig, run_diffusion_source
-from hf_ntl.terminal import format_duration, print_tables
+from hf_ntl.terminal import StageProgress, format_duration, print_tables, stop_displays
 from hf_ntl.trainers import NTPConfig, NTPTrainer, SophonConfig, SophonDiffusionConfig, SophonTrainer
 
 SECTIONS = ("quality", "budget", "diffusion", "cost")
@@ -152,18 +154,18 @@ class BenchArguments:
     def __post_init__(self) -> None:
         unknown = sorted(set(self.sections) - set(SECTIONS))
         if unknown:
-            raise ValueError(f"Unknown sections {unknown}; choose from {list(SECTIONS)}.")
+            raise InputError(f"Unknown sections {unknown}; choose from {list(SECTIONS)}.")
         if "quality" in self.sections and len(self.domains) < 2:
-            raise ValueError("The quality section needs at least two domains (three by default).")
+            raise InputError("The quality section needs at least two domains (three by default).")
         if self.audit_processes < 1:
-            raise ValueError(f"audit_processes must be at least 1, got {self.audit_processes}.")
+            raise InputError(f"audit_processes must be at least 1, got {self.audit_processes}.")
         if len(set(self.domains)) != len(self.domains):
-            raise ValueError(f"Domains must be distinct, got {self.domains}.")
+            raise InputError(f"Domains must be distinct, got {self.domains}.")
         if len(self.cost_inner_steps) != 2:
-            raise ValueError(f"cost_inner_steps compares two values of K, got {self.cost_inner_steps}.")
+            raise InputError(f"cost_inner_steps compares two values of K, got {self.cost_inner_steps}.")
         bad = sorted(set(self.cost_models) - set(COST_MODELS))
         if bad:
-            raise ValueError(f"Unknown cost models {bad}; choose from {list(COST_MODELS)}.")
+            raise InputError(f"Unknown cost models {bad}; choose from {list(COST_MODELS)}.")
 
 
 def check_sample_counts(args: BenchArguments) -> None:
@@ -175,7 +177,7 @@ def check_sample_counts(args: BenchArguments) -> None:
     for domain, counts, held_out in requests:
         train = len(load_image_classification_dataset(domain)["train"])
         if held_out >= train:
-            raise ValueError(f"{domain} has {train} train samples: too few for a validation split of {held_out}.")
+            raise InputError(f"{domain} has {train} train samples: too few for a validation split of {held_out}.")
         check_counts(counts, train - held_out, what=f"{domain}'s train split less {held_out} validation")
 
 
@@ -205,7 +207,7 @@ def source_config(args: BenchArguments, folder: Path, domain: str) -> SourceConf
     """The fit-source stage for `domain`: a plain `Trainer` run of `source_steps` steps."""
     options = ["--output_dir", str(folder), "--model_name_or_path", args.model, "--dataset_name", domain]
     options += ["--max_steps", str(args.source_steps), "--logging_strategy", "no"]
-    return stage_config(SourceConfig, None, options, "bench fit-source")
+    return stage_config(SourceConfig, None, options, "fit-source")
 
 
 def fit_source(args: BenchArguments, folder: Path, domain: str) -> Path:
@@ -225,7 +227,7 @@ def protect_config(
     options = ["--output_dir", str(folder), "--model_name_or_path", str(source_model)]
     options += ["--source_dataset", source, "--target_dataset", target, "--logging_strategy", "no"]
     yaml_path = args.ntp_config if method == "ntp" else args.sophon_config
-    return stage_config(config_class, yaml_path, options, f"bench protect-{method}")
+    return stage_config(config_class, yaml_path, options, f"protect-{method}")
 
 
 def protect(args: BenchArguments, folder: Path, source_model: Path, source: str, target: str, method: str) -> Path:
@@ -382,7 +384,7 @@ def quality(args: BenchArguments, runs: Path) -> dict[str, Any]:
     """Source models, protections and audits for every ordered pair; per pair, what the tables need."""
     suite_names = [spec.name for spec in bench_suite(args)]
     if MASKED_ATTACK.name not in suite_names:
-        raise ValueError(f"The bench needs the masked protocol: keep {MASKED_ATTACK.name!r} in --attacks.")
+        raise InputError(f"The bench needs the masked protocol: keep {MASKED_ATTACK.name!r} in --attacks.")
     sources = {domain: fit_source(args, runs / "sources" / Path(domain).name, domain) for domain in args.domains}
     for target in args.domains:  # one scratch baseline per target, shared by the pairs that attack it
         print(f"[quality] scratch on {target}")
@@ -471,7 +473,7 @@ def budget(args: BenchArguments, runs: Path) -> dict[str, Any]:
     targets = {}
     for target in args.domains:
         if not scratch_path(runs, target).is_file():
-            raise SystemExit("The budget section compares with the quality section's scratch runs: run it first.")
+            raise InputError("The budget section compares with the quality section's scratch runs: run it first.")
         single = read_report(scratch_path(runs, target))
         print(f"[budget] scratch on {target} at twice the budget")
         double = audit(args, runs / "budget" / Path(target).name, {}, target, suite=doubled)
@@ -532,14 +534,14 @@ def diffusion(args: BenchArguments, runs: Path) -> dict[str, Any]:
     folder = runs / "diffusion"
     original = folder / "source" / MODEL_SUBDIR
     options = ["--output_dir", str(folder / "source"), "--dataset_name", source, "--disable_tqdm", "true"]
-    config = stage_config(DiffusionSourceConfig, args.ddpm_config, options, "bench fit-ddpm")
+    config = stage_config(DiffusionSourceConfig, args.ddpm_config, options, "fit-ddpm")
     if not finished_run(folder / "source", run_identity("ddpm-source", config)):
         print(f"[diffusion] fitting the tiny DDPM on {source}")
         run_diffusion_source(config)
     protected = folder / "sophon" / MODEL_SUBDIR
     options = ["--output_dir", str(folder / "sophon"), "--model_name_or_path", str(original)]
     options += ["--source_dataset", source, "--target_dataset", target, "--disable_tqdm", "true"]
-    config = stage_config(SophonDiffusionConfig, args.sophon_diffusion_config, options, "bench protect")
+    config = stage_config(SophonDiffusionConfig, args.sophon_diffusion_config, options, "protect-sophon-diffusion")
     if not finished_run(folder / "sophon", run_identity("protect", config, "sophon-diffusion")):
         print(f"[diffusion] protecting it against {target} with SOPHON (DoS)")
         run_sophon_diffusion(config)
@@ -613,7 +615,9 @@ def _seconds_per_step(trainer: Trainer, warmup: int) -> float:
     """Mean wall time of the steps after the first `warmup` (which allocate optimiser state)."""
     timer = StepTimer()
     trainer.add_callback(timer)
-    trainer.remove_callback(PrinterCallback)  # a plain Trainer would print its closing log dictionary
+    # Timed bare: a plain Trainer would print its closing log dictionary, a protection its progress display.
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(StageProgress)
     trainer.train()
     return float(np.diff(timer.ends[warmup - 1 :]).mean())
 
@@ -934,12 +938,18 @@ def plan(args: BenchArguments, runs: Path) -> Table:
         rows.add_column(column, justify="left" if column == "stage" else "right")
     suite, labels = bench_suite(args), len(LABELS)
     runs_per_model = len(suite) * len(args.seeds) * len(args.counts)
-    pending_runs: dict[str, int] = {}  # target -> attack runs still to make (all share the tiny architecture)
+    doubled = doubled_budget(suite)
+    # (target, suite) -> attack runs still to make (all on the tiny architecture); suites are the quality
+    # section's and the budget section's doubled one.
+    pending_runs: dict[tuple[str, tuple[AttackSpec, ...]], int] = {}
 
-    def add(stage: str, done: list[bool], runs_each: int = 0, target: str | None = None) -> None:
+    def add(
+        stage: str, done: list[bool], runs_each: int = 0, target: str | None = None, specs: list | None = None
+    ) -> None:
         todo = done.count(False)
-        if target:
-            pending_runs[target] = pending_runs.get(target, 0) + todo * runs_each
+        if target and todo:
+            key = (target, tuple(specs or suite))
+            pending_runs[key] = pending_runs.get(key, 0) + todo * runs_each
         rows.add_row(stage, str(todo), str(done.count(True)), str(todo * runs_each) if runs_each else "")
 
     if "quality" in args.sections:
@@ -968,38 +978,52 @@ def plan(args: BenchArguments, runs: Path) -> Table:
     if "budget" in args.sections:
         for target in args.domains:
             folder = runs / "budget" / Path(target).name
-            _, _, finished = audit_request(args, folder, {}, target, doubled_budget(suite))
-            add(f"scratch at twice the budget on {Path(target).name}", [finished], runs_per_model)
+            _, _, finished = audit_request(args, folder, {}, target, doubled)
+            add(f"scratch at twice the budget on {Path(target).name}", [finished], runs_per_model, target, doubled)
     for section in ("diffusion", "cost"):
         if section in args.sections:
             done = (runs / f"{section}.json").is_file()
             rows.add_row(f"{section} section", "0" if done else "1", "1" if done else "0", "(not estimated)")
 
     # The runs' time, from a few timed steps of each attack on the tiny architecture (scratch's and the
-    # protected models'), spread over the audit's processes; the budget section's doubled runs are left out.
+    # protected models'), one thread per process as the audits run, spread over the audit's processes.
     seconds = 0.0
-    for target, count in pending_runs.items():
+    threads = torch.get_num_threads()
+    for target in {target for target, _ in pending_runs}:
         dataset = load_image_classification_dataset(target)
         validation_indices, pool_indices = validation_split(dataset["train"]["label"], args.validation_samples)
         batch = dataset["train"].select(pool_indices[: max(spec.batch_size for spec in suite)])
         sample = EncodedSplit.from_dataset(batch, ImagePreprocessor())
         model = build_tiny_classifier(args.model, dataset["train"].features["label"].num_classes)
-        estimate = run_seconds(model, sample, suite, len(validation_indices) + len(dataset["test"]))
-        per_model = sum(estimate(spec, n) for spec in suite for n in args.counts) * len(args.seeds)
-        seconds += per_model * count / runs_per_model
-    rows.caption = (
-        f"{len(suite)} attacks x {len(args.seeds)} seeds x counts {args.counts} per model; "
-        f"the quality audits' runs: about {format_duration(seconds / args.audit_processes)} on "
-        f"{args.audit_processes} processes here (protections, source fits and the other sections not included)."
+        if args.audit_processes > 1:
+            torch.set_num_threads(1)
+        try:
+            estimate = run_seconds(
+                model.to(process_state().device), sample, suite, len(validation_indices) + len(dataset["test"])
+            )
+        finally:
+            torch.set_num_threads(threads)
+        for (planned_target, specs), count in pending_runs.items():
+            if planned_target == target and count:
+                per_model = sum(estimate(spec, n) for spec in specs for n in args.counts) * len(args.seeds)
+                seconds += per_model * count / runs_per_model
+    estimate_text = (
+        f"the audits' attack runs: about {format_duration(seconds / args.audit_processes)} on "
+        f"{args.audit_processes} processes here (source fits, protections, diffusion and cost not included)"
+        if pending_runs
+        else "no attack runs to make"
     )
+    rows.caption = f"{len(suite)} attacks x {len(args.seeds)} seeds x counts {args.counts} per model; {estimate_text}."
     rows.caption_justify = "left"
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
+def run(argv: list[str] | None = None) -> None:
+    """The bench itself (see the module docstring); `main` adds the command line's error handling."""
     (args,) = HfArgumentParser([BenchArguments]).parse_args_into_dataclasses(args=argv)
     transformers_logging.disable_progress_bar()
     diffusers_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
     if args.audit_request:  # one rank of an audit the bench launched with torchrun
         run_audit(json.loads(Path(args.audit_request).read_text()))
         return
@@ -1014,7 +1038,7 @@ def main(argv: list[str] | None = None) -> None:
     identity = {k: v for k, v in vars(args).items() if k not in BOOKKEEPING}
     identity_file = runs / "bench_settings.json"
     if identity_file.is_file() and json.loads(identity_file.read_text()) != identity:
-        raise SystemExit(
+        raise InputError(
             f"{runs} holds a bench run with other settings ({identity_file}); pass --overwrite or choose another "
             "--runs_dir."
         )
@@ -1029,6 +1053,18 @@ def main(argv: list[str] | None = None) -> None:
     print(f"bench finished in {time.perf_counter() - start:.0f} s")
     results["machine"] = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
     print("\n" + write_results(args, results, Path(args.output_dir)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python benchmarks/bench.py ...`: input errors print one line and exit 2, as `hf-ntl` does."""
+    try:
+        run(argv)
+    except InputError as err:
+        stop_displays()
+        if os.environ.get("HF_NTL_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"bench: error: {' '.join(str(err).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

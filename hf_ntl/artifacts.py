@@ -119,6 +119,33 @@ class OutputDirError(InputError):
     """An output folder holds another run's results; nothing was touched."""
 
 
+def check_output_dir(
+    output_dir: str | os.PathLike,
+    identity: dict[str, Any],
+    overwrite: bool = False,
+    finished: str = "model/hf_ntl.json",
+) -> None:
+    """Raise `OutputDirError` if `claim_output_dir` would refuse `output_dir`; touch nothing (for dry runs)."""
+    out = Path(output_dir)
+    if overwrite:
+        return
+    identity = json.loads(json.dumps(identity))  # as it will read back (tuples become lists, ...)
+    run_file = out / RUN_FILE
+    previous = json.loads(run_file.read_text()) if run_file.is_file() else None
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    hint = (
+        "pass --overwrite to start afresh (a finished result is replaced only once the new one is complete), "
+        "or choose another output_dir."
+    )
+    if (out / finished).is_file():
+        raise OutputDirError(f"{out} already holds a finished result ({out / finished}); {hint}")
+    if previous is not None and previous != identity and checkpoints:
+        changed = sorted(k for k in identity.keys() | previous.keys() if identity.get(k) != previous.get(k))
+        raise OutputDirError(f"{out} holds checkpoints of another run (differing in {', '.join(changed)}); {hint}")
+    if previous is None and checkpoints:
+        raise OutputDirError(f"{out} holds checkpoints that hf_ntl did not start; {hint}")
+
+
 def claim_output_dir(
     output_dir: str | os.PathLike,
     identity: dict[str, Any],
@@ -129,30 +156,15 @@ def claim_output_dir(
 
     A folder is resumed only by the run that started it: `identity` (stage, model, data and every
     setting that shapes the result) is written to `hf_ntl_run.json` and compared on the next start.
-    Refused without `overwrite`: a folder whose finished result (`finished`, relative) exists, whose
-    checkpoints belong to a run with another identity, or that holds checkpoints hf_ntl did not
-    start. With `overwrite`, checkpoints are deleted so the run starts afresh; a finished result stays
-    in place until the new one replaces it (see `replacing_directory`).
+    Refused without `overwrite` (`check_output_dir`): a folder whose finished result (`finished`,
+    relative) exists, whose checkpoints belong to a run with another identity, or that holds
+    checkpoints hf_ntl did not start. With `overwrite`, checkpoints are deleted so the run starts
+    afresh; a finished result stays in place until the new one replaces it (see `replacing_directory`).
     """
+    check_output_dir(output_dir, identity, overwrite, finished)
     out = Path(output_dir)
-    identity = json.loads(json.dumps(identity))  # as it will read back (tuples become lists, ...)
-    run_file = out / RUN_FILE
-    previous = json.loads(run_file.read_text()) if run_file.is_file() else None
-    checkpoints = sorted(out.glob("checkpoint-*"))
-    hint = (
-        "pass --overwrite to start afresh (a finished result is replaced only once the new one is complete), "
-        "or choose another output_dir."
-    )
-    if not overwrite:
-        if (out / finished).is_file():
-            raise OutputDirError(f"{out} already holds a finished result ({out / finished}); {hint}")
-        if previous is not None and previous != identity and checkpoints:
-            changed = sorted(k for k in identity.keys() | previous.keys() if identity.get(k) != previous.get(k))
-            raise OutputDirError(f"{out} holds checkpoints of another run (differing in {', '.join(changed)}); {hint}")
-        if previous is None and checkpoints:
-            raise OutputDirError(f"{out} holds checkpoints that hf_ntl did not start; {hint}")
-    else:
-        for checkpoint in checkpoints:
+    if overwrite:
+        for checkpoint in sorted(out.glob("checkpoint-*")):
             shutil.rmtree(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
-    run_file.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
+    (out / RUN_FILE).write_text(json.dumps(json.loads(json.dumps(identity)), indent=2, sort_keys=True) + "\n")

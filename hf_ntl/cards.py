@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import HfHubHTTPError
 
 from .artifacts import read_record
+from .errors import InputError
 from .evaluation import SCRATCH, read_report
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
@@ -128,13 +130,13 @@ def build_card(
     """
     model_dir, report_dir = Path(model_dir), Path(report_dir)
     if not (report_dir / "report.json").is_file():
-        raise FileNotFoundError(f"No report.json in {report_dir}: run `hf-ntl evaluate --output_dir {report_dir}`.")
+        raise InputError(f"No report.json in {report_dir}: run `hf-ntl evaluate --output_dir {report_dir}`.")
     record = read_record(model_dir)
     if not record:
-        raise FileNotFoundError(f"No hf_ntl.json in {model_dir}: cards are written for folders hf_ntl produced.")
+        raise InputError(f"No hf_ntl.json in {model_dir}: cards are written for folders hf_ntl produced.")
     report = read_report(report_dir / "report.json")
     if Path(report["model"]).resolve() != model_dir.resolve() and report.get("source", {}) != record:
-        raise ValueError(f"{report_dir}/report.json evaluates {report['model']}, not {model_dir}.")
+        raise InputError(f"{report_dir}/report.json evaluates {report['model']}, not {model_dir}.")
     method = record.get("method", "none")
     name = model_name or model_dir.name
     base = record.get("base_model")
@@ -238,14 +240,19 @@ def push_to_hub(
     missing = [f for f in ("model.safetensors", "config.json", "README.md") if not (folder / f).is_file()]
     if missing:
         hint = " (write the card with `hf-ntl card` first)" if "README.md" in missing else ""
-        raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}{hint}.")
+        raise InputError(f"{folder} lacks {', '.join(missing)}{hint}.")
     api = HfApi(token=token)
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    commit = api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(folder),
-        repo_type="model",
-        commit_message=commit_message,
-        allow_patterns=["*.safetensors", "*.json", "README.md", "*.png"],
-    )
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            repo_type="model",
+            commit_message=commit_message,
+            allow_patterns=["*.safetensors", "*.json", "README.md", "*.png"],
+        )
+    except (HfHubHTTPError, OSError) as err:  # refused (token, rights, name), no token, or no connection
+        raise InputError(
+            f"Uploading {folder} to {repo_id} failed: {err} (log in with `hf auth login` or pass --token)."
+        ) from err
     return str(commit)

@@ -48,7 +48,7 @@ from .evaluation_diffusion import DiffusionEvaluateArguments, denoising_tables, 
 from .protect import run_ntp, run_sophon, run_sophon_diffusion
 from .source import MODEL_SUBDIR, SourceConfig, run_source
 from .source_diffusion import DiffusionSourceConfig, run_diffusion_source
-from .terminal import format_duration, print_tables, set_verbose, stop_displays
+from .terminal import format_duration, print_tables, say, set_verbose, stop_displays
 from .trainers import NTPConfig, SophonConfig, SophonDiffusionConfig
 
 
@@ -84,7 +84,7 @@ class DemoArguments:
 
     def __post_init__(self) -> None:
         if self.method not in PROTECTIONS:
-            raise ValueError(f"method must be one of {list(PROTECTIONS)}, got {self.method!r}.")
+            raise InputError(f"method must be one of {list(PROTECTIONS)}, got {self.method!r}.")
 
 
 @dataclass
@@ -169,24 +169,27 @@ def parse(dataclass_types: Sequence[type], argv: Sequence[str], prog: str) -> tu
     return tuple(p for p in parsed if not isinstance(p, argparse.Namespace))
 
 
-def stage_config(config_class: type, config_file: str | None, options: Sequence[str], prog: str) -> Any:
-    """A stage's config for a pipeline driving stages (demo, bench): the YAML `config_file`'s options, then
-    `options` (paths, domains), which win; no experiment trackers."""
+def stage_config(config_class: type, config_file: str | None, options: Sequence[str], command: str) -> Any:
+    """A stage's config for a pipeline driving stages (demo, bench): the YAML `config_file`'s options (those of
+    `hf-ntl COMMAND`), then `options` (paths, domains), which win; no experiment trackers."""
     argv = [*(["--config", config_file] if config_file else []), *options, "--report_to", "none"]
-    (config,) = parse([config_class], argv, prog)
+    try:
+        (config,) = parse([config_class], argv, f"hf-ntl {command}")
+    except InputError as err:
+        raise InputError(f"{config_file or f'the {command} stage'}: {err}") from err
     return config
 
 
 def fit_source_command(argv: Sequence[str]) -> None:
     (config,) = parse([SourceConfig], argv, "hf-ntl fit-source")
     record = run_source(config)
-    print(f"source model: {Path(config.output_dir) / MODEL_SUBDIR}  test accuracy {100 * record['test_accuracy']:.2f}%")
+    say(f"source model: {Path(config.output_dir) / MODEL_SUBDIR}  test accuracy {100 * record['test_accuracy']:.2f}%")
 
 
 def protect_ntp_command(argv: Sequence[str]) -> None:
     (config,) = parse([NTPConfig], argv, "hf-ntl protect-ntp")
     record = run_ntp(config)
-    print(
+    say(
         f"protected model: {Path(config.output_dir) / MODEL_SUBDIR}  sparsity {record['sparsity']['overall']:.4f}  "
         f"source accuracy {100 * record['source_accuracy_before']:.2f}% -> {100 * record['source_accuracy_after']:.2f}%"
     )
@@ -200,7 +203,7 @@ def _guard_note(record: dict[str, Any]) -> str:
 def protect_sophon_command(argv: Sequence[str]) -> None:
     (config,) = parse([SophonConfig], argv, "hf-ntl protect-sophon")
     record = run_sophon(config)
-    print(
+    say(
         f"protected model: {Path(config.output_dir) / MODEL_SUBDIR}  source accuracy "
         f"{100 * record['source_accuracy_before']:.2f}% -> {100 * record['source_accuracy_after']:.2f}%"
         + _guard_note(record)
@@ -249,7 +252,7 @@ def plan_table(plan: dict[str, Any]) -> Table:
 def fit_ddpm_command(argv: Sequence[str]) -> None:
     (config,) = parse([DiffusionSourceConfig], argv, "hf-ntl fit-ddpm")
     record = run_diffusion_source(config)
-    print(
+    say(
         f"diffusion pipeline: {Path(config.output_dir) / MODEL_SUBDIR}  test denoising MSE "
         f"{record['test_denoising_mse']:.4f}  ({record['wall_time_s']:.0f} s)"
     )
@@ -259,7 +262,7 @@ def protect_sophon_diffusion_command(argv: Sequence[str]) -> None:
     (config,) = parse([SophonDiffusionConfig], argv, "hf-ntl protect-sophon-diffusion")
     record = run_sophon_diffusion(config)
     before, after = record["denoising_mse_before"], record["denoising_mse_after"]
-    print(
+    say(
         f"protected pipeline: {Path(config.output_dir) / MODEL_SUBDIR}  denoising MSE, original domain "
         f"{before['source']:.4f} -> {after['source']:.4f}, restricted {before['target']:.4f} -> {after['target']:.4f}"
         f"  ({record['wall_time_s']:.0f} s)" + _guard_note(record)
@@ -274,13 +277,13 @@ def evaluate_diffusion_command(argv: Sequence[str]) -> None:
 def card_command(argv: Sequence[str]) -> None:
     (args,) = parse([CardArguments], argv, "hf-ntl card")
     write_card(args.model_dir, args.report_dir, args.model_name)
-    print(f"model card: {Path(args.model_dir) / 'README.md'}")
+    say(f"model card: {Path(args.model_dir) / 'README.md'}")
 
 
 def push_command(argv: Sequence[str]) -> None:
     (args,) = parse([PushArguments], argv, "hf-ntl push")
     url = push_to_hub(args.model_dir, args.repo_id, private=not args.public, token=args.token)
-    print(f"pushed {args.model_dir} to {args.repo_id}: {url}")
+    say(f"pushed {args.model_dir} to {args.repo_id}: {url}")
 
 
 def demo_command(argv: Sequence[str]) -> None:
@@ -302,24 +305,24 @@ def demo_command(argv: Sequence[str]) -> None:
     )
     source_model = out / "source" / MODEL_SUBDIR
     if finished_run(source_config.output_dir, run_identity("source", source_config)):
-        print(f"[1/4] reusing the source model in {source_model} (--overwrite to refit)")
+        say(f"[1/4] reusing the source model in {source_model} (--overwrite to refit)")
     else:
-        print(f"[1/4] fitting {args.model} on {args.source_dataset}")
+        say(f"[1/4] fitting {args.model} on {args.source_dataset}")
         record = run_source(source_config)
-        print(f"      source test accuracy {100 * record['test_accuracy']:.2f}%")
+        say(f"      source test accuracy {100 * record['test_accuracy']:.2f}%")
 
     config_class, run = PROTECTIONS[args.method]
     options = ["--output_dir", str(out / args.method), "--model_name_or_path", str(source_model)]
     options += ["--source_dataset", args.source_dataset, "--target_dataset", args.target_dataset]
     options += ["--logging_strategy", "no"]
-    protect_config = stage_config(config_class, args.protect_config, options, f"hf-ntl demo ({args.method})")
+    protect_config = stage_config(config_class, args.protect_config, options, f"protect-{args.method}")
     protected_model = out / args.method / MODEL_SUBDIR
     if finished_run(protect_config.output_dir, run_identity("protect", protect_config, args.method)):
-        print(f"[2/4] reusing the protected model in {protected_model}")
+        say(f"[2/4] reusing the protected model in {protected_model}")
     else:
-        print(f"[2/4] protecting it with {args.method} against {args.target_dataset}")
+        say(f"[2/4] protecting it with {args.method} against {args.target_dataset}")
         record = run(protect_config)
-        print(
+        say(
             f"      source accuracy {100 * record['source_accuracy_before']:.2f}% -> "
             f"{100 * record['source_accuracy_after']:.2f}%  ({record['wall_time_s']:.0f} s)"
         )
@@ -338,14 +341,14 @@ def demo_command(argv: Sequence[str]) -> None:
         output_dir=str(audit),
     )
     if finished_run(audit, run_identity("evaluate", audit_args), finished="report.json"):
-        print(f"[3/4] reusing the audit in {audit}")
+        say(f"[3/4] reusing the audit in {audit}")
         report = read_report(audit / "report.json")
     else:
-        print(f"[3/4] attacking it and the original on {args.target_dataset}: {', '.join(attacks)}; n = {args.counts}")
+        say(f"[3/4] attacking it and the original on {args.target_dataset}: {', '.join(attacks)}; n = {args.counts}")
         report = run_evaluation(audit_args)
     write_card(protected_model, audit)
-    print(f"[4/4] model card: {protected_model / 'README.md'}")
-    print(f"      report and plot: {audit}   wall time {time.perf_counter() - start:.0f} s\n")
+    say(f"[4/4] model card: {protected_model / 'README.md'}")
+    say(f"      report and plot: {audit}   wall time {time.perf_counter() - start:.0f} s\n")
     print_tables(report_tables(report))
 
 
@@ -372,7 +375,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
 # Options every command takes, read before the command's own.
 GLOBAL_OPTIONS = {
     "--verbose": "show the Trainer's own progress bars and logs instead of one progress display per stage",
-    "--debug": "show the full traceback of every error (also: HF_NTL_DEBUG=1)",
+    "--debug": "show the full traceback of every error (also: HF_NTL_DEBUG=1); `--debug VALUE` is TrainingArguments'",
 }
 
 
@@ -388,12 +391,23 @@ def _usage() -> str:
     )
 
 
+def _take_flag(argv: list[str], flag: str) -> bool:
+    """Remove hf-ntl's own `flag` from `argv`, saying whether it was there. A `--debug` followed by a value
+    (`--debug underflow_overflow`) is `TrainingArguments`' option of that name and stays."""
+    found = False
+    for index in reversed(range(len(argv))):
+        followed_by_value = index + 1 < len(argv) and not argv[index + 1].startswith("--")
+        if argv[index] == flag and not followed_by_value:
+            del argv[index]
+            found = True
+    return found
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run `hf-ntl COMMAND ...`: input errors print one line and exit 2; bugs keep their traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv or os.environ.get("HF_NTL_DEBUG", "") not in ("", "0")
-    verbose = "--verbose" in argv
-    argv = [arg for arg in argv if arg not in GLOBAL_OPTIONS]
+    debug = _take_flag(argv, "--debug") or os.environ.get("HF_NTL_DEBUG", "") not in ("", "0")
+    verbose = _take_flag(argv, "--verbose")
     if argv[:1] == ["--version"]:
         print(f"hf-ntl {version('hf_ntl')}")
         return
@@ -405,12 +419,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"hf-ntl: error: unknown command {name!r}; `hf-ntl --help` lists them.", file=sys.stderr)
         raise SystemExit(2)
     set_verbose(verbose)
-    if not verbose:
-        # Weights load in milliseconds and data sets map in seconds here; the libraries' own bars for
-        # them would bury the stage's progress. `--verbose` keeps them.
-        transformers_logging.disable_progress_bar()
-        diffusers_logging.disable_progress_bar()
-        datasets.disable_progress_bars()
+    # Weights load in milliseconds and data sets map in seconds here; the libraries' own bars for them
+    # would bury the stage's progress. `--verbose` keeps them.
+    for library in (transformers_logging, diffusers_logging):
+        (library.enable_progress_bar if verbose else library.disable_progress_bar)()
+    (datasets.enable_progress_bars if verbose else datasets.disable_progress_bars)()
     command, _ = COMMANDS[name]
     try:
         command(argv[1:])
@@ -420,6 +433,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise
         print(f"hf-ntl {name}: error: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        stop_displays()
+        if debug:
+            raise
+        # Every stage checkpoints as it goes: rerunning the same command resumes.
+        print(
+            f"hf-ntl {name}: interrupted (rerun the same command to resume from the last checkpoint)", file=sys.stderr
+        )
+        raise SystemExit(130) from None
     except BaseException:
         stop_displays()
         raise

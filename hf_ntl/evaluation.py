@@ -31,7 +31,7 @@ from datasets import Dataset
 from rich.console import RenderableType
 from transformers import PreTrainedModel
 
-from .artifacts import claim_output_dir, read_record, run_identity
+from .artifacts import check_output_dir, claim_output_dir, read_record, run_identity
 from .attacks.finetune import AttackSpec, EncodedSplit, finetune, finetuned_accuracies, pruning_masks
 from .attacks.suite import load_suite
 from .data import ImagePreprocessor, class_names, load_image_classification_dataset, stratified_order
@@ -52,7 +52,7 @@ from .metrics.plots import plot_learning_curves
 from .metrics.slc_auc import slc_auc
 from .models import head_linear, load_classifier
 from .pruning import mask_sparsity
-from .terminal import signed, table, tables_text, titled, track
+from .terminal import signed, table, titled, track
 
 SCRATCH = "scratch"
 
@@ -182,7 +182,8 @@ def run_attacks(
     state = process_state()
     mine = []
     with state.split_between_processes(runs) as share:
-        for run in track(share, "audit", len(share), show=progress and state.is_main_process):
+        description = "audit" if state.num_processes == 1 else f"audit (rank 0's share of {len(runs)} runs)"
+        for run in track(share, description, len(share), show=progress and state.is_main_process):
             model = scratch_copy(reference, run.seed) if run.label == SCRATCH else models[run.label]
             model = model.to(state.device)
             start = time.perf_counter()
@@ -411,13 +412,16 @@ def run_seconds(
 def dry_run(args: EvaluateArguments) -> dict[str, Any]:
     """What `run_evaluation(args)` would do, checked and timed, without running the audit or writing anything.
 
-    Every check of a real run is made (counts, leakage guard, suite, class counts); the time is estimated
+    Every check of a real run is made (output folder, counts, leakage guard, suite, class counts); the time is estimated
     by `run_seconds` on one batch of target samples, on this machine in one process.
     """
+    if args.output_dir:
+        check_output_dir(args.output_dir, run_identity("evaluate", args), args.overwrite, finished="report.json")
     plan = plan_evaluation(args)
     model = next(iter(plan.models.values())).to(process_state().device)
-    batch = max(spec.batch_size for spec in plan.suite)
-    sample = EncodedSplit.from_dataset(plan.splits["train pool"].select(range(batch)), plan.preprocessor)
+    pool = plan.splits["train pool"]
+    batch = min(max(spec.batch_size for spec in plan.suite), len(pool))
+    sample = EncodedSplit.from_dataset(pool.select(range(batch)), plan.preprocessor)
     seconds = run_seconds(model, sample, plan.suite, len(plan.splits["validation"]) + len(plan.splits["test"]))
     per_seed_and_model = sum(seconds(spec, n) for spec in plan.suite for n in plan.counts)
     return {
@@ -496,8 +500,3 @@ def report_tables(report: dict[str, Any]) -> list[RenderableType]:
         titled("SLC-AUC against scratch, raw / normalised (above 0: a better start than scratch)", scores),
         titled("Test accuracy after the attack chosen on validation", accuracies),
     ]
-
-
-def format_report_table(report: dict[str, Any]) -> str:
-    """`report_tables` as plain text."""
-    return tables_text(report_tables(report))

@@ -37,7 +37,7 @@ from .metrics.denoising import generate_samples, mean_denoising_mse, timestep_gr
 from .metrics.learning_curve import check_counts
 from .metrics.plots import plot_denoising_curves, plot_sample_grid
 from .models import load_ddpm
-from .terminal import table, tables_text, titled, track
+from .terminal import table, titled, track
 
 
 @dataclass
@@ -189,7 +189,8 @@ def run_evaluation_diffusion(args: DiffusionEvaluateArguments, progress: bool = 
     state = process_state()
     mine = []
     with state.split_between_processes(runs) as share:
-        for label, spec, seed, n in track(share, "audit", len(share), show=progress and state.is_main_process):
+        description = "audit" if state.num_processes == 1 else f"audit (rank 0's share of {len(runs)} runs)"
+        for label, spec, seed, n in track(share, description, len(share), show=progress and state.is_main_process):
             model = scratch_unet(unet, seed) if label == SCRATCH else models[label]
             began = time.perf_counter()
             attacked, by_step = finetune_unet(
@@ -318,9 +319,7 @@ def _title(report: dict[str, Any]) -> str:
 def denoising_tables(report: dict[str, Any]) -> list[RenderableType]:
     """The report on a terminal: restricted MSE after the attacker's best attack per n, and MSE before attack."""
     labels = list(report["worst_case_restricted_mse"])
-    after = table(
-        "Restricted denoising MSE after the attack chosen on validation (higher: less learned)", ["n", *labels]
-    )
+    after = table(["n", *labels])
     for n in report["counts"]:
         after.add_row(
             str(n),
@@ -336,8 +335,3 @@ def denoising_tables(report: dict[str, Any]) -> list[RenderableType]:
         titled("Restricted denoising MSE after the attack chosen on validation (higher: less learned)", after),
         titled("Denoising MSE before attack", before),
     ]
-
-
-def format_denoising_table(report: dict[str, Any]) -> str:
-    """`denoising_tables` as plain text."""
-    return tables_text(denoising_tables(report))

@@ -28,6 +28,7 @@ from transformers import (
     ResNetConfig,
     ViTConfig,
 )
+from transformers.utils import logging as transformers_logging
 
 from .errors import InputError, missing_local_path, not_local_nor_hub
 
@@ -147,6 +148,12 @@ def load_classifier(
         kwargs["attn_implementation"] = attn_implementation
     if num_labels is not None:
         kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True, **_label_maps(num_labels, class_names))
+    # Asked-for head replacement makes transformers print a table of "mismatched" head weights and a note on
+    # the label maps, which say nothing the caller does not know: quiet it here, and say below, in one line
+    # each, what did happen (a fresh head; any encoder weight the checkpoint lacked).
+    verbosity = transformers_logging.get_verbosity()
+    if num_labels is not None:
+        transformers_logging.set_verbosity_error()
     try:
         model, loading_info = AutoModelForImageClassification.from_pretrained(
             os.path.expanduser(name_or_path), output_loading_info=True, **kwargs
@@ -167,15 +174,26 @@ def load_classifier(
             else ""
         )
         raise ModelLoadError(f"Could not read a classifier from {name_or_path}: {err}.{hint}") from err
+    finally:
+        transformers_logging.set_verbosity(verbosity)
     head = classification_head_name(model)  # fail now, not hours later, if there is no head
-    fresh_head = any(key.startswith(f"{head}.") for key in loading_info["missing_keys"])
+    fresh = set(loading_info["missing_keys"]) | {key for key, *_ in loading_info.get("mismatched_keys", [])}
+    fresh_head = any(key.startswith(f"{head}.") for key in fresh)
     if fresh_head and num_labels is None:
         raise ModelLoadError(
             f"{name_or_path} has no trained classification head (it is a base model); pass num_labels "
             "(or class_names) to start from a freshly initialised head on purpose."
         )
     if fresh_head:
-        logger.info("%s: new %d-way head, freshly initialised.", name_or_path, num_labels)
+        logger.warning("%s: a new %d-way head, freshly initialised.", name_or_path, num_labels)
+    encoder = sorted(key for key in fresh if not key.startswith(f"{head}."))
+    if encoder and num_labels is not None:
+        logger.warning(
+            "%s: %d encoder weight(s) were not in the checkpoint and are freshly initialised (e.g. %s).",
+            name_or_path,
+            len(encoder),
+            encoder[0],
+        )
     return model
 
 

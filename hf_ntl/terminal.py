@@ -8,16 +8,19 @@ attackers reach, audit runs done with an ETA), while the Trainer's own log dicti
 terminal instead.
 
 Progress is drawn with `rich` on stderr, on the main process only; when stderr is not a terminal
-(a log file, CI), each display prints its final state once instead of redrawing.
+(a log file, CI), each display prints a plain line at every tenth of the way instead of redrawing.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from rich import box
 from rich.console import Console, Group, RenderableType
@@ -39,16 +42,26 @@ T = TypeVar("T")
 
 TRAINING_LOG = "training_log.jsonl"
 
-# Tables and progress lines are laid out for this width off a terminal (rich would assume 80 columns).
+# Tables are laid out for this width off a terminal (rich would assume 80 columns).
 TABLE_WIDTH = 120
 
 # Progress and notes go to stderr, so that a command's results on stdout can be piped or redirected.
 console = Console(stderr=True)
-if not console.is_terminal:
-    console.width = 2 * TABLE_WIDTH  # a progress line is printed once, whole, in a log: never cut it
 
 _verbose = False
-_displays: list[Progress] = []
+_displays: list[Display] = []
+
+
+def is_main_process() -> bool:
+    """Whether this process speaks: the only one, or rank 0 of an `accelerate launch` / `torchrun` (read from
+    the launcher's environment, so that asking starts no process group)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def say(*lines: str) -> None:
+    """Print a summary line on stdout, once however many processes run the command."""
+    if is_main_process():
+        print(*lines)
 
 
 def set_verbose(verbose: bool) -> None:
@@ -57,55 +70,80 @@ def set_verbose(verbose: bool) -> None:
     _verbose = verbose
 
 
-def is_verbose() -> bool:
-    return _verbose
+class Display:
+    """One progress display: `completed` of `total` `unit`, elapsed time, ETA and a status line.
 
+    On a terminal it is a live `rich` bar; elsewhere (a log file, CI) it prints a plain line at every
+    tenth of the way and at the end, so that a long run shows signs of life without flooding the log.
+    Starting a display stops any left running by a stage that failed.
+    """
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(bar_width=24),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[unit]}"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[status]}"),
-        console=console,
-    )
+    def __init__(self, description: str, total: int, completed: int = 0, unit: str = "steps") -> None:
+        stop_displays()
+        self.description, self.total, self.unit = description, max(total, 1), unit
+        self.completed, self.status = completed, ""
+        self.started = time.monotonic()
+        self.next_line = self._tenth_after(completed)
+        self.progress: Progress | None = None
+        if console.is_terminal:
+            self.progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(bar_width=24),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[unit]}"),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[status]}"),
+                console=console,
+            )
+            self.task = self.progress.add_task(description, total=self.total, completed=completed, unit=unit, status="")
+            self.progress.start()
+        _displays.append(self)
 
+    def _tenth_after(self, completed: int) -> int:
+        return (completed * 10 // self.total + 1) * self.total // 10 or 1
 
-def _start(progress: Progress) -> None:
-    progress.start()
-    _displays.append(progress)
+    def update(self, completed: int, status: str = "") -> None:
+        self.completed, self.status = completed, status
+        if self.progress is not None:
+            self.progress.update(self.task, completed=completed, status=status)
+        elif completed >= self.next_line and completed < self.total:
+            self._print_line()
+            self.next_line = self._tenth_after(completed)
 
+    def _print_line(self) -> None:
+        elapsed = time.monotonic() - self.started
+        line = f"{self.description}: {self.completed}/{self.total} {self.unit}, {format_duration(elapsed)}"
+        print(line + (f" · {self.status}" if self.status else ""), file=sys.stderr, flush=True)
 
-def _stop(progress: Progress) -> None:
-    progress.stop()
-    if progress in _displays:
-        _displays.remove(progress)
+    def stop(self) -> None:
+        if self in _displays:
+            _displays.remove(self)
+            if self.progress is not None:
+                self.progress.stop()
+            else:
+                self._print_line()
 
 
 def stop_displays() -> None:
-    """Stop every running display (before an error message, so that it is not drawn over)."""
-    for progress in list(_displays):
-        _stop(progress)
+    """Stop every running display (before an error message or a new display, so that none is drawn over)."""
+    for display in reversed(_displays):
+        display.stop()
 
 
 def track(items: Iterable[T], description: str, total: int, unit: str = "runs", show: bool = True) -> Iterator[T]:
-    """Iterate over `items` behind a progress bar of `total` `unit` with an ETA (no bar when `show` is false)."""
+    """Iterate over `items` behind a progress display of `total` `unit` with an ETA (none when `show` is false)."""
     if not show:
         yield from items
         return
-    progress = _progress()
-    task = progress.add_task(description, total=total, unit=unit, status="")
-    _start(progress)
+    display = Display(description, total, unit=unit)
     try:
-        for item in items:
+        for done, item in enumerate(items, start=1):
             yield item
-            progress.advance(task)
+            display.update(done)
     finally:
-        _stop(progress)
+        display.stop()
 
 
 # A status line from the stage's latest logged values (e.g. `{"eval_accuracy": 0.93, "loss": 0.2}`).
@@ -113,10 +151,10 @@ Status = Callable[[TrainerState, dict[str, float]], str]
 
 
 class StageProgress(TrainerCallback):
-    """One progress bar for a `Trainer` stage: optimiser steps with an ETA and a status line.
+    """One progress display for a `Trainer` stage (main process only): optimiser steps and a status line.
 
     Args:
-        description: the stage's name on the bar ("source fit", "NTP", ...).
+        description: the stage's name ("source fit", "NTP", ...).
         status: builds the status line from the trainer state and the latest value of every logged
             key (training and evaluation logs merged); called after every step and every log.
     """
@@ -125,21 +163,15 @@ class StageProgress(TrainerCallback):
         self.description = description
         self.status = status
         self.latest: dict[str, float] = {}
-        self.progress: Progress | None = None
-        self.task: Any = None
+        self.display: Display | None = None
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        self.progress = _progress()
-        self.task = self.progress.add_task(
-            self.description, total=state.max_steps, completed=state.global_step, unit="steps", status=""
-        )
-        _start(self.progress)
+        if state.is_world_process_zero:
+            self.display = Display(self.description, state.max_steps, completed=state.global_step)
 
     def _refresh(self, state: TrainerState) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, completed=state.global_step, status=self.status(state, self.latest))
+        if self.display is not None:
+            self.display.update(state.global_step, self.status(state, self.latest))
 
     def on_step_end(self, args, state, control, **kwargs):
         self._refresh(state)
@@ -149,22 +181,37 @@ class StageProgress(TrainerCallback):
         self._refresh(state)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.progress is not None:
+        if self.display is not None:
             self._refresh(state)
-            _stop(self.progress)
-            self.progress = None
+            self.display.stop()
+            self.display = None
 
 
 class TrainingLogFile(TrainerCallback):
-    """Append every log of the Trainer (`{"step", "epoch", ...}`) as a JSON line to the run's `training_log.jsonl`."""
+    """Every log of the Trainer (`{"step", "epoch", ...}`) as a JSON line in the run's `training_log.jsonl`.
+
+    A fresh run starts the file afresh; a resumed one keeps the lines up to its checkpoint's step, so
+    the file reads as one uninterrupted run.
+    """
+
+    def _path(self, args: TrainingArguments) -> Path:
+        return Path(args.output_dir) / TRAINING_LOG
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not (state.is_world_process_zero and args.output_dir):
+            return
+        path = self._path(args)
+        kept = []
+        if state.global_step and path.is_file():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= state.global_step]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(line + "\n" for line in kept))
 
     def on_log(self, args, state, control, logs: dict[str, float] | None = None, **kwargs):
         if not (state.is_world_process_zero and logs and args.output_dir):
             return
-        folder = Path(args.output_dir)
-        folder.mkdir(parents=True, exist_ok=True)
         line = {"step": state.global_step, "epoch": state.epoch, **logs}
-        with (folder / TRAINING_LOG).open("a") as log:
+        with self._path(args).open("a") as log:
             log.write(json.dumps(line) + "\n")
 
 
@@ -215,7 +262,9 @@ def signed(value: float, text: str, bad_when_positive: bool = True) -> Text:
 
 
 def print_tables(tables: list[RenderableType]) -> None:
-    """Print `tables` on stdout: coloured on a terminal, as `tables_text` otherwise."""
+    """Print `tables` on stdout (main process only): coloured on a terminal, as `tables_text` otherwise."""
+    if not is_main_process():
+        return
     out = Console()
     if not out.is_terminal:
         print(tables_text(tables))

@@ -13,6 +13,7 @@ import yaml
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 from PIL import Image as PILImage
 
+from hf_ntl.errors import InputError
 from hf_ntl.metrics.plots import plot_pair_heatmaps
 
 BENCH = Path(__file__).parent.parent / "benchmarks" / "bench.py"
@@ -140,8 +141,8 @@ def test_a_second_run_reuses_every_stage_and_other_settings_are_refused(tiny_ben
     assert out.count("reusing") == 4  # one finished JSON per section: nothing recomputed
     after = json.loads((root / "results" / "results.json").read_text())
     assert after["quality"] == before["quality"] and after["cost"] == before["cost"]
-    with pytest.raises(SystemExit, match="other settings"):
-        bench.main([*argv[: argv.index("--seeds") + 1], "1", *argv[argv.index("--seeds") + 2 :]])
+    with pytest.raises(InputError, match="other settings"):
+        bench.run([*argv[: argv.index("--seeds") + 1], "1", *argv[argv.index("--seeds") + 2 :]])
 
 
 def _plan_rows(printed: str) -> dict[str, list[str]]:
@@ -183,16 +184,21 @@ def test_bad_bench_arguments_are_refused_before_any_work():
         bench.BenchArguments(cost_models=["resnet-152"])
 
 
-def test_sample_counts_a_target_cannot_supply_are_refused_before_any_training(tmp_path):
+def test_sample_counts_a_target_cannot_supply_are_refused_before_any_training(tmp_path, capsys):
     domains = [tiny_domain(tmp_path / name, seed) for seed, name in enumerate(["red", "green"])]
     common = ["--runs_dir", str(tmp_path / "runs"), "--output_dir", str(tmp_path / "results"), "--domains", *domains]
     common += ["--validation_samples", "16", "--diffusion_validation_samples", "6"]
-    with pytest.raises(ValueError, match=r"Sample counts must lie in 1..80 \(.*red's train split less 16 validation"):
-        bench.main([*common, "--sections", "quality", "--counts", "10", "500"])
-    with pytest.raises(ValueError, match=r"Sample counts must lie in 1..90"):
-        bench.main([*common, "--sections", "diffusion", "--diffusion_counts", "10", "500"])
-    with pytest.raises(ValueError, match=r"96 train samples.*validation split of 200"):
+    with pytest.raises(InputError, match=r"Sample counts must lie in 1..80 \(.*red's train split less 16 validation"):
+        bench.run([*common, "--sections", "quality", "--counts", "10", "500"])
+    with pytest.raises(InputError, match=r"Sample counts must lie in 1..90"):
+        bench.run([*common, "--sections", "diffusion", "--diffusion_counts", "10", "500"])
+    with pytest.raises(InputError, match=r"96 train samples.*validation split of 200"):
+        bench.run([*common, "--sections", "quality", "--validation_samples", "200"])
+    # On the command line: one line, status 2, as `hf-ntl` does.
+    with pytest.raises(SystemExit) as exit_info:
         bench.main([*common, "--sections", "quality", "--validation_samples", "200"])
+    error = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and error.startswith("bench: error: ") and "\n" not in error
     assert not (tmp_path / "runs").exists()  # nothing written, so the corrected command starts cleanly
 
 

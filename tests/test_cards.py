@@ -5,6 +5,7 @@ from hf_ntl import cards
 from hf_ntl.artifacts import read_record, write_record
 from hf_ntl.cards import build_card, push_to_hub, write_card
 from hf_ntl.data import ImagePreprocessor
+from hf_ntl.errors import InputError
 from hf_ntl.evaluation import EvaluateArguments, read_report, run_evaluation
 from hf_ntl.models import build_tiny_classifier
 
@@ -110,16 +111,16 @@ def test_write_card_puts_card_and_plot_in_the_model_folder_and_push_uploads_them
 
 def test_cards_refuse_missing_or_mismatched_inputs(audited, tmp_path):
     model_dir, audit = audited
-    with pytest.raises(FileNotFoundError, match="No report.json"):
+    with pytest.raises(InputError, match="No report.json"):
         build_card(model_dir, tmp_path)
-    with pytest.raises(FileNotFoundError, match="No hf_ntl.json"):
+    with pytest.raises(InputError, match="No hf_ntl.json"):
         build_card(tmp_path, audit)
     other = tmp_path / "other"
     build_tiny_classifier("tiny-resnet", 10).save_pretrained(other)
     write_record(other, {"stage": "source", "base_model": "tiny-resnet", "dataset": "uci-digits"})
     with pytest.raises(ValueError, match="evaluates .* not "):
         build_card(other, audit)
-    with pytest.raises(FileNotFoundError, match="lacks README.md .*hf-ntl card"):
+    with pytest.raises(InputError, match="lacks README.md .*hf-ntl card"):
         push_to_hub(other, "me/x")
 
 

@@ -103,8 +103,13 @@ def test_demo_end_to_end_on_a_tiny_setup(tmp_path, capsys):
     argv = ["--output_dir", str(out), "--source_epochs", "1", "--source_samples", "500", "--suite", "quick"]
     argv += ["--counts", "10", "20", "--seeds", "0", "--protect_config", str(tmp_path / "ntp.yaml")]
     main(["demo", *argv])
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "[4/4] model card" in printed and "worst case" in printed and "lora-r4" in printed
+    # Quiet: one progress display per stage, no Trainer dictionaries; the summary table comes last.
+    assert "{'" not in captured.out + captured.err and "eval_runtime" not in captured.out + captured.err
+    assert all(stage in captured.err for stage in ("source fit:", "NTP:", "audit:"))
+    assert printed.rstrip().splitlines()[-1].split()[0] == "20"  # the last row of the accuracy table (n = 20)
     assert (out / "source" / "model" / "model.safetensors").exists()
     assert read_record(out / "ntp" / "model")["config"]["steps_per_round"] == 4
     report = json.loads((out / "audit-ntp" / "report.json").read_text())

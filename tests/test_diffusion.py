@@ -16,11 +16,12 @@ from hf_ntl.attacks import DiffusionAttackSpec, finetune_unet, unet_lora_target_
 from hf_ntl.cli import main
 from hf_ntl.data import check_diffusion_images, encode_diffusion_images
 from hf_ntl.data.fingerprint import SampleSet
-from hf_ntl.evaluation_diffusion import DiffusionEvaluateArguments, run_evaluation_diffusion
+from hf_ntl.evaluation_diffusion import DiffusionEvaluateArguments, denoising_tables, run_evaluation_diffusion
 from hf_ntl.leakage import TestOverlapError
 from hf_ntl.losses import denial_of_service_loss, predict_noise
 from hf_ntl.metrics.denoising import denoising_mse, timestep_grid
 from hf_ntl.models import ModelLoadError, build_tiny_classifier, build_tiny_ddpm, load_ddpm, save_ddpm
+from hf_ntl.terminal import tables_text
 from hf_ntl.trainers import SophonDiffusionConfig, SophonDiffusionTrainer
 from hf_ntl.trainers.sophon_base import STATE_JSON, STATE_TENSORS
 
@@ -355,6 +356,10 @@ def test_protect_and_evaluate_stages_write_a_loadable_pipeline_report_and_pictur
         assert set(report["worst_case_restricted_mse_by_step"][label]) == {1, 2}
     for name in ("report.json", "denoising_curves.png", "samples.png"):
         assert (tmp_path / "audit" / name).is_file(), name
+    printed = tables_text(denoising_tables(report))
+    assert "Restricted denoising MSE after the attack chosen on validation" in printed
+    worst, chosen = report["worst_case_restricted_mse"]["model"][8], report["strongest_attack"]["model"][8]
+    assert f"{worst:.4f} ({chosen})" in printed
     with pytest.raises(ValueError, match="Unknown diffusion attacks"):
         DiffusionEvaluateArguments(model_name_or_path="x", attacks=["nope"]).suite()
 

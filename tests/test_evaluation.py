@@ -8,10 +8,11 @@ from hf_ntl.artifacts import write_record, write_samples
 from hf_ntl.data import load_image_classification_dataset
 from hf_ntl.data.fingerprint import SampleSet
 from hf_ntl.data.transforms import ImagePreprocessor
-from hf_ntl.evaluation import EvaluateArguments, format_report_table, run_evaluation
+from hf_ntl.evaluation import EvaluateArguments, report_tables, run_evaluation
 from hf_ntl.leakage import TestOverlapError, training_samples
 from hf_ntl.metrics.slc_auc import slc_auc
 from hf_ntl.models import build_tiny_classifier
+from hf_ntl.terminal import tables_text
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,7 @@ def test_scores_follow_from_the_curves(report):
         per_attack = result["slc_auc"][label]["per_attack_validation"]
         strongest = result["slc_auc"][label]["strongest_attack"]
         assert per_attack[strongest]["slc_auc"] == max(score["slc_auc"] for score in per_attack.values())
-    table = format_report_table(result)
+    table = tables_text(report_tables(result))
     assert "worst case" in table and "lora-r4" in table
 
 

@@ -1,3 +1,5 @@
+import logging
+
 import pytest
 import torch
 from diffusers import UNet2DModel
@@ -45,10 +47,14 @@ def test_save_and_reload_gives_identical_logits(preset, tmp_path):
     assert reloaded.config.id2label[4] == "e"
 
 
-def test_different_class_count_replaces_only_the_head(tmp_path):
+def test_different_class_count_replaces_only_the_head(tmp_path, capfd, caplog):
     model = build_tiny_classifier("tiny-resnet", num_labels=10)
     model.save_pretrained(tmp_path)
-    reloaded = load_classifier(tmp_path, class_names=["x", "y", "z"])
+    with caplog.at_level(logging.WARNING, logger="hf_ntl.models"):
+        reloaded = load_classifier(tmp_path, class_names=["x", "y", "z"])
+    # Said in one line, not with transformers' table of "mismatched" head weights.
+    assert caplog.messages == [f"{tmp_path}: a new 3-way head, freshly initialised."]
+    assert "LOAD REPORT" not in capfd.readouterr().err
     assert head_linear(reloaded).out_features == 3 and reloaded.config.num_labels == 3
     original = dict(model.named_parameters())
     for name, param in reloaded.named_parameters():

@@ -251,6 +251,9 @@ def test_resume_restores_method_state_and_reaches_the_same_result(tmp_path, data
     for name, param in resumed.model.named_parameters():
         torch.testing.assert_close(param, final[name], rtol=1e-5, atol=1e-6)
     assert resumed.guard_log["history"] == straight.guard_log["history"]
+    # What each attacker family reaches is part of the method state: the record is that of a straight run.
+    families = straight.method_results()["attacker_families"]
+    assert families and resumed.method_results()["attacker_families"] == pytest.approx(families)
 
 
 def test_bad_configurations_are_refused_early(tmp_path, data):

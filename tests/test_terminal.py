@@ -7,13 +7,14 @@ import subprocess
 import sys
 
 import pytest
+from transformers import TrainerState, TrainingArguments
 
 import hf_ntl.evaluation
 from hf_ntl.attacks.suite import load_suite
-from hf_ntl.cli import COMMANDS, main
+from hf_ntl.cli import COMMANDS, _take_flag, main
 from hf_ntl.data import ImagePreprocessor
 from hf_ntl.models import build_tiny_classifier
-from hf_ntl.terminal import TRAINING_LOG, format_duration
+from hf_ntl.terminal import TRAINING_LOG, TrainingLogFile, console, format_duration, track
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +64,24 @@ def test_unknown_command_and_version(capsys):
     assert capsys.readouterr().out.startswith("hf-ntl 0.")
 
 
+def test_debug_without_a_value_is_ours_with_one_it_is_training_arguments():
+    argv = ["fit-source", "--debug", "underflow_overflow", "--verbose", "--debug"]
+    assert _take_flag(argv, "--debug") and _take_flag(argv, "--verbose")
+    assert argv == ["fit-source", "--debug", "underflow_overflow"]
+    assert not _take_flag(argv, "--debug")
+
+
+def test_an_interrupted_command_says_so_in_one_line(monkeypatch, capsys):
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(COMMANDS, "card", (interrupted, "interrupted"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["card"])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip().startswith("hf-ntl card: interrupted (rerun the same command to resume")
+
+
 def test_debug_shows_the_traceback_and_bugs_keep_theirs(monkeypatch):
     # In a real process: one line and status 2 by default; the traceback with HF_NTL_DEBUG=1.
     command = [sys.executable, "-m", "hf_ntl.cli", "fit-source", "--image_size", "3"]
@@ -108,6 +127,30 @@ def test_dry_run_checks_and_plans_without_training_or_writing(tmp_path, tiny_mod
     assert f"{runs} ({len(load_suite('quick'))} attacks x 2 models x 2 seeds x 2 counts)" in printed
     assert "estimated time" in printed and "test images trained on: 0" in printed
     assert not out.exists()
+
+
+def test_the_training_log_reads_as_one_run_after_a_resume(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    log, state = TrainingLogFile(), TrainerState()
+    (tmp_path / TRAINING_LOG).write_text('{"step": 3, "loss": 9.0}\n')  # a previous run in this folder
+    log.on_train_begin(args, state, None)
+    for step in (1, 2, 3):
+        state.global_step = step
+        log.on_log(args, state, None, logs={"loss": float(step)})
+    state.global_step = 2  # resumed from the checkpoint of step 2: step 3 will be logged again
+    log.on_train_begin(args, state, None)
+    state.global_step = 3
+    log.on_log(args, state, None, logs={"loss": 3.5})
+    lines = [json.loads(line) for line in (tmp_path / TRAINING_LOG).read_text().splitlines()]
+    assert [(line["step"], line["loss"]) for line in lines] == [(1, 1.0), (2, 2.0), (3, 3.5)]
+
+
+def test_off_a_terminal_a_display_prints_a_line_at_every_tenth(capsys):
+    assert not console.is_terminal  # pytest captures stderr
+    for _ in track(range(40), "audit", total=40):
+        pass
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.split()[1] for line in lines] == [f"{4 * k}/40" for k in range(1, 10)] + ["40/40"]
 
 
 def test_durations_read_as_a_person_says_them():

@@ -355,7 +355,7 @@ def stratified_order(labels: Sequence[int] | np.ndarray, seed: int = 0) -> np.nd
 def stratified_subset(dataset: Dataset, num_samples: int, seed: int = 0) -> Dataset:
     """The first `num_samples` of `stratified_order` (nested across sizes for one seed)."""
     if not 1 <= num_samples <= len(dataset):
-        raise ValueError(f"Asked for {num_samples} samples from a split of {len(dataset)}; use 1..{len(dataset)}.")
+        raise InputError(f"Asked for {num_samples} samples from a split of {len(dataset)}; use 1..{len(dataset)}.")
     return dataset.select(stratified_order(dataset["label"], seed)[:num_samples])
 
 
@@ -368,7 +368,7 @@ def validation_split(labels: Sequence[int] | np.ndarray, num_validation: int) ->
     """
     labels = np.asarray(labels)
     if not 0 < num_validation < len(labels):
-        raise ValueError(
+        raise InputError(
             f"A validation split of {num_validation} samples cannot be carved from a train split of {len(labels)}; "
             f"use 1..{len(labels) - 1}."
         )

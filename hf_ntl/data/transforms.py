@@ -207,7 +207,7 @@ def encode_diffusion_images(images: list[PILImage.Image], image_size: int, chann
     Images are resized (bicubic) to the UNet's side and converted to RGB (3 channels) or greyscale (1).
     """
     if channels not in (1, 3):
-        raise ValueError(f"Only 1- or 3-channel UNets take images; this one has {channels} input channels.")
+        raise InputError(f"Only 1- or 3-channel UNets take images; this one has {channels} input channels.")
     mode = "RGB" if channels == 3 else "L"
     arrays = [
         np.asarray(image.convert(mode).resize((image_size, image_size), PILImage.Resampling.BICUBIC), np.float32)
@@ -244,14 +244,14 @@ def check_diffusion_images(pixel_values: torch.Tensor, sample_size: int, channel
     expected = (channels, sample_size, sample_size)
     if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
         shape = "x".join(map(str, pixel_values.shape[1:])) if pixel_values.ndim == 4 else str(tuple(pixel_values.shape))
-        raise ValueError(
+        raise InputError(
             f"The {what} are {shape} but the UNet takes {channels}x{sample_size}x{sample_size} (channels x height x "
             f"width): encode them with encode_diffusion_images(images, image_size={sample_size}, "
             f"channels={channels}), or use a UNet made for this image size."
         )
     low, high = float(pixel_values.min()), float(pixel_values.max())
     if low < -1.001 or high > 1.001:
-        raise ValueError(
+        raise InputError(
             f"The {what} span [{low:.3g}, {high:.3g}] but DDPM works in [-1, 1]: scale them (x / 127.5 - 1 for "
             "8-bit pixels), as encode_diffusion_images does."
         )

@@ -125,6 +125,7 @@ class NTPTrainer(Trainer):
         self.admm: AdmmState | None = None
         self.probe: nn.Linear | None = None
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._final_sparsity: float | None = None
         self.add_callback(_AdmmSchedule(self))
         show_progress(self, "NTP", self._progress_status)
 
@@ -206,6 +207,7 @@ class NTPTrainer(Trainer):
         for name, param in self.prunable.items():
             param.copy_(weights[name] * self.admm.masks[name])
             self.admm.masks[name] = self.admm.masks[name] & (param != 0)
+        self._final_sparsity = None
 
     # ------------------------------------------------------------------ loss and logging
 
@@ -254,7 +256,9 @@ class NTPTrainer(Trainer):
             if self.admm is not None and self.admm.history:
                 parts.append(f"residual {self.admm.history[-1]['primal_residual']:.3g}")
         else:
-            parts = ["masked retraining", f"sparsity {mask_sparsity(self.admm.masks):.1%}"]
+            if self._final_sparsity is None:  # the mask is fixed from the hard prune on: measure it once
+                self._final_sparsity = mask_sparsity(self.admm.masks)
+            parts = ["masked retraining", f"sparsity {self._final_sparsity:.1%}"]
         if "eval_accuracy" in latest:
             parts.append(f"source acc {latest['eval_accuracy']:.1%}")
         return " · ".join(parts)

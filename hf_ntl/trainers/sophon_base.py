@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 from torch.func import functional_call
 from transformers import Trainer, TrainerCallback, TrainerState
@@ -282,8 +283,17 @@ class SophonBaseTrainer(Trainer):
 
     def method_results(self) -> dict[str, Any]:
         """What the protection record holds about this method's outcome: the guard's log, and what each
-        simulated attacker family reached on its query batches at the end (moving average)."""
-        return {"guard": self.guard_log, "attacker_families": dict(sorted(self.family_outcomes.items()))}
+        simulated attacker family reached on its query batches at the end (moving average, averaged over
+        processes: each simulates its own attackers). Called on every process."""
+        outcomes: dict[str, list[float]] = defaultdict(list)
+        per_process = [self.family_outcomes]
+        if self.accelerator.num_processes > 1:
+            per_process = gather_object(per_process)
+        for process_outcomes in per_process:
+            for family, value in process_outcomes.items():
+                outcomes[family].append(value)
+        families = {family: sum(values) / len(values) for family, values in sorted(outcomes.items())}
+        return {"guard": self.guard_log, "attacker_families": families}
 
     def save_method_state(self, folder: str | Path) -> None:
         """Write the guard's last good state and log and the FTS optimiser state (safetensors + JSON)."""
@@ -292,7 +302,12 @@ class SophonBaseTrainer(Trainer):
         for index, slots in optimizer_state["state"].items():
             tensors |= {f"suppression_optimizer.{index}.{slot}": value.contiguous() for slot, value in slots.items()}
         save_file(tensors, str(Path(folder) / STATE_TENSORS))
-        payload = {"guard": self.guard_log, "suppression_optimizer_param_groups": optimizer_state["param_groups"]}
+        payload = {
+            "guard": self.guard_log,
+            "suppression_optimizer_param_groups": optimizer_state["param_groups"],
+            # The main process's moving averages (the one that writes checkpoints): a resumed run goes on from them.
+            "family_outcomes": self.family_outcomes,
+        }
         (Path(folder) / STATE_JSON).write_text(json.dumps(payload, indent=2))
 
     def load_method_state(self, folder: str | Path) -> None:
@@ -302,6 +317,7 @@ class SophonBaseTrainer(Trainer):
         tensors = load_file(str(folder / STATE_TENSORS))
         payload = json.loads((folder / STATE_JSON).read_text())
         self.guard_log = payload["guard"]
+        self.family_outcomes = payload.get("family_outcomes", {})
         self.last_good = {k.removeprefix("last_good."): v for k, v in tensors.items() if k.startswith("last_good.")}
         state: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
         for key, value in tensors.items():
