@@ -276,6 +276,8 @@ class AuditPlan:
 def plan_evaluation(args: EvaluateArguments) -> AuditPlan:
     """Load the models and the target data, and check everything an audit depends on (sample counts, the
     leakage guard, the suite, class counts) without encoding or fine-tuning anything."""
+    # The model first: a name that is no checkpoint fails here, before its preprocessing is looked for.
+    model = load_classifier(args.model_name_or_path)
     preprocessor = ImagePreprocessor.from_pretrained(args.model_name_or_path)
 
     def load_target(image_size: int):
@@ -297,7 +299,6 @@ def plan_evaluation(args: EvaluateArguments) -> AuditPlan:
     hashes = test_hashes_by_size(dataset["test"], preprocessor.image_size, lambda size: load_target(size)["test"])
     test_overlap = check_test_overlap(paths, hashes, allow_overlap=args.allow_test_overlap)
 
-    model = load_classifier(args.model_name_or_path)
     model_sparsity = sparsity(model)
     suite = load_suite(args.suite, pruned=model_sparsity >= 0.01, steps=args.steps, only=args.attacks)
     models = {"model": _fit_to_target(model, args.model_name_or_path, names, suite, args.replace_head)}
@@ -381,8 +382,9 @@ def run_seconds(
     """An estimate of one audit run's seconds, `(spec, n) -> seconds`, from a few timed steps of each attack.
 
     Each attack of `suite` fine-tunes `model` on the batch `sample` for one step and for `timed_steps` + 1
-    steps: the difference is the cost of a step, the rest its set-up; scoring `scored` samples is timed
-    on the batch and scaled. Scratch runs share the model's architecture, so the estimate holds for them.
+    steps: the difference is the cost of a step (scaled to a run's batch), the rest its set-up; scoring
+    `scored` samples is timed on the batch and scaled. Scratch runs share the model's architecture, so
+    the estimate holds for them.
     """
     # The first steps of a process are slow (allocator, kernel selection): warm up before timing.
     finetune(model, sample, replace(suite[0], steps=timed_steps, epochs=None, max_steps=None), seed=0)
@@ -404,7 +406,9 @@ def run_seconds(
     scoring_seconds = (time.perf_counter() - began) * scored / len(sample)
 
     def estimate(spec: AttackSpec, num_samples: int) -> float:
-        return setup_seconds[spec.name] + spec.steps_for(num_samples) * seconds_per_step[spec.name] + scoring_seconds
+        # A run on fewer samples than a batch steps on all of them: a step's cost scales with its batch.
+        step = seconds_per_step[spec.name] * min(spec.batch_size, num_samples, len(sample)) / len(sample)
+        return setup_seconds[spec.name] + spec.steps_for(num_samples) * step + scoring_seconds
 
     return estimate
 

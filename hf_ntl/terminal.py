@@ -102,7 +102,9 @@ class Display:
         _displays.append(self)
 
     def _tenth_after(self, completed: int) -> int:
-        return (completed * 10 // self.total + 1) * self.total // 10 or 1
+        """The first count past `completed` that reaches the next tenth of `total`."""
+        tenth = completed * 10 // self.total + 1
+        return -(-tenth * self.total // 10)  # ceil(tenth * total / 10), always above `completed`
 
     def update(self, completed: int, status: str = "") -> None:
         self.completed, self.status = completed, status

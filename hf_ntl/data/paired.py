@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from ..errors import InputError
 from .transforms import ImageClassificationCollator
 
 
@@ -22,7 +21,7 @@ class PairedImageDataset(torch.utils.data.Dataset):
 
     def __init__(self, source: Dataset, target: Dataset, seed: int = 0) -> None:
         if len(source) == 0 or len(target) == 0:
-            raise InputError("Both the source and the target data must hold at least one example.")
+            raise ValueError("Both the source and the target data must hold at least one example.")
         self.source, self.target = source, target
         order = np.random.default_rng(seed).permutation(len(target))
         self.target_index = order[np.arange(len(source)) % len(target)]

@@ -357,7 +357,7 @@ class SophonBaseTrainer(Trainer):
         """The progress bar's status: the outer iteration, the guard's last value, what each attacker family reaches."""
         ntr_steps = self.args.ntr_steps
         iterations = math.ceil(state.max_steps / ntr_steps)
-        parts = [f"iteration {min(state.global_step // ntr_steps + 1, iterations)}/{iterations}"]
+        parts = [f"iteration {math.ceil(state.global_step / ntr_steps)}/{iterations}"]  # the ones done
         if self.guard_log["history"]:
             value = self.guard_log["history"][-1][self.guard_metric.removeprefix("eval_")]
             parts.append("guard " + self.guard_format.format(value))

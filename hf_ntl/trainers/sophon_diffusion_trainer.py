@@ -67,7 +67,7 @@ class SophonDiffusionTrainer(SophonBaseTrainer):
             (guard_images, "guard images"),
         ):
             if len(images) == 0:
-                raise InputError(f"SOPHON needs {what}; none were given.")
+                raise ValueError(f"SOPHON needs {what}; none were given.")
             check_diffusion_images(images, size, channels, what)
         last = noise_scheduler.config.num_train_timesteps - 1
         if (args.timestep_max or 0) > last or args.timestep_min > last:
