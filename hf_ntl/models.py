@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -265,6 +266,29 @@ def reinitialise_head(model: PreTrainedModel, seed: int = 0) -> None:
 # ---------------------------------------------------------------------------------------- diffusion
 
 TINY_UNET_PRESET = "tiny-unet"
+
+
+@contextmanager
+def running_statistics_frozen(model: nn.Module) -> Iterator[None]:
+    """Within this block, batch-norm layers in training mode still normalise with the batch's statistics
+    but leave their running statistics (and batch counters) as they were.
+
+    For passes over data whose statistics must not become the model's: the running statistics are what
+    the model uses in eval mode, so they must stay those of the domain it serves. Done with a momentum of
+    0 (running = (1 - 0) * running + 0 * batch) rather than eval mode, which would change the forward
+    pass itself.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
+    for norm in norms:
+        norm.momentum = 0.0
+    try:
+        yield
+    finally:
+        for norm, (momentum, count) in zip(norms, saved, strict=True):
+            norm.momentum = momentum
+            if count is not None:
+                norm.num_batches_tracked.copy_(count)
 
 
 def build_tiny_ddpm(image_size: int = 16, channels: int = 3, seed: int = 0) -> tuple[UNet2DModel, DDPMScheduler]:

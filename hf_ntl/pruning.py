@@ -1,14 +1,15 @@
-"""ADMM pruning state (Z, U, masks), projections, mask enforcement and sparsity reports.
+"""ADMM pruning state (Z, U, the support of Z), projections, mask enforcement and sparsity reports.
 
-Scaled-form ADMM for `||W_prunable||_0 <= (1 - s) N`, global over all prunable tensors:
+Scaled-form ADMM for `||W_prunable||_0 <= (1 - s) N`, global over all prunable tensors (ALGORITHMS.md §1):
 
-    W-step: optimiser steps on L(W) + (rho / 2) sum_l ||W_l - Z_l + U_l||^2, then W <- W * M
-    Z-step: Z = Proj(W + U), restricted to the current mask M
+    W-step: optimiser steps on L(W) + (rho / 2) sum_l ||W_l - Z_l + U_l||^2; W stays dense, the penalty
+            (not a mask) draws it towards Z
+    Z-step: Z = Proj(W + U) over ALL prunable weights: the support of Z may change from round to round
     U-step: U <- U + W - Z
-    M <- M and (Z != 0)    (monotone: a pruned weight never returns)
 
-Restricting the projection to M keeps the mask monotone *and* the sparsity exact: the top-k
-projection then always keeps exactly k = round((1 - s) N) weights.
+Only after the last round is the mask taken, M = 1[Z != 0], and W hard-pruned to it; masked
+retraining then keeps W * M. (Restricting the Z-step to the current mask while masking W after every
+step would freeze the support after round 1: one-shot magnitude pruning, not ADMM.)
 """
 
 from __future__ import annotations
@@ -60,11 +61,11 @@ def keep_count(total: int, sparsity: float) -> int:
     return max(1, round((1.0 - sparsity) * total))
 
 
-def project_topk(values: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], keep: int) -> dict[str, torch.Tensor]:
-    """Keep the `keep` largest magnitudes globally among the masked-in entries; zero the rest."""
-    scores = torch.cat([(value.abs() * masks[name]).flatten() for name, value in values.items()])
+def project_topk(values: dict[str, torch.Tensor], keep: int) -> dict[str, torch.Tensor]:
+    """Keep the `keep` largest magnitudes globally over all tensors of `values`; zero the rest."""
+    scores = torch.cat([value.abs().flatten() for value in values.values()])
     if keep >= scores.numel():
-        return {name: v * masks[name] for name, v in values.items()}
+        return {name: value.clone() for name, value in values.items()}
     kept = torch.zeros_like(scores, dtype=torch.bool)
     kept[torch.topk(scores, keep, sorted=False).indices] = True
     projected, offset = {}, 0
@@ -75,16 +76,19 @@ def project_topk(values: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]
     return projected
 
 
-def soft_threshold(
-    values: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], delta: float
-) -> dict[str, torch.Tensor]:
-    """The reference code's L1 proximal step: sign(x) max(|x| - delta, 0), within the mask."""
-    return {name: torch.sign(v) * torch.clamp(v.abs() - delta, min=0) * masks[name] for name, v in values.items()}
+def soft_threshold(values: dict[str, torch.Tensor], delta: float) -> dict[str, torch.Tensor]:
+    """The reference code's L1 proximal step: sign(x) max(|x| - delta, 0)."""
+    return {name: torch.sign(v) * torch.clamp(v.abs() - delta, min=0) for name, v in values.items()}
 
 
 @dataclass
 class AdmmState:
-    """Everything NTP needs besides the weights to continue a run: saved with every checkpoint."""
+    """Everything NTP needs besides the weights to continue a run: saved with every checkpoint.
+
+    `masks` is the support of Z (`Z != 0`): what the hard prune will keep, and, once `pruned`, the mask
+    masked retraining enforces. `history` holds one record per round (primal residual, how many mask
+    entries changed, the sparsity of Z).
+    """
 
     z: dict[str, torch.Tensor]
     u: dict[str, torch.Tensor]
@@ -92,35 +96,38 @@ class AdmmState:
     rho: float
     rounds_done: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    pruned: bool = False
 
     @classmethod
     def start(cls, params: dict[str, torch.Tensor], keep: int, rho: float) -> AdmmState:
-        """Z_0 = Proj(W_0), U_0 = 0, M_0 = all ones (nothing pruned before the first Z-step)."""
+        """Z_0 = Proj(W_0), U_0 = 0."""
         weights = {name: p.detach().clone() for name, p in params.items()}
-        masks = {name: torch.ones_like(w, dtype=torch.bool) for name, w in weights.items()}
-        return cls(
-            z=project_topk(weights, masks, keep),
-            u={n: torch.zeros_like(w) for n, w in weights.items()},
-            masks=masks,
-            rho=rho,
-        )
+        z = project_topk(weights, keep)
+        return cls(z=z, u={n: torch.zeros_like(w) for n, w in weights.items()}, masks=_support(z), rho=rho)
 
     def penalty(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """(rho / 2) sum_l ||W_l - Z_l + U_l||_F^2 (squared, unlike the reference code)."""
         return 0.5 * self.rho * sum(((p - self.z[n] + self.u[n]) ** 2).sum() for n, p in params.items())
 
-    def update(self, params: dict[str, torch.Tensor], projection: str, keep: int, l1_delta: float) -> float:
-        """Z-, U- and mask-steps after a W-step; returns the primal residual ||W - Z||."""
+    @torch.no_grad()
+    def update(self, params: dict[str, torch.Tensor], projection: str, keep: int, l1_delta: float) -> dict[str, float]:
+        """Z- and U-steps after a W-step, over all prunable weights; returns (and keeps) the round's record."""
         weights = {name: p.detach() for name, p in params.items()}
         shifted = {name: w + self.u[name] for name, w in weights.items()}
-        if projection == "topk":
-            self.z = project_topk(shifted, self.masks, keep)
-        else:
-            self.z = soft_threshold(shifted, self.masks, l1_delta)
+        self.z = project_topk(shifted, keep) if projection == "topk" else soft_threshold(shifted, l1_delta)
         self.u = {name: self.u[name] + weights[name] - self.z[name] for name in weights}
-        self.masks = {name: self.masks[name] & (self.z[name] != 0) for name in weights}
+        support = _support(self.z)
+        changed = sum(int((support[name] != self.masks[name]).sum()) for name in support)
+        self.masks = support
         self.rounds_done += 1
-        return float(torch.sqrt(sum(((weights[n] - self.z[n]) ** 2).sum() for n in weights)))
+        record = {
+            "round": self.rounds_done,
+            "primal_residual": float(torch.sqrt(sum(((weights[n] - self.z[n]) ** 2).sum() for n in weights))),
+            "mask_changes": changed,
+            "z_sparsity": mask_sparsity(support),
+        }
+        self.history.append(record)
+        return record
 
     def to(self, device: torch.device | str) -> AdmmState:
         for table in (self.z, self.u, self.masks):
@@ -135,7 +142,7 @@ class AdmmState:
         tensors |= {f"mask/{n}": t.to(torch.uint8) for n, t in self.masks.items()}
         tensors |= {f"extra/{n}": t for n, t in (extra_tensors or {}).items()}
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(Path(folder) / STATE_TENSORS))
-        meta = {"rho": self.rho, "rounds_done": self.rounds_done, "history": self.history}
+        meta = {"rho": self.rho, "rounds_done": self.rounds_done, "history": self.history, "pruned": self.pruned}
         (Path(folder) / STATE_JSON).write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
@@ -151,8 +158,12 @@ class AdmmState:
             return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
         masks = {n: t.bool() for n, t in part("mask/").items()}
-        state = cls(part("z/"), part("u/"), masks, meta["rho"], meta["rounds_done"], meta["history"])
+        state = cls(part("z/"), part("u/"), masks, meta["rho"], meta["rounds_done"], meta["history"], meta["pruned"])
         return state, part("extra/")
+
+
+def _support(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: value != 0 for name, value in values.items()}
 
 
 @torch.no_grad()

@@ -1,3 +1,5 @@
+import copy
+import itertools
 import json
 import math
 
@@ -44,12 +46,11 @@ def test_capped_target_term_value_and_gradient():
     assert torch.all(logits.grad == 0)  # above the cap NTP stops pushing
 
 
-def test_topk_projection_is_global_exact_and_stays_inside_the_mask():
+def test_topk_projection_is_global_and_exact():
     values = {"a": torch.tensor([[0.1, -5.0], [0.3, 0.2]]), "b": torch.tensor([4.0, -0.5, 3.0])}
-    masks = {"a": torch.ones(2, 2, dtype=torch.bool), "b": torch.tensor([False, True, True])}
-    projected = project_topk(values, masks, keep=3)
+    projected = project_topk(values, keep=3)
     assert projected["a"].tolist() == [[0.0, -5.0], [0.0, 0.0]]
-    assert projected["b"].tolist() == [0.0, -0.5, 3.0]  # 4.0 is outside the mask
+    assert projected["b"].tolist() == [4.0, 0.0, 3.0]  # the three largest magnitudes over both tensors
     assert keep_count(1000, 0.9) == 100
 
 
@@ -58,10 +59,21 @@ def test_admm_update_follows_the_scaled_form():
     state = AdmmState.start(weights, keep=2, rho=0.1)
     assert state.z["w"].tolist() == [0.0, -2.0, 0.0, 3.0] and state.u["w"].tolist() == [0.0] * 4
     assert state.penalty(weights).item() == pytest.approx(0.5 * 0.1 * (1.0 + 0.25))
-    residual = state.update(weights, "topk", keep=2, l1_delta=0.0)
+    record = state.update(weights, "topk", keep=2, l1_delta=0.0)
     assert state.u["w"].tolist() == [1.0, 0.0, 0.5, 0.0]  # U + W - Z
     assert state.masks["w"].tolist() == [False, True, False, True]
-    assert residual == pytest.approx(math.sqrt(1.25))
+    assert record == {"round": 1, "primal_residual": pytest.approx(math.sqrt(1.25)), "mask_changes": 0,
+                      "z_sparsity": 0.5}  # fmt: skip
+    assert state.history == [record]
+
+
+def test_the_support_of_z_follows_the_weights_between_rounds():
+    # The Z-step projects over all prunable weights: a weight that grows enters the support, one that
+    # shrinks leaves it (restricted to the previous support, it could never come back).
+    state = AdmmState.start({"w": torch.tensor([1.0, -2.0, 0.5, 3.0])}, keep=2, rho=0.1)
+    record = state.update({"w": torch.tensor([4.0, -2.0, 0.5, 0.1])}, "topk", keep=2, l1_delta=0.0)
+    assert state.masks["w"].tolist() == [True, True, False, False] and record["mask_changes"] == 2
+    assert state.z["w"].tolist() == [4.0, -2.0, 0.0, 0.0] and not state.pruned
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -144,6 +156,41 @@ def test_resume_restores_admm_state_and_reaches_the_same_result(tmp_path, data):
     assert nonzeros(resumed) == resumed.keep
 
 
+def test_target_batches_leave_the_running_statistics_to_the_source(tmp_path, data):
+    trainer = make_trainer(config(tmp_path), data)
+    trainer._start_or_restore(None)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
+    reference = copy.deepcopy(trainer.model).train()
+    reference(pixel_values=batch["pixel_values"])  # the source batch alone
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, batch)  # source and target batches
+    expected = dict(reference.named_buffers())
+    buffers = dict(trainer.model.named_buffers())
+    assert any("running_mean" in name for name in buffers)
+    for name, buffer in buffers.items():
+        torch.testing.assert_close(buffer, expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_the_probe_is_refitted_every_round_and_the_record_keeps_each_round(tmp_path, data):
+    trainer = make_trainer(config(tmp_path, admm_rounds=3), data)
+    probes = []
+    fit = trainer._fit_probe
+
+    def recording_fit():
+        probe = fit()
+        probes.append(probe.weight.detach().clone())
+        return probe
+
+    trainer._fit_probe = recording_fit
+    trainer.train()
+    assert len(probes) == 1 + 3  # at the start and at each round end (the last one's after the hard prune)
+    assert all(not torch.equal(a, b) for a, b in itertools.pairwise(probes))
+    rounds = trainer.method_results()["admm_rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3] and all("probe_train_accuracy" in r for r in rounds)
+    assert all(r["z_sparsity"] == pytest.approx(0.8, abs=1e-3) for r in rounds)
+    assert rounds[1]["mask_changes"] > 0  # the support moved with the weights
+
+
 def test_gradient_accumulation_gives_the_same_update(tmp_path, data):
     # No batch-statistics terms (ViT has no BatchNorm; lambda = 0; the cap never binds), SGD so that
     # any scaling error shows up in the update.
@@ -179,6 +226,7 @@ def test_run_ntp_saves_a_protected_model_with_its_record(tmp_path):
     assert saved["sparsity"]["overall"] == pytest.approx(0.8, abs=1e-5) == record["sparsity"]["overall"]
     assert saved["data"] == {"source_train_samples": 67, "target_train_samples": 50}
     assert 0 <= saved["source_accuracy_after"] <= 1 and saved["source_accuracy_before"] is not None
+    assert [r["round"] for r in saved["admm_rounds"]] == [1, 2] and 0 <= saved["final_probe_train_accuracy"] <= 1
     assert (folder / "model.safetensors").exists() and not list(folder.glob("*.bin"))
     # The record names the samples it trained on; they come from the train split every stage sees, whatever
     # the protection's seed (42 here, 0 in evaluate): none is a test image of the audit.

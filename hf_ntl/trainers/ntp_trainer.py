@@ -5,11 +5,13 @@ Per paired batch of source (x_S, y_S) and target (x_T, y_T):
     L(W) = CE(h_S(f_W(x_S)), y_S) - alpha * min(CE(h_T(f_W(x_T)), y_T), cap) + lambda * R_F(f_W(x_T), y_T)
            + (rho / 2) sum_l ||W_l - Z_l + U_l||^2                          (ADMM rounds only)
 
-Schedule (in optimiser steps): `admm_rounds` W-steps of `steps_per_round`, each followed by the
-Z-, U- and mask-steps; then the hard prune to exactly `sparsity`; then `retrain_steps` of masked
-training on the same objective without the penalty. After every optimiser step the mask is
-applied, so pruned weights stay exactly zero. The ADMM state and the target probe are saved in
-every checkpoint and restored by `train(resume_from_checkpoint=...)`.
+Schedule (in optimiser steps): `admm_rounds` W-steps of `steps_per_round` on the dense weights, each
+followed by the Z- and U-steps over all prunable weights (so the support of Z can move); after the
+last round the hard prune to Z's support (exactly `sparsity`), then `retrain_steps` of masked training
+on the same objective without the penalty (the mask applied after every optimiser step, so pruned
+weights stay exactly zero). h_T is a linear probe refitted on the current features at every round
+end and after the hard prune: the target terms fight the head an attacker would fit now. The ADMM
+state and the probe are saved in every checkpoint and restored by `train(resume_from_checkpoint=...)`.
 """
 
 from __future__ import annotations
@@ -31,16 +33,8 @@ from ..data.transforms import ImagePreprocessor
 from ..errors import InputError
 from ..losses import capped_cross_entropy, fisher_ratio
 from ..metrics import compute_accuracy
-from ..models import forward_with_features, head_linear
-from ..pruning import (
-    AdmmState,
-    apply_masks,
-    keep_count,
-    mask_sparsity,
-    project_topk,
-    prunable_parameter_names,
-    sparsity_report,
-)
+from ..models import forward_with_features, head_linear, running_statistics_frozen
+from ..pruning import AdmmState, apply_masks, keep_count, mask_sparsity, prunable_parameter_names, sparsity_report
 from ..terminal import show_progress
 from .ntp_config import NTPConfig
 
@@ -48,21 +42,23 @@ logger = logging.getLogger(__name__)
 
 
 class _AdmmSchedule(TrainerCallback):
-    """Mask after every optimiser step; ADMM updates at round ends; hard prune; state in checkpoints."""
+    """ADMM updates and a refitted probe at round ends; the hard prune; the mask once pruned; state in checkpoints."""
 
     def __init__(self, trainer: NTPTrainer) -> None:
         self.trainer = trainer
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        apply_masks(self.trainer.prunable, self.trainer.admm.masks)
+        if self.trainer.admm.pruned:
+            apply_masks(self.trainer.prunable, self.trainer.admm.masks)
 
     def on_step_end(self, args, state, control, **kwargs):
         step, config = state.global_step, self.trainer.args
         admm_steps = config.admm_rounds * config.steps_per_round
         if step <= admm_steps and step % config.steps_per_round == 0:
             self.trainer.admm_round_end()
-        if step == admm_steps:
-            self.trainer.hard_prune()
+            if step == admm_steps:
+                self.trainer.hard_prune()
+            self.trainer.refit_probe()
 
     def on_save(self, args, state, control, **kwargs):
         checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
@@ -188,26 +184,25 @@ class NTPTrainer(Trainer):
     # ------------------------------------------------------------------ ADMM steps
 
     def admm_round_end(self) -> None:
+        """Z- and U-steps over all prunable weights, then rho's growth; the round's record joins the history."""
         config = self.args
-        residual = self.admm.update(self.prunable, config.projection, self.keep, config.l1_lambda / self.admm.rho)
-        apply_masks(self.prunable, self.admm.masks)
+        record = self.admm.update(self.prunable, config.projection, self.keep, config.l1_lambda / self.admm.rho)
         self.admm.rho = min(self.admm.rho * config.rho_mult, config.rho_max)
-        report = sparsity_report({n: p.detach() for n, p in self.prunable.items()})
-        self.admm.history.append(
-            {"round": self.admm.rounds_done, "primal_residual": residual, "sparsity": report["overall"]}
-        )
-        self._metrics["primal_residual"].append(residual)
+        self._metrics["primal_residual"].append(record["primal_residual"])
+        self._metrics["mask_changes"].append(record["mask_changes"])
 
     @torch.no_grad()
     def hard_prune(self) -> None:
-        """W <- Proj_s(W) within the mask (exact sparsity for `topk`), and fix the mask to W != 0."""
-        weights = {name: p.detach() for name, p in self.prunable.items()}
-        if self.args.projection == "topk":
-            weights = project_topk(weights, self.admm.masks, self.keep)
-        for name, param in self.prunable.items():
-            param.copy_(weights[name] * self.admm.masks[name])
-            self.admm.masks[name] = self.admm.masks[name] & (param != 0)
+        """W <- W * M with M = 1[Z != 0] (exactly `sparsity` for `topk`); masked training from here on."""
+        apply_masks(self.prunable, self.admm.masks)
+        self.admm.pruned = True
         self._final_sparsity = None
+
+    def refit_probe(self) -> None:
+        """A new target probe on the current features (ALGORITHMS.md §1: the head an attacker would fit now)."""
+        if self.args.target_head == "probe":
+            self.probe = self._fit_probe()
+            self.admm.history[-1]["probe_train_accuracy"] = self._metrics["probe_train_accuracy"][-1]
 
     # ------------------------------------------------------------------ loss and logging
 
@@ -217,7 +212,10 @@ class NTPTrainer(Trainer):
             return (outputs.loss, outputs) if return_outputs else outputs.loss
         source_logits = model(pixel_values=inputs["pixel_values"]).logits
         source_ce = F.cross_entropy(source_logits, inputs["labels"])
-        target_logits, target_features = forward_with_features(model, inputs["target_pixel_values"])
+        # Target batches are normalised with their own statistics, as in any training step, but must not move
+        # the running statistics: those are the source domain's, and the released model (eval mode) uses them.
+        with running_statistics_frozen(model):
+            target_logits, target_features = forward_with_features(model, inputs["target_pixel_values"])
         if self.probe is not None:
             target_logits = self.probe(target_features)
         target_labels = inputs["target_labels"]
@@ -268,5 +266,10 @@ class NTPTrainer(Trainer):
         return sparsity_report({n: p.detach() for n, p in self.prunable.items()})
 
     def method_results(self) -> dict[str, Any]:
-        """What the protection record holds about this method's outcome: the achieved sparsity."""
-        return {"sparsity": self.sparsity()}
+        """What the protection record holds about this method's outcome: the achieved sparsity, each ADMM
+        round's record, and what a linear probe fitted on the released model's target features reaches."""
+        results: dict[str, Any] = {"sparsity": self.sparsity(), "admm_rounds": self.admm.history}
+        if self.args.target_head == "probe":
+            self._fit_probe()
+            results["final_probe_train_accuracy"] = self._metrics["probe_train_accuracy"][-1]
+        return results
