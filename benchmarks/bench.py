@@ -55,7 +55,7 @@ from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging as transformers_logging
 
 from hf_ntl.artifacts import finished_run, read_record, run_identity
-from hf_ntl.attacks import AttackSpec, EncodedSplit, finetuned_accuracy, load_suite
+from hf_ntl.attacks import AttackSpec, EncodedOnDemand, EncodedSplit, finetuned_accuracy, load_suite
 from hf_ntl.attacks.suite import MASKED_ATTACK
 from hf_ntl.cli import stage_config
 from hf_ntl.data import (
@@ -325,7 +325,7 @@ def run_audit(request: dict[str, Any]) -> None:
 
     hashes = test_hashes_by_size(dataset["test"], preprocessor.image_size, test_at)
     test_overlap = check_test_overlap({label: str(path) for label, path in models.items()}, hashes)
-    train = EncodedSplit.from_dataset(dataset["train"].select(pool_indices), preprocessor)
+    train = EncodedOnDemand(dataset["train"].select(pool_indices), preprocessor)
     validation = EncodedSplit.from_dataset(dataset["train"].select(validation_indices), preprocessor)
     test = EncodedSplit.from_dataset(dataset["test"], preprocessor)
     reference = build_tiny_classifier(args.model, classes)

@@ -32,7 +32,14 @@ from rich.console import RenderableType
 from transformers import PreTrainedModel
 
 from .artifacts import check_output_dir, claim_output_dir, read_record, run_identity
-from .attacks.finetune import AttackSpec, EncodedSplit, finetune, finetuned_accuracies, pruning_masks
+from .attacks.finetune import (
+    AttackSpec,
+    EncodedOnDemand,
+    EncodedSplit,
+    finetune,
+    finetuned_accuracies,
+    pruning_masks,
+)
 from .attacks.suite import load_suite
 from .data import ImagePreprocessor, class_names, load_image_classification_dataset, stratified_order
 from .data.fingerprint import SampleSet
@@ -155,7 +162,7 @@ def sparsity(model: PreTrainedModel) -> float:
 
 def run_attacks(
     models: dict[str, PreTrainedModel],
-    train: EncodedSplit,
+    train: EncodedSplit | EncodedOnDemand,
     validation: EncodedSplit,
     test: EncodedSplit,
     suite: list[AttackSpec],
@@ -338,9 +345,9 @@ def run_evaluation(args: EvaluateArguments, progress: bool = True) -> dict[str, 
             claim_output_dir(args.output_dir, run_identity("evaluate", args), args.overwrite, finished="report.json")
     plan = plan_evaluation(args)
     models, suite, counts = plan.models, plan.suite, plan.counts
-    train, validation, test = (
-        EncodedSplit.from_dataset(plan.splits[role], plan.preprocessor) for role in ("train pool", "validation", "test")
-    )
+    train = EncodedOnDemand(plan.splits["train pool"], plan.preprocessor)
+    validation = EncodedSplit.from_dataset(plan.splits["validation"], plan.preprocessor)
+    test = EncodedSplit.from_dataset(plan.splits["test"], plan.preprocessor)
     zero_shot = {
         label: predict_accuracy(m, test.pixel_values, test.labels)
         for label, m in models.items()

@@ -126,23 +126,25 @@ def run_source(config: SourceConfig) -> dict[str, Any]:
     start = time.perf_counter()
     with config.main_process_first(desc="claiming the output folder"):
         claim_output_dir(config.output_dir, run_identity("source", config), config.overwrite)
-    dataset = load_image_classification_dataset(
-        config.dataset_name,
-        image_column=config.image_column,
-        label_column=config.label_column,
-        image_size=config.image_size or 32,
-        num_train=config.num_train_samples,
-    )
-    names = class_names(dataset)
-    model = load_classifier(
-        config.model_name_or_path, class_names=names, image_size=config.image_size or 32, seed=config.seed
-    )
+    # The preprocessing first: an embedded domain is rendered at the side the model takes, as every later
+    # stage renders it, so that protection and audit see the very images the source was fitted on.
     if config.model_name_or_path in TINY_PRESETS:
         preprocessor = ImagePreprocessor(image_size=config.image_size or 32)
     else:
         preprocessor = ImagePreprocessor.from_pretrained(config.model_name_or_path, image_size=config.image_size)
+    dataset = load_image_classification_dataset(
+        config.dataset_name,
+        image_column=config.image_column,
+        label_column=config.label_column,
+        image_size=preprocessor.image_size,
+        num_train=config.num_train_samples,
+    )
+    names = class_names(dataset)
+    model = load_classifier(
+        config.model_name_or_path, class_names=names, image_size=preprocessor.image_size, seed=config.seed
+    )
     trainer, metrics = fit_source_model(model, preprocessor, dataset, config, augment=config.augment)
-    samples = {"source fit": SampleSet.of(dataset["train"], config.dataset_name, "train", config.image_size or 32)}
+    samples = {"source fit": SampleSet.of(dataset["train"], config.dataset_name, "train", preprocessor.image_size)}
     record = {
         "stage": "source",
         "base_model": config.model_name_or_path,

@@ -2,16 +2,18 @@ import json
 import shutil
 
 import pytest
+import torch
 from datasets import concatenate_datasets
 
 from hf_ntl.artifacts import write_record, write_samples
-from hf_ntl.data import load_image_classification_dataset
+from hf_ntl.attacks import EncodedOnDemand, EncodedSplit, load_suite
+from hf_ntl.data import load_image_classification_dataset, stratified_order
 from hf_ntl.data.fingerprint import SampleSet
 from hf_ntl.data.transforms import ImagePreprocessor
-from hf_ntl.evaluation import EvaluateArguments, report_tables, run_evaluation
+from hf_ntl.evaluation import EvaluateArguments, report_tables, run_attacks, run_evaluation
 from hf_ntl.leakage import TestOverlapError, training_samples
 from hf_ntl.metrics.slc_auc import slc_auc
-from hf_ntl.models import build_tiny_classifier
+from hf_ntl.models import build_tiny_classifier, load_classifier
 from hf_ntl.terminal import tables_text
 
 
@@ -217,3 +219,18 @@ def test_the_record_chain_is_followed_through_base_models_and_gaps_are_named(tmp
     assert training_samples(protected)[1] == ["microsoft/resnet-18"]
     write_record(source, {"stage": "source", "base_model": str(tmp_path / "moved")})
     assert training_samples(protected)[1] == [str(tmp_path / "moved")]
+
+
+def test_an_audit_encodes_only_the_train_samples_its_runs_use(checkpoints):
+    # Memory bounded by the counts, not by the train split: only the first max(counts) of each seed's order.
+    dataset = load_image_classification_dataset("uci-digits")
+    preprocessor = ImagePreprocessor()
+    pool = EncodedOnDemand(dataset["train"], preprocessor)
+    scored = EncodedSplit.from_dataset(dataset["test"].select(range(20)), preprocessor)
+    suite = load_suite("quick", steps=2)[:1]
+    model = {"model": load_classifier(checkpoints / "ten")}
+    run_attacks(model, pool, scored, scored, suite, counts=[5, 12], seeds=[0, 1], progress=False)
+    used = set().union(*(stratified_order(pool.labels.numpy(), seed)[:12].tolist() for seed in (0, 1)))
+    assert set(pool.encoded) == used and len(used) <= 24 < len(pool)
+    some = sorted(used)[:5]
+    torch.testing.assert_close(pool.select(some).pixel_values, preprocessor(dataset["train"].select(some)["image"]))

@@ -107,3 +107,25 @@ def test_config_validation(tmp_path):
         config(tmp_path, remove_unused_columns=True)
     with pytest.raises(ValueError, match="at least 8"):
         config(tmp_path, image_size=4)
+
+
+def test_a_checkpoint_is_fitted_on_the_images_later_stages_render_for_it(tmp_path):
+    # A folder checkpoint whose processor resizes to 46 and centre-crops 40: the source fit must render
+    # the domain at 40 px, as protect and evaluate do from the saved processor, not at the tiny default.
+    checkpoint = tmp_path / "checkpoint"
+    build_tiny_classifier("tiny-resnet", 10).save_pretrained(checkpoint)
+    crop = {"size": {"shortest_edge": 46}, "do_center_crop": True, "crop_size": {"height": 40, "width": 40}}
+    (checkpoint / "preprocessor_config.json").write_text(
+        json.dumps({"image_processor_type": "BitImageProcessor", **crop})
+    )
+    run_source(config(tmp_path, model_name_or_path=str(checkpoint), num_train_samples=64, num_train_epochs=1))
+
+    saved = tmp_path / "source" / "model"
+    preprocessor = ImagePreprocessor.from_pretrained(saved)  # what protect and evaluate read
+    assert (
+        preprocessor.image_size == 40
+        and preprocessor.to_dict() == ImagePreprocessor.from_pretrained(checkpoint).to_dict()
+    )
+    later = load_image_classification_dataset("font-digits", image_size=preprocessor.image_size, num_train=64)["train"]
+    fitted = read_samples(saved)["source fit"]
+    assert fitted.image_size == 40 and fitted.hashes == image_hashes(later)

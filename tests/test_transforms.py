@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image as PILImage
+from transformers import AutoImageProcessor
 from transformers.image_processing_base import ImageProcessingMixin
 
 from hf_ntl.data import ImageClassificationCollator, ImagePreprocessor, light_augment, transforms
@@ -26,24 +27,80 @@ def test_resizes_and_converts_to_rgb():
     torch.testing.assert_close(pixels[0], pixels[1])
 
 
-def test_reads_a_transformers_preprocessor_config(tmp_path):
-    (tmp_path / "preprocessor_config.json").write_text(
-        json.dumps(
-            {"size": {"shortest_edge": 224}, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
-        )
-    )
-    preprocessor = ImagePreprocessor.from_pretrained(tmp_path)
-    assert preprocessor.image_size == 224
-    assert preprocessor.image_mean == (0.485, 0.456, 0.406)
-    assert ImagePreprocessor.from_pretrained(tmp_path, image_size=32).image_size == 32
+# Image-processor configs as Hub checkpoints ship them (the keys and values of their preprocessor_config.json).
+CHECKPOINT_PROCESSORS = {
+    "resnet-style": (  # microsoft/resnet-18: shortest edge 224 / crop_pct 0.875, bicubic
+        {
+            "image_processor_type": "ConvNextImageProcessor",
+            "size": {"shortest_edge": 224},
+            "crop_pct": 0.875,
+            "resample": 3,
+            "image_mean": [0.485, 0.456, 0.406],
+            "image_std": [0.229, 0.224, 0.225],
+        },
+        224,
+    ),
+    "vit-style": (  # google/vit-base-patch16-224: squashed to 224 x 224, bilinear
+        {
+            "image_processor_type": "ViTImageProcessor",
+            "size": {"height": 224, "width": 224},
+            "resample": 2,
+            "image_mean": [0.5, 0.5, 0.5],
+            "image_std": [0.5, 0.5, 0.5],
+        },
+        224,
+    ),
+    "convnext-384-style": (  # facebook/convnext-*-384: no crop at 384 and above
+        {
+            "image_processor_type": "ConvNextImageProcessor",
+            "size": {"shortest_edge": 384},
+            "crop_pct": 0.875,
+            "resample": 3,
+            "image_mean": [0.485, 0.456, 0.406],
+            "image_std": [0.229, 0.224, 0.225],
+        },
+        384,
+    ),
+    "crop-style": (  # resize the shortest edge to 256, centre-crop 224
+        {
+            "image_processor_type": "BitImageProcessor",
+            "size": {"shortest_edge": 256},
+            "do_center_crop": True,
+            "crop_size": {"height": 224, "width": 224},
+            "resample": 3,
+        },
+        224,
+    ),
+}
+
+
+@pytest.mark.parametrize("style", sorted(CHECKPOINT_PROCESSORS))
+def test_a_checkpoint_is_preprocessed_by_its_own_image_processor(tmp_path, style):
+    config, side = CHECKPOINT_PROCESSORS[style]
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    rng = np.random.default_rng(0)
+    images = [PILImage.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((32, 32), (300, 260))]
+    ours = ImagePreprocessor.from_pretrained(tmp_path)
+    theirs = AutoImageProcessor.from_pretrained(tmp_path)(images, return_tensors="pt")["pixel_values"]
+    assert ours.image_size == side and ours(images).shape == (2, 3, side, side)
+    torch.testing.assert_close(ours(images), theirs, atol=1e-6, rtol=0)
+
+
+def test_image_size_overrides_the_output_side_keeping_the_crop_ratio(tmp_path):
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(CHECKPOINT_PROCESSORS["crop-style"][0]))
+    small = ImagePreprocessor.from_pretrained(tmp_path, image_size=64)
+    assert small.image_size == 64 and small([PILImage.new("RGB", (90, 70))]).shape == (1, 3, 64, 64)
+    assert small.processor.size["shortest_edge"] == round(64 * 256 / 224)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(CHECKPOINT_PROCESSORS["resnet-style"][0]))
+    assert ImagePreprocessor.from_pretrained(tmp_path, image_size=32)([PILImage.new("RGB", (50, 50))]).shape[-1] == 32
 
 
 def test_round_trip_and_default_without_config(tmp_path):
     original = ImagePreprocessor(image_size=24, image_mean=(0.1, 0.2, 0.3), image_std=(0.4, 0.5, 0.6))
     original.save_pretrained(tmp_path / "saved")
-    assert ImagePreprocessor.from_pretrained(tmp_path / "saved") == original
+    assert ImagePreprocessor.from_pretrained(tmp_path / "saved").to_dict() == original.to_dict()
     (tmp_path / "empty").mkdir()
-    assert ImagePreprocessor.from_pretrained(tmp_path / "empty") == ImagePreprocessor()
+    assert ImagePreprocessor.from_pretrained(tmp_path / "empty").to_dict() == ImagePreprocessor().to_dict()
 
 
 def test_a_missing_checkpoint_is_an_error_not_default_preprocessing(tmp_path, monkeypatch, caplog):
@@ -51,7 +108,7 @@ def test_a_missing_checkpoint_is_an_error_not_default_preprocessing(tmp_path, mo
         ImagePreprocessor.from_pretrained(tmp_path / "nope")
     # Offline, a Hub id that is not cached gives no file: the defaults, said so.
     with caplog.at_level(logging.WARNING, logger="hf_ntl.data.transforms"):
-        assert ImagePreprocessor.from_pretrained("someone/model") == ImagePreprocessor()
+        assert ImagePreprocessor.from_pretrained("someone/model").to_dict() == ImagePreprocessor().to_dict()
     assert "someone/model has no preprocessor_config.json (not a local folder" in caplog.text
 
     def no_such_repository(name):  # what transformers raises online for a repository the Hub does not have

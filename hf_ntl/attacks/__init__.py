@@ -4,6 +4,7 @@ from .diffusion import DIFFUSION_SUITE, DiffusionAttackSpec, finetune_unet, unet
 from .finetune import (
     OPTIMIZERS,
     AttackSpec,
+    EncodedOnDemand,
     EncodedSplit,
     finetune,
     finetuned_accuracy,
@@ -22,6 +23,7 @@ __all__ = [
     "SUITES",
     "AttackSpec",
     "DiffusionAttackSpec",
+    "EncodedOnDemand",
     "EncodedSplit",
     "finetune",
     "finetune_unet",

@@ -122,6 +122,33 @@ class EncodedSplit:
         return EncodedSplit(self.pixel_values[indices], self.labels[indices])
 
 
+class EncodedOnDemand:
+    """A split whose images are encoded the first time a subset uses them, and kept for later subsets.
+
+    An audit draws its learning-curve subsets from the first max(counts) samples of each seed's
+    order; encoding only those keeps its memory bounded by the counts it uses, whatever the size of
+    the target train split (CIFAR-10's 50,000 images would be 30 GB as float32 at 224 px).
+    """
+
+    def __init__(self, dataset: Dataset, preprocessor: ImagePreprocessor, batch_size: int = 512) -> None:
+        self.dataset = dataset
+        self.preprocessor = preprocessor
+        self.batch_size = batch_size
+        self.labels = torch.tensor(dataset["label"], dtype=torch.long)
+        self.encoded: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def select(self, indices: torch.Tensor | list[int]) -> EncodedSplit:
+        indices = torch.as_tensor(indices, dtype=torch.long).tolist()
+        missing = sorted(set(indices) - self.encoded.keys())
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start : start + self.batch_size]
+            self.encoded.update(zip(chunk, self.preprocessor(self.dataset.select(chunk)["image"]), strict=True))
+        return EncodedSplit(torch.stack([self.encoded[i] for i in indices]), self.labels[indices])
+
+
 def lora_target_modules(model: nn.Module) -> list[str]:
     """Full names of every LoRA-able layer of the encoder: linear and (non-grouped) conv layers.
 

@@ -1,16 +1,19 @@
-"""Image preprocessing with PIL, numpy and torch (no torchvision), and the batch collator.
+"""Image preprocessing through the model's own transformers image processor, and the batch collator.
 
-The preprocessing follows the model's own image-processor config (`preprocessor_config.json`:
-`size`, `image_mean`, `image_std`), so a Hub checkpoint sees its inputs as it was trained on
-them; tiny presets write the same file so that every saved model carries its preprocessing.
+A Hub or folder checkpoint is read with `AutoImageProcessor` (its `preprocessor_config.json`:
+resize, centre crop or `crop_pct`, resampling filter, mean/std), so a model sees its inputs as it
+was trained on them. The PIL backend is used on every machine, with or without torchvision: the
+torchvision backend resizes slightly differently, and a model protected on one machine and
+audited on another must see the same pixels. Tiny presets get a plain square processor and save
+it like any checkpoint. Hand-written code is left only for what no processor does: augmentation
+and diffusion's [-1, 1] encoding.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,9 @@ import torch
 from datasets import Dataset
 from PIL import Image as PILImage
 from PIL import ImageEnhance
+from transformers import AutoImageProcessor, ViTImageProcessorPil
+from transformers.image_processing_base import ImageProcessingMixin
+from transformers.image_processing_utils import BaseImageProcessor
 
 from ..errors import InputError, missing_local_path, not_local_nor_hub
 from .loading import stratified_subset
@@ -41,43 +47,56 @@ _MODE_NOTES = {
 _MODES_MENTIONED: set[str] = set()
 
 
-@dataclass
 class ImagePreprocessor:
-    """Resize to a square and normalise, as the model's image processor would.
+    """PIL images in, the model's `pixel_values` out, through a transformers image processor.
+
+    `ImagePreprocessor(image_size, image_mean, image_std)` is the square processor of the tiny
+    presets (resize to `image_size` x `image_size`, normalise); `ImagePreprocessor.from_pretrained`
+    reads a checkpoint's own.
 
     Args:
-        image_size: side of the square the model expects.
+        image_size: side of the square the model takes.
         image_mean / image_std: per-channel normalisation after scaling to [0, 1].
+        processor: an image processor to use instead (the other arguments are then ignored).
     """
 
-    image_size: int = 32
-    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-
-    def __post_init__(self) -> None:
-        if self.image_size < 1:
-            raise ValueError(f"image_size must be positive, got {self.image_size}.")
-        if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
-            raise ValueError(f"Need three means and three positive stds, got {self.image_mean} / {self.image_std}.")
-        self.image_mean = tuple(float(v) for v in self.image_mean)
-        self.image_std = tuple(float(v) for v in self.image_std)
+    def __init__(
+        self,
+        image_size: int = 32,
+        image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        image_std: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        *,
+        processor: BaseImageProcessor | None = None,
+    ) -> None:
+        if processor is None:
+            if image_size < 1:
+                raise ValueError(f"image_size must be positive, got {image_size}.")
+            if len(image_mean) != 3 or len(image_std) != 3 or min(image_std) <= 0:
+                raise ValueError(f"Need three means and three positive stds, got {image_mean} / {image_std}.")
+            processor = ViTImageProcessorPil(
+                size={"height": image_size, "width": image_size},
+                image_mean=[float(v) for v in image_mean],
+                image_std=[float(v) for v in image_std],
+            )
+        self.processor = processor
+        self.image_size = _output_side(processor)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, image_size: int | None = None) -> ImagePreprocessor:
-        """Read size/mean/std from a checkpoint's image-processor config (Hub id or folder).
+        """The image processor of a checkpoint (Hub id or folder), PIL backend.
 
-        Falls back to defaults (with a warning) when the checkpoint has no such file. `image_size`
-        overrides the size (e.g. to keep 32x32 images small on a model trained at 224). Raises
-        `InputError` for a path with no such folder, and for a Hub id that is no local folder and
-        whose repository the Hub does not give.
+        Falls back to the tiny presets' square processor (with a warning) when the checkpoint has
+        none. `image_size` overrides the output side (e.g. to keep 32x32 images small on a model
+        trained at 224), keeping the processor's resize-then-crop ratio. Raises `InputError` for a
+        path with no such folder, and for a Hub id that is no local folder and whose repository
+        the Hub does not give.
         """
-        from transformers.image_processing_base import ImageProcessingMixin
-
         if message := missing_local_path(name_or_path):
             raise InputError(message)
-        local = Path(name_or_path).expanduser().exists()
+        path = os.path.expanduser(name_or_path)
+        local = Path(path).exists()
         try:
-            config, _ = ImageProcessingMixin.get_image_processor_dict(os.path.expanduser(name_or_path))
+            ImageProcessingMixin.get_image_processor_dict(path)
         except OSError as err:
             # transformers chains the Hub's error (no such repository, gated, ...) as the cause; a checkpoint that
             # only lacks the file raises without one, and gets the defaults.
@@ -85,55 +104,54 @@ class ImagePreprocessor:
                 raise InputError(not_local_nor_hub(name_or_path, err)) from err
             where = "" if local else " (not a local folder; the Hub gave none)"
             logger.warning("%s has no %s%s; using default preprocessing.", name_or_path, PREPROCESSOR_FILE, where)
-            config = {}
-        size = config.get("size", {})
-        side = size if isinstance(size, int) else size.get("height") or size.get("shortest_edge") or cls.image_size
-        if config.get("do_normalize", True):
-            mean = config.get("image_mean", cls.image_mean)
-            std = config.get("image_std", cls.image_std)
-        else:
-            mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-        return cls(image_size=image_size or int(side), image_mean=tuple(mean), image_std=tuple(std))
+            return cls(image_size=image_size) if image_size else cls()
+        try:
+            processor = AutoImageProcessor.from_pretrained(path, backend="pil")
+        except ValueError as err:  # a config that names no processor class transformers knows
+            raise InputError(f"{name_or_path}/{PREPROCESSOR_FILE} cannot be read as an image processor: {err}") from err
+        if image_size is not None and image_size != _output_side(processor):
+            processor = AutoImageProcessor.from_pretrained(path, backend="pil", **_resized(processor, image_size))
+        return cls(processor=processor)
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Write `preprocessor_config.json` in the format transformers' image processors read."""
-        config: dict[str, Any] = {
-            "image_processor_type": "ViTImageProcessor",
-            "do_resize": True,
-            "size": {"height": self.image_size, "width": self.image_size},
-            "resample": int(PILImage.Resampling.BILINEAR),
-            "do_rescale": True,
-            "rescale_factor": 1 / 255,
-            "do_normalize": True,
-            "image_mean": list(self.image_mean),
-            "image_std": list(self.image_std),
-        }
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        (Path(folder) / PREPROCESSOR_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        """Write `preprocessor_config.json`, which `AutoImageProcessor` (and this class) read back."""
+        self.processor.save_pretrained(folder)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def load(self, images: list[PILImage.Image]) -> torch.Tensor:
-        """Decode to RGB, resize, scale to [0, 1]: a float tensor of shape (B, 3, S, S)."""
-        side = self.image_size
-        arrays = []
-        for image in images:
-            image = _to_rgb(image)
-            if image.size != (side, side):
-                image = image.resize((side, side), PILImage.Resampling.BILINEAR)
-            arrays.append(np.asarray(image))
-        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
-
-    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Normalise [0, 1] pixels with the model's mean/std."""
-        mean = torch.tensor(self.image_mean, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.image_std, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
-        return (pixels - mean) / std
+        """The processor's configuration, as saved."""
+        return self.processor.to_dict()
 
     def __call__(self, images: list[PILImage.Image]) -> torch.Tensor:
-        """Model-ready `pixel_values` for a list of PIL images."""
-        return self.normalise(self.load(images))
+        """Model-ready `pixel_values`, a float tensor of shape (B, 3, image_size, image_size)."""
+        return self.processor([_to_rgb(image) for image in images], return_tensors="pt")["pixel_values"]
+
+
+def _output_side(processor: BaseImageProcessor) -> int:
+    """The side of the square a processor outputs: its crop when it crops, else its resize target."""
+    crop, size = getattr(processor, "crop_size", None), processor.size
+    if getattr(processor, "do_center_crop", False) and crop:
+        height, width = crop["height"], crop["width"]
+    elif size.get("shortest_edge"):
+        return int(size["shortest_edge"])  # square images stay square; crop_pct crops back to this side
+    else:
+        height, width = size.get("height"), size.get("width")
+    if not height or height != width:
+        raise InputError(f"Only processors with a square output are supported; this one gives {height}x{width}.")
+    return int(height)
+
+
+def _resized(processor: BaseImageProcessor, side: int) -> dict[str, Any]:
+    """The `from_pretrained` overrides that make `processor` output `side` x `side` images."""
+    crop = getattr(processor, "crop_size", None)
+    if getattr(processor, "do_center_crop", False) and crop:
+        # Keep the processor's resize-to-crop ratio (e.g. 256 -> 224 becomes 73 -> 64).
+        ratio = (processor.size.get("shortest_edge") or processor.size.get("height") or crop["height"]) / crop["height"]
+        resize = max(side, round(side * ratio))
+        size = {"shortest_edge": resize} if processor.size.get("shortest_edge") else {"height": resize, "width": resize}
+        return {"size": size, "crop_size": {"height": side, "width": side}}
+    if processor.size.get("shortest_edge"):
+        return {"size": {"shortest_edge": side}}
+    return {"size": {"height": side, "width": side}}
 
 
 def _to_rgb(image: PILImage.Image) -> PILImage.Image:
