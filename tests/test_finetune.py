@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hf_ntl.attacks import AttackSpec, EncodedSplit, finetune, finetuned_accuracy
+from hf_ntl.attacks import AttackSpec, EncodedOnDemand, EncodedSplit, finetune, finetuned_accuracy
 from hf_ntl.data import ImagePreprocessor, load_image_classification_dataset
 from hf_ntl.metrics import predict_accuracy
 from hf_ntl.metrics.learning_curve import check_counts, counts_from_fractions, scratch_copy
@@ -15,6 +15,19 @@ def shapes():
     return EncodedSplit.from_dataset(dataset["train"], preprocessor), EncodedSplit.from_dataset(
         dataset["test"], preprocessor
     )
+
+
+def test_samples_encoded_on_demand_equal_the_full_encoding_and_stay_within_the_memory_limit():
+    dataset = load_image_classification_dataset("textured-shapes", num_train=40, num_test=10)["train"]
+    preprocessor = ImagePreprocessor()
+    full = EncodedSplit.from_dataset(dataset, preprocessor)
+    per_sample = 3 * 32 * 32 * 4
+    pool = EncodedOnDemand(dataset, preprocessor, batch_size=4, max_cached_bytes=6 * per_sample)
+    for indices in ([7, 3, 3, 20], [1, 2, 4, 5, 6, 8, 9], [20, 39]):
+        batch = pool.select(indices)
+        torch.testing.assert_close(batch.pixel_values, full.pixel_values[indices], atol=0, rtol=0)
+        assert torch.equal(batch.labels, full.labels[indices])
+    assert sorted(pool.encoded) == [1, 2, 3, 4, 7, 20]  # the first six drawn; later ones are encoded per draw
 
 
 def parameters(model):

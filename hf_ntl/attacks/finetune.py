@@ -123,17 +123,22 @@ class EncodedSplit:
 
 
 class EncodedOnDemand:
-    """A split whose images are encoded the first time a subset uses them, and kept for later subsets.
+    """A split whose images are encoded when a subset first uses them, and kept up to a memory limit.
 
     An audit draws its learning-curve subsets from the first max(counts) samples of each seed's
-    order; encoding only those keeps its memory bounded by the counts it uses, whatever the size of
-    the target train split (CIFAR-10's 50,000 images would be 30 GB as float32 at 224 px).
+    order, and SOPHON's simulated attackers draw batches of the restricted domain: encoding only
+    what is drawn keeps memory bounded by what is used, whatever the size of the split (CIFAR-10's
+    50,000 images are 30 GB as float32 at 224 px). Past `max_cached_bytes`, samples are encoded
+    each time they are drawn instead of kept.
     """
 
-    def __init__(self, dataset: Dataset, preprocessor: ImagePreprocessor, batch_size: int = 512) -> None:
+    def __init__(
+        self, dataset: Dataset, preprocessor: ImagePreprocessor, batch_size: int = 512, max_cached_bytes: int = 2**30
+    ) -> None:
         self.dataset = dataset
         self.preprocessor = preprocessor
         self.batch_size = batch_size
+        self.max_cached = max_cached_bytes // (3 * preprocessor.image_size**2 * 4)  # float32 samples
         self.labels = torch.tensor(dataset["label"], dtype=torch.long)
         self.encoded: dict[int, torch.Tensor] = {}
 
@@ -143,10 +148,14 @@ class EncodedOnDemand:
     def select(self, indices: torch.Tensor | list[int]) -> EncodedSplit:
         indices = torch.as_tensor(indices, dtype=torch.long).tolist()
         missing = sorted(set(indices) - self.encoded.keys())
+        fresh: dict[int, torch.Tensor] = {}
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start : start + self.batch_size]
-            self.encoded.update(zip(chunk, self.preprocessor(self.dataset.select(chunk)["image"]), strict=True))
-        return EncodedSplit(torch.stack([self.encoded[i] for i in indices]), self.labels[indices])
+            fresh.update(zip(chunk, self.preprocessor(self.dataset.select(chunk)["image"]), strict=True))
+        for index in missing[: max(self.max_cached - len(self.encoded), 0)]:
+            self.encoded[index] = fresh[index].clone()  # a copy, so that the rest of its batch can be freed
+        pixels = [self.encoded[i] if i in self.encoded else fresh[i] for i in indices]
+        return EncodedSplit(torch.stack(pixels), self.labels[indices])
 
 
 def lora_target_modules(model: nn.Module) -> list[str]:

@@ -17,7 +17,7 @@ from datasets import Dataset
 from torch.nn import functional as F
 from transformers import PreTrainedModel
 
-from ..attacks import EncodedSplit
+from ..attacks import EncodedOnDemand, EncodedSplit
 from ..data.transforms import ImageClassificationCollator, ImagePreprocessor
 from ..errors import InputError
 from ..losses import SUPPRESSION_LOSSES
@@ -83,7 +83,7 @@ class SophonTrainer(SophonBaseTrainer):
             compute_metrics=compute_accuracy,
             **kwargs,
         )
-        self.restricted = EncodedSplit.from_dataset(target_train, preprocessor)
+        self.restricted = EncodedOnDemand(target_train, preprocessor)
         self.guard_set = EncodedSplit.from_dataset(guard_eval, preprocessor)
         self.restricted_classes = target_classes
         self.suppression = SUPPRESSION_LOSSES[args.suppression_loss]
@@ -116,11 +116,8 @@ class SophonTrainer(SophonBaseTrainer):
         return fresh
 
     def restricted_batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
-        device = self.args.device
-        return {
-            "pixel_values": self.restricted.pixel_values[indices].to(device),
-            "labels": self.restricted.labels[indices].to(device),
-        }
+        batch = self.restricted.select(indices)
+        return {"pixel_values": batch.pixel_values.to(self.args.device), "labels": batch.labels.to(self.args.device)}
 
     def attacker_loss(self, forward: Forward, batch: dict[str, torch.Tensor], generator: torch.Generator):
         return F.cross_entropy(forward(pixel_values=batch["pixel_values"]).logits, batch["labels"])
