@@ -18,6 +18,7 @@ the results are gathered on every rank; the report is identical to a single-proc
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -57,7 +58,7 @@ from .metrics.learning_curve import (
 )
 from .metrics.plots import plot_learning_curves
 from .metrics.slc_auc import slc_auc
-from .models import head_linear, load_classifier
+from .models import MIXED_PRECISION, head_linear, load_classifier
 from .pruning import mask_sparsity
 from .terminal import signed, table, titled, track
 
@@ -105,6 +106,13 @@ class EvaluateArguments:
             "help": "Go on when test images were trained on (a deliberate experiment; the report and card say so)."
         },
     )
+    mixed_precision: str | None = field(
+        default=None,
+        metadata={
+            "help": "Autocast the attacks' forward passes: no, bf16 or fp16 (default: accelerate launch's "
+            "--mixed_precision, else no)."
+        },
+    )
     output_dir: str | None = field(default=None, metadata={"help": "Where to write report.json and the plot."})
     overwrite: bool = field(default=False, metadata={"help": "Replace the report already in output_dir."})
     dry_run: bool = field(
@@ -113,6 +121,11 @@ class EvaluateArguments:
     )
 
     def __post_init__(self) -> None:
+        # `accelerate launch --mixed_precision bf16` says so through this variable, as Trainer reads it.
+        self.mixed_precision = self.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        if self.mixed_precision not in MIXED_PRECISION:
+            choices = ", ".join(MIXED_PRECISION)
+            raise InputError(f"mixed_precision must be one of {choices}, got {self.mixed_precision!r}.")
         if not self.seeds:
             raise InputError("Give at least one seed.")
         if self.validation_samples < 10:
@@ -171,6 +184,7 @@ def run_attacks(
     progress: bool = True,
     reference: PreTrainedModel | None = None,
     with_scratch: bool = True,
+    mixed_precision: str = "no",
 ) -> list[CurvePoint]:
     """Every (model, attack, seed, count) run, plus the scratch baseline, spread over processes.
 
@@ -178,7 +192,7 @@ def run_attacks(
     seed-initialised copy of `reference`'s architecture (default: the first model's; with no
     models, only scratch runs). `with_scratch=False` leaves scratch out (for a caller that shares
     one baseline between audits). `train` is the pool learning-curve subsets are drawn from (the
-    target train split less `validation`).
+    target train split less `validation`). Forward passes autocast to `mixed_precision`.
     """
     labels = [*models, SCRATCH] if with_scratch else list(models)
     runs = [_Run(label, spec, seed, n) for spec in suite for label in labels for seed in seeds for n in counts]
@@ -195,7 +209,8 @@ def run_attacks(
             model = model.to(state.device)
             start = time.perf_counter()
             subset = train.select(orders[run.seed][: run.num_samples])
-            scores = finetuned_accuracies(model, subset, {"test": test, "validation": validation}, run.spec, run.seed)
+            scored = {"test": test, "validation": validation}
+            scores = finetuned_accuracies(model, subset, scored, run.spec, run.seed, mixed_precision)
             mine.append(
                 CurvePoint(
                     run.label,
@@ -349,11 +364,13 @@ def run_evaluation(args: EvaluateArguments, progress: bool = True) -> dict[str, 
     validation = EncodedSplit.from_dataset(plan.splits["validation"], plan.preprocessor)
     test = EncodedSplit.from_dataset(plan.splits["test"], plan.preprocessor)
     zero_shot = {
-        label: predict_accuracy(m, test.pixel_values, test.labels)
+        label: predict_accuracy(m, test.pixel_values, test.labels, mixed_precision=args.mixed_precision)
         for label, m in models.items()
         if m.config.num_labels == len(plan.names) and not args.replace_head
     }
-    points = run_attacks(models, train, validation, test, suite, counts, args.seeds, progress)
+    points = run_attacks(
+        models, train, validation, test, suite, counts, args.seeds, progress, mixed_precision=args.mixed_precision
+    )
     available = len(train)
     report: dict[str, Any] = {
         "model": args.model_name_or_path,
@@ -373,6 +390,7 @@ def run_evaluation(args: EvaluateArguments, progress: bool = True) -> dict[str, 
         "suite": [spec.to_dict() for spec in suite],
         "steps_per_count": {n: sorted({spec.steps_for(n) for spec in suite}) for n in counts},
         "model_sparsity": plan.model_sparsity,
+        "mixed_precision": args.mixed_precision,
         "zero_shot_accuracy": zero_shot,
         **summarise(points, suite, list(models)),
         "points": [p.to_dict() for p in sorted(points, key=lambda p: (p.attack, p.model, p.seed, p.num_samples))],

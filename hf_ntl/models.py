@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -237,7 +237,8 @@ def forward_with_features(model: nn.Module, pixel_values: torch.Tensor) -> tuple
     The features are the input of the classification head, flattened (ResNet pools to
     `(B, C, 1, 1)`; ViT and ConvNeXt already give `(B, D)`). `model` may be wrapped (DDP inside
     `Trainer`): the head is found on the inner model, the forward goes through the wrapper so
-    that gradients are still synchronised.
+    that gradients are still synchronised. The features come back in fp32 whatever the autocast: what
+    takes them (probes, the Fisher ratio: a reduction over the batch) is loss arithmetic.
     """
     captured: list[torch.Tensor] = []
     head = classification_head(extract_model_from_parallel(model))
@@ -246,7 +247,7 @@ def forward_with_features(model: nn.Module, pixel_values: torch.Tensor) -> tuple
         logits = model(pixel_values=pixel_values).logits
     finally:
         hook.remove()
-    return logits, captured[0].flatten(1)
+    return logits, captured[0].flatten(1).float()
 
 
 def pooled_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -289,6 +290,22 @@ def running_statistics_frozen(model: nn.Module) -> Iterator[None]:
             norm.momentum = momentum
             if count is not None:
                 norm.num_batches_tracked.copy_(count)
+
+
+# accelerate's `--mixed_precision` names and the dtype each autocasts to ("no": full precision).
+MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, mixed_precision: str = "no") -> AbstractContextManager:
+    """Autocast forward passes to `mixed_precision` ("no", "bf16", "fp16"), as accelerate does for `Trainer`.
+
+    Weights, gradients and optimiser state stay fp32, and autocast itself keeps the loss reductions
+    (cross-entropy, softmax, norms) in fp32; only matrix products and convolutions run in half precision.
+    """
+    if mixed_precision not in MIXED_PRECISION:
+        raise InputError(f"mixed_precision must be one of {sorted(MIXED_PRECISION)}, got {mixed_precision!r}.")
+    dtype = MIXED_PRECISION[mixed_precision]
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def build_tiny_ddpm(image_size: int = 16, channels: int = 3, seed: int = 0) -> tuple[UNet2DModel, DDPMScheduler]:

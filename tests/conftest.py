@@ -25,3 +25,23 @@ def domain_cache(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def fixed_seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def matmul_dtypes():
+    """`record(model)`: a context in which the output dtypes of the model's linear and conv layers are collected
+    in the set it yields (how a test sees whether autocast really ran)."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def record(model):
+        seen = set()
+        layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)]
+        hooks = [layer.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype)) for layer in layers]
+        try:
+            yield seen
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    return record

@@ -266,3 +266,16 @@ def test_other_architectures_reach_exact_sparsity(tmp_path, data, preset):
     trainer.train()
     assert nonzeros(trainer) == trainer.keep
     assert not any("position_embeddings" in n or "cls_token" in n or "layernorm" in n for n in trainer.prunable)
+
+
+def test_bf16_training_autocasts_and_stays_close_to_fp32(tmp_path, data, matmul_dtypes):
+    settings = {"eval_strategy": "no", "save_strategy": "no"}
+    full = make_trainer(config(tmp_path / "fp32", **settings), data)
+    half = make_trainer(config(tmp_path / "bf16", bf16=True, use_cpu=True, **settings), data)
+    with matmul_dtypes(half.model) as dtypes:
+        half.train()
+    full.train()
+    assert torch.bfloat16 in dtypes and nonzeros(half) == half.keep
+    losses = [[entry["loss"] for entry in t.state.log_history if "loss" in entry] for t in (half, full)]
+    assert all(math.isfinite(loss) for loss in losses[0])
+    assert losses[0][0] == pytest.approx(losses[1][0], rel=0.05)  # the first step, before trajectories part

@@ -292,3 +292,31 @@ def test_run_sophon_saves_a_protected_model_with_its_record(tmp_path):
     assert (folder / "model.safetensors").exists() and not list(folder.glob("*.bin"))
     reloaded = dict(load_classifier(folder).named_parameters())
     assert all(torch.isfinite(p).all() for p in reloaded.values())
+
+
+def test_bf16_autocasts_the_simulated_attackers_and_keeps_the_meta_gradient_fp32(tmp_path, data, matmul_dtypes):
+    args = config(tmp_path, inner_optimizers=["sgd"], inner_lr_min=1e-3, inner_lr_max=1e-3)
+    full = make_trainer(args, data)
+    half = make_trainer(
+        config(
+            tmp_path / "bf16", inner_optimizers=["sgd"], inner_lr_min=1e-3, inner_lr_max=1e-3, bf16=True, use_cpu=True
+        ),
+        data,
+    )
+    with matmul_dtypes(half.model) as dtypes:
+        reached = suppression_after_simulation(half)
+    assert dtypes == {torch.bfloat16}
+    assert math.isfinite(reached) and reached == pytest.approx(suppression_after_simulation(full), rel=0.05)
+
+    def meta_gradient(trainer):
+        generator = trainer._generator(0)
+        meta = {name: torch.zeros_like(p) for name, p in trainer.model.named_parameters()}
+        for _ in range(trainer.args.environments):
+            trainer._simulate(trainer.sample_attack(generator), generator, meta)
+        return torch.cat([g.flatten() for g in meta.values()])
+
+    half_gradient = meta_gradient(half)
+    assert half_gradient.dtype == torch.float32 and torch.isfinite(half_gradient).all()
+    assert (
+        torch.nn.functional.cosine_similarity(half_gradient, meta_gradient(full), dim=0) > 0.9
+    )  # bf16: 8-bit mantissa

@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 from ..data.transforms import ImagePreprocessor
 from ..errors import InputError
 from ..metrics import predict_accuracy
-from ..models import classification_head, classification_head_name, head_linear, reinitialise_head
+from ..models import autocast, classification_head, classification_head_name, head_linear, reinitialise_head
 
 OPTIMIZERS = ("sgd", "sgd-momentum", "adam", "adamw")
 TRAINABLE = ("all", "head", "lora")
@@ -219,8 +219,13 @@ def _prepare(model: PreTrainedModel, spec: AttackSpec) -> nn.Module:
     return model
 
 
-def finetune(model: PreTrainedModel, train: EncodedSplit, spec: AttackSpec, seed: int = 0) -> nn.Module:
+def finetune(
+    model: PreTrainedModel, train: EncodedSplit, spec: AttackSpec, seed: int = 0, mixed_precision: str = "no"
+) -> nn.Module:
     """Fine-tune a deep copy of `model` on `train` following `spec`; the original is untouched.
+
+    Forward passes autocast to `mixed_precision` ("no", "bf16", "fp16"; fp16 with a gradient scaler,
+    which keeps small fp16 gradients from flushing to zero).
 
     Every source of randomness (head re-initialisation, LoRA initialisation, batch order) comes
     from `seed`, so a run gives the same result in any process and in any order. A LoRA attack
@@ -245,6 +250,7 @@ def finetune(model: PreTrainedModel, train: EncodedSplit, spec: AttackSpec, seed
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(spec.optimizer, trainable, spec.learning_rate, spec.weight_decay)
         device = next(model.parameters()).device
+        scaler = torch.amp.GradScaler(device.type, enabled=mixed_precision == "fp16")
         generator = torch.Generator().manual_seed(seed)
         batch_size = min(spec.batch_size, len(train))
         order = torch.empty(0, dtype=torch.long)
@@ -253,11 +259,13 @@ def finetune(model: PreTrainedModel, train: EncodedSplit, spec: AttackSpec, seed
             if len(order) < batch_size:  # epoch-wise reshuffling: every sample seen once per epoch
                 order = torch.cat([order, torch.randperm(len(train), generator=generator)])
             batch, order = order[:batch_size], order[batch_size:]
-            logits = model(pixel_values=train.pixel_values[batch].to(device)).logits
-            loss = nn.functional.cross_entropy(logits, train.labels[batch].to(device))
+            with autocast(device, mixed_precision):
+                logits = model(pixel_values=train.pixel_values[batch].to(device)).logits
+                loss = nn.functional.cross_entropy(logits, train.labels[batch].to(device))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             with torch.no_grad():
                 for param, mask in masked_params:
                     param.mul_(mask.to(param.device))
@@ -266,15 +274,28 @@ def finetune(model: PreTrainedModel, train: EncodedSplit, spec: AttackSpec, seed
 
 
 def finetuned_accuracy(
-    model: PreTrainedModel, train: EncodedSplit, test: EncodedSplit, spec: AttackSpec, seed: int = 0
+    model: PreTrainedModel,
+    train: EncodedSplit,
+    test: EncodedSplit,
+    spec: AttackSpec,
+    seed: int = 0,
+    mixed_precision: str = "no",
 ) -> float:
-    """Test accuracy after `finetune(model, train, spec, seed)`."""
-    return finetuned_accuracies(model, train, {"test": test}, spec, seed)["test"]
+    """Test accuracy after `finetune(model, train, spec, seed, mixed_precision)`."""
+    return finetuned_accuracies(model, train, {"test": test}, spec, seed, mixed_precision)["test"]
 
 
 def finetuned_accuracies(
-    model: PreTrainedModel, train: EncodedSplit, splits: dict[str, EncodedSplit], spec: AttackSpec, seed: int = 0
+    model: PreTrainedModel,
+    train: EncodedSplit,
+    splits: dict[str, EncodedSplit],
+    spec: AttackSpec,
+    seed: int = 0,
+    mixed_precision: str = "no",
 ) -> dict[str, float]:
     """Accuracy on each of `splits` (e.g. validation and test) of one `finetune(model, train, spec, seed)` run."""
-    tuned = finetune(model, train, spec, seed)
-    return {name: predict_accuracy(tuned, split.pixel_values, split.labels) for name, split in splits.items()}
+    tuned = finetune(model, train, spec, seed, mixed_precision)
+    return {
+        name: predict_accuracy(tuned, split.pixel_values, split.labels, mixed_precision=mixed_precision)
+        for name, split in splits.items()
+    }

@@ -198,7 +198,10 @@ class SophonBaseTrainer(Trainer):
         optimizer = make_optimizer(attack.optimizer, list(fast.values()), attack.learning_rate, weight_decay)
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            return functional_call(model, (fast, buffers), args=args, kwargs=kwargs)
+            # Under `--bf16` / `--fp16` (or accelerate's --mixed_precision) the attackers run autocast like the
+            # NTR step; their parameters, the optimiser state and the meta-gradient sum stay fp32.
+            with self.accelerator.autocast():
+                return functional_call(model, (fast, buffers), args=args, kwargs=kwargs)
 
         for _ in range(config.inner_steps):
             indices = torch.randperm(self.restricted_size, generator=generator)[: attack.batch_size]
