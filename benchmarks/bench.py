@@ -1,10 +1,11 @@
 """`make bench`: how well hf_ntl protects, what it costs, and how that compares to the published results.
 
     make bench                      # = python benchmarks/bench.py --sections quality diffusion cost
-    make bench-budget               # all four sections (adds the scratch-convergence check)
+    make bench-budget               # the four sections above (adds the scratch-convergence check)
+    make bench-hub                  # = python benchmarks/bench.py --sections hub --output_dir benchmarks/hub
     python benchmarks/bench.py --sections cost          # one section
 
-Four sections, all with fixed seeds on the embedded domains, under the measurement protocol of
+Five sections, all with fixed seeds on the embedded domains, under the measurement protocol of
 ALGORITHMS.md §5 (splits fixed by the data set, a leakage guard before every audit, the worst case
 chosen on a validation split and read on test, budgets that grow with n):
 
@@ -20,6 +21,10 @@ chosen on a validation split and read on test, budgets that grow with n):
   denoising MSE after the diffusion suite for SOPHON, the original and scratch.
 - **cost**, measured in this run: protection step time over a plain `Trainer` step on the same
   batch size, SOPHON peak tensor memory at two K, one attack run, for three ResNet sizes.
+- **hub** (only when named): the ResNet-18 and ViT-Base architectures built from their Hub configs
+  (random weights: no Hub here) at 224 px with their checkpoints' image processors, and the
+  `google/ddpm-cifar10-32` UNet: plain / NTP / SOPHON step and attack step times, and the peak
+  resident memory of a whole 224 px audit process at two target train sizes.
 
 Each audit's runs are spread over `--audit_processes` one-thread processes (torchrun). Every stage
 writes into `--runs_dir` and is reused when it finished with the same recorded identity, so an
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -39,7 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import permutations
 from pathlib import Path
 from typing import Any
@@ -47,15 +53,34 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
+from datasets import DatasetDict
+from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.utils import logging as diffusers_logging
 from rich.table import Table
-from transformers import HfArgumentParser, ResNetConfig, ResNetForImageClassification, Trainer, TrainerCallback
+from transformers import (
+    AutoModelForImageClassification,
+    HfArgumentParser,
+    ResNetConfig,
+    ResNetForImageClassification,
+    Trainer,
+    TrainerCallback,
+    ViTConfig,
+)
 from transformers import TrainingArguments as PlainTrainingArguments
 from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging as transformers_logging
 
 from hf_ntl.artifacts import finished_run, read_record, run_identity
-from hf_ntl.attacks import AttackSpec, EncodedOnDemand, EncodedSplit, finetuned_accuracy, load_suite
+from hf_ntl.attacks import (
+    DIFFUSION_SUITE,
+    AttackSpec,
+    EncodedOnDemand,
+    EncodedSplit,
+    finetune,
+    finetune_unet,
+    finetuned_accuracy,
+    load_suite,
+)
 from hf_ntl.attacks.suite import MASKED_ATTACK
 from hf_ntl.cli import stage_config
 from hf_ntl.data import (
@@ -65,8 +90,19 @@ from hf_ntl.data import (
     stratified_subset,
 )
 from hf_ntl.data.loading import validation_split
+from hf_ntl.data.transforms import encode_diffusion_split
 from hf_ntl.errors import InputError
-from hf_ntl.evaluation import SCRATCH, process_state, read_report, run_attacks, run_seconds, summarise, write_report
+from hf_ntl.evaluation import (
+    SCRATCH,
+    EvaluateArguments,
+    process_state,
+    read_report,
+    run_attacks,
+    run_evaluation,
+    run_seconds,
+    summarise,
+    write_report,
+)
 from hf_ntl.evaluation_diffusion import DiffusionEvaluateArguments, run_evaluation_diffusion
 from hf_ntl.leakage import check_test_overlap, test_hashes_by_size
 from hf_ntl.metrics.learning_curve import CurvePoint, check_counts
@@ -77,9 +113,16 @@ from hf_ntl.protect import run_ntp, run_sophon, run_sophon_diffusion
 from hf_ntl.source import MODEL_SUBDIR, SourceConfig, run_source
 from hf_ntl.source_diffusion import DiffusionSourceConfig, run_diffusion_source
 from hf_ntl.terminal import StageProgress, format_duration, print_tables, stop_displays
-from hf_ntl.trainers import NTPConfig, NTPTrainer, SophonConfig, SophonDiffusionConfig, SophonTrainer
+from hf_ntl.trainers import (
+    NTPConfig,
+    NTPTrainer,
+    SophonConfig,
+    SophonDiffusionConfig,
+    SophonDiffusionTrainer,
+    SophonTrainer,
+)
 
-SECTIONS = ("quality", "budget", "diffusion", "cost")
+SECTIONS = ("quality", "budget", "diffusion", "cost", "hub")
 # What the results do not depend on: where they go, which sections run now, how many processes share an audit.
 BOOKKEEPING = ("runs_dir", "output_dir", "sections", "overwrite", "audit_processes", "audit_request", "dry_run")
 PROTECTIONS = {"ntp": (NTPConfig, run_ntp), "sophon": (SophonConfig, run_sophon)}
@@ -105,7 +148,10 @@ class BenchArguments:
 
     runs_dir: str = field(default="runs/bench", metadata={"help": "Where every stage is written (and reused)."})
     output_dir: str = field(default="benchmarks", metadata={"help": "Where results.json/.md and the heatmap go."})
-    sections: list[str] = field(default_factory=lambda: list(SECTIONS), metadata={"help": "Sections to run."})
+    sections: list[str] = field(
+        default_factory=lambda: [name for name in SECTIONS if name != "hub"],
+        metadata={"help": "Sections to run (hub, the Hub-scale architectures at 224 px, only when named)."},
+    )
     domains: list[str] = field(
         default_factory=lambda: ["font-digits", "uci-digits", "textured-digits"],
         metadata={"help": "Embedded domains (or folders); every ordered pair is benchmarked."},
@@ -143,6 +189,16 @@ class BenchArguments:
     cost_steps: int = field(default=20, metadata={"help": "Timed plain Trainer steps (after 3 warm-up)."})
     cost_sophon_iterations: int = field(default=5, metadata={"help": "Timed SOPHON iterations (after 1 warm-up)."})
     cost_inner_steps: list[int] = field(default_factory=lambda: [5, 50], metadata={"help": "SOPHON K compared."})
+    hub_models: list[str] = field(
+        default_factory=lambda: ["resnet-18", "vit-base"],
+        metadata={"help": "Hub architectures timed at 224 px in the hub section: resnet-18, vit-base."},
+    )
+    hub_batch_size: int = field(default=8, metadata={"help": "Batch of the hub section's timed steps."})
+    hub_steps: int = field(default=3, metadata={"help": "Timed steps per trainer in the hub section (after warm-up)."})
+    hub_audit_train_sizes: list[int] = field(
+        default_factory=lambda: [2000, 10000],
+        metadata={"help": "Target train sizes whose 224 px audits' peak memory the hub section compares."},
+    )
     overwrite: bool = field(default=False, metadata={"help": "Delete runs_dir first (otherwise stages are reused)."})
     dry_run: bool = field(
         default=False, metadata={"help": "Print what would run or be reused, with an estimated time; run nothing."}
@@ -166,6 +222,9 @@ class BenchArguments:
         bad = sorted(set(self.cost_models) - set(COST_MODELS))
         if bad:
             raise InputError(f"Unknown cost models {bad}; choose from {list(COST_MODELS)}.")
+        bad = sorted(set(self.hub_models) - set(HUB_MODELS))
+        if bad:
+            raise InputError(f"Unknown hub models {bad}; choose from {list(HUB_MODELS)}.")
 
 
 def check_sample_counts(args: BenchArguments) -> None:
@@ -699,6 +758,207 @@ def cost(args: BenchArguments, runs: Path) -> dict[str, Any]:
     }
 
 
+# ----------------------------------------------------------------------------- hub scale
+
+
+def _vit_base() -> ViTConfig:
+    # google/vit-base-patch16-224's architecture (ViTConfig's defaults), eager attention as the tiny preset's.
+    return ViTConfig(attn_implementation="eager")
+
+
+# Each Hub architecture with the image processor its checkpoint ships (microsoft/resnet-18: shortest edge
+# 224 / crop_pct 0.875, bicubic; google/vit-base-patch16-224: 224 x 224, bilinear).
+IMAGENET = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+HUB_MODELS = {
+    "resnet-18": (
+        _resnet_18,
+        {"image_processor_type": "ConvNextImageProcessor", "size": {"shortest_edge": 224}, "crop_pct": 0.875,
+         "resample": 3, **IMAGENET},
+    ),
+    "vit-base": (
+        _vit_base,
+        {"image_processor_type": "ViTImageProcessor", "size": {"height": 224, "width": 224}, "resample": 2,
+         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]},
+    ),
+}  # fmt: skip
+
+
+def _ddpm_cifar10_32() -> UNet2DModel:
+    # google/ddpm-cifar10-32's UNet, from its config.json (35.7 M parameters).
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=32,
+        block_out_channels=(128, 256, 256, 256),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=2,
+        downsample_padding=0,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+        norm_eps=1e-6,
+    )
+
+
+def _hub_checkpoint(name: str, folder: Path, classes: int) -> Path:
+    """A randomly initialised checkpoint of a Hub architecture, saved with its image processor."""
+    build, processor = HUB_MODELS[name]
+    config = build()
+    config.num_labels = classes
+    torch.manual_seed(0)
+    AutoModelForImageClassification.from_config(config).save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    return folder
+
+
+def _audit_peak_rss(model: str, target: str, counts: list[int], steps: int) -> float:
+    """In a fresh process: one audit (the `full` attack, one seed), and the process's peak resident memory in MiB."""
+    import resource
+
+    arguments = EvaluateArguments(
+        model_name_or_path=model, target_dataset=target, attacks=["full"], counts=counts, steps=steps, seeds=[0]
+    )
+    run_evaluation(arguments, progress=False)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def hub(args: BenchArguments, runs: Path) -> dict[str, Any]:
+    """Hub architectures at 224 px (random weights): step times of a plain Trainer, NTP and SOPHON and of an
+    attack, the `google/ddpm-cifar10-32` UNet's, and the peak memory of a 224 px audit at two train sizes."""
+    folder = runs / "hub"
+    source_name, target_name = args.domains[0], args.domains[1]
+    quiet = {
+        "report_to": "none",
+        "disable_tqdm": True,
+        "logging_strategy": "no",
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "dataloader_pin_memory": torch.cuda.is_available(),
+        "per_device_train_batch_size": args.hub_batch_size,
+    }
+    # SOPHON at its default K would take minutes per iteration on CPU: timed with K = 2 and one attacker,
+    # which a default iteration (2 attackers x K = 10) repeats about ten times.
+    sophon_settings = {"inner_steps": 2, "environments": 1, "inner_batch_sizes": [2 * args.hub_batch_size]}
+    sophon_settings["query_size"] = args.hub_batch_size
+    attack = replace(load_suite("default")[0], batch_size=args.hub_batch_size)
+    rows: dict[str, dict[str, Any]] = {}
+    for name in args.hub_models:
+        print(f"[hub] {name} at 224 px")
+        checkpoint = _hub_checkpoint(name, folder / name, 10)
+        preprocessor = ImagePreprocessor.from_pretrained(checkpoint)
+        source = load_image_classification_dataset(source_name, image_size=preprocessor.image_size)
+        target = load_image_classification_dataset(target_name, image_size=preprocessor.image_size)
+        source_train = stratified_subset(source["train"], 20 * args.hub_batch_size, seed=0)
+        guard = stratified_subset(source["test"], 2 * args.hub_batch_size, seed=0)
+        target_train = stratified_subset(target["train"], 4 * args.hub_batch_size, seed=0)
+        row: dict[str, Any] = {"parameters": sum(p.numel() for p in load_classifier(checkpoint).parameters())}
+        with tempfile.TemporaryDirectory() as tmp:
+            plain_args = PlainTrainingArguments(
+                output_dir=tmp, max_steps=2 + args.hub_steps, remove_unused_columns=False, **quiet
+            )
+            collator = ImageClassificationCollator(preprocessor)
+            plain = Trainer(load_classifier(checkpoint), plain_args, train_dataset=source_train, data_collator=collator)
+            row["plain_step_s"] = _seconds_per_step(plain, warmup=2)
+            ntp_args = NTPConfig(
+                output_dir=tmp, admm_rounds=1, steps_per_round=2 + args.hub_steps, retrain_steps=0, **quiet
+            )
+            ntp = NTPTrainer(load_classifier(checkpoint), ntp_args, source_train, target_train, preprocessor)
+            row["ntp_step_s"] = _seconds_per_step(ntp, warmup=2)
+            sophon_args = SophonConfig(
+                output_dir=tmp, iterations=1 + args.hub_steps, guard_threshold=0.0, **sophon_settings, **quiet
+            )
+            sophon = SophonTrainer(
+                load_classifier(checkpoint), sophon_args, source_train, target_train, preprocessor, guard
+            )
+            row["sophon_k2_iteration_s"] = _seconds_per_step(sophon, warmup=1)
+        pool = EncodedSplit.from_dataset(target_train, preprocessor)
+        for steps in (1, 1 + args.hub_steps):  # a run's set-up, then its steps
+            began = time.perf_counter()
+            finetune(load_classifier(checkpoint), pool, replace(attack, steps=steps), seed=0)
+            row[f"attack_{steps}_steps_s"] = time.perf_counter() - began
+        row["attack_step_s"] = (row[f"attack_{1 + args.hub_steps}_steps_s"] - row["attack_1_steps_s"]) / args.hub_steps
+        rows[name] = row
+
+    print("[hub] google/ddpm-cifar10-32's UNet")
+    unet, scheduler = _ddpm_cifar10_32(), DDPMScheduler(num_train_timesteps=1000)
+    images = {
+        name: encode_diffusion_split(
+            load_image_classification_dataset(name, image_size=32)["train"], 32, 3, limit=4 * args.hub_batch_size
+        )
+        for name in (source_name, target_name)
+    }
+    row = {"parameters": sum(p.numel() for p in unet.parameters())}
+    with tempfile.TemporaryDirectory() as tmp:
+        diffusion_args = SophonDiffusionConfig(
+            output_dir=tmp, iterations=1 + args.hub_steps, ntr_steps=1, guard_max_mse_ratio=1e9, **sophon_settings,
+            **quiet,
+        )  # fmt: skip
+        sophon = SophonDiffusionTrainer(
+            unet, diffusion_args, scheduler, images[source_name], images[target_name], images[source_name]
+        )
+        row["sophon_k2_iteration_s"] = _seconds_per_step(sophon, warmup=1)
+    spec = replace(DIFFUSION_SUITE[0], batch_size=args.hub_batch_size)
+    for steps in (1, 1 + args.hub_steps):
+        began = time.perf_counter()
+        finetune_unet(unet, scheduler, images[target_name], replace(spec, steps=steps), seed=0)
+        row[f"attack_{steps}_steps_s"] = time.perf_counter() - began
+    row["attack_step_s"] = (row[f"attack_{1 + args.hub_steps}_steps_s"] - row["attack_1_steps_s"]) / args.hub_steps
+    rows["ddpm-cifar10-32"] = row
+
+    # The audit's peak memory at 224 px on the first domain (the largest train split), in a fresh process per
+    # train size, with the same test images for both.
+    memory = {}
+    checkpoint = folder / "resnet-18"
+    if not checkpoint.is_dir():
+        _hub_checkpoint("resnet-18", checkpoint, 10)
+    preprocessor = ImagePreprocessor.from_pretrained(checkpoint)
+    rendered = load_image_classification_dataset(source_name, image_size=preprocessor.image_size)
+    test = stratified_subset(rendered["test"], min(500, len(rendered["test"])), seed=0)
+    spawn = multiprocessing.get_context("spawn")
+    for size in args.hub_audit_train_sizes:
+        if size > len(rendered["train"]):
+            raise InputError(f"{source_name} has {len(rendered['train'])} train samples; hub audit asks {size}.")
+        data = folder / f"{source_name}-{size}"
+        if not data.is_dir():
+            train = stratified_subset(rendered["train"], size, seed=0)
+            DatasetDict({"train": train, "test": test}).save_to_disk(str(data))
+        print(f"[hub] audit memory, resnet-18 at 224 px, {size} target train samples")
+        with spawn.Pool(1, maxtasksperchild=1) as pool:
+            memory[size] = pool.apply(_audit_peak_rss, (str(checkpoint), str(data), [10, 50], 3))
+    return {
+        "batch_size": args.hub_batch_size,
+        "timed_steps": args.hub_steps,
+        "sophon_settings": sophon_settings,
+        "data": {"source": source_name, "target": target_name},
+        "models": rows,
+        "audit": {
+            "model": "resnet-18",
+            "target": source_name,
+            "attack": "full",
+            "counts": [10, 50],
+            "steps": 3,
+            "test_samples": len(test),
+        },
+        "audit_peak_rss_mib": memory,
+    }
+
+
+def hub_table(result: dict[str, Any]) -> str:
+    rows = [["model", "parameters", "plain step", "NTP step", "SOPHON iteration (K = 2, 1 attacker)", "attack step"]]
+    for name, row in result["models"].items():
+        plain, ntp = row.get("plain_step_s"), row.get("ntp_step_s")
+        rows.append(
+            [
+                name,
+                f"{row['parameters'] / 1e6:.1f} M",
+                "-" if plain is None else f"{plain:.2f} s",
+                "-" if ntp is None else f"{ntp:.2f} s ({ntp / plain:.1f}x)",
+                f"{row['sophon_k2_iteration_s']:.2f} s",
+                f"{row['attack_step_s']:.2f} s",
+            ]
+        )
+    return _markdown(rows)
+
+
 # ----------------------------------------------------------------------------- results
 
 
@@ -921,6 +1181,24 @@ def write_results(args: BenchArguments, results: dict[str, Any], out: Path) -> s
                 f"{statistics.mean(audit_times):.0f} s on average; of it, one model plus its scratch baseline: "
                 f"{statistics.mean(per_model):.0f} s (sum of their run times)."
             )
+    if "hub" in results:
+        result = results["hub"]
+        memory = result["audit_peak_rss_mib"]
+        parts += [
+            "## Hub-scale architectures",
+            f"Random weights built from the Hub configs, at 224 px with each checkpoint's image processor (the UNet "
+            f"at 32 px); batch {result['batch_size']}, mean over {result['timed_steps']} steps after warm-up. NTP: an "
+            "ADMM step; SOPHON: one iteration with one simulated attacker of K = 2 steps plus one normal-training "
+            "step (a default iteration has 2 attackers of K = 10); attack step: the `full` attack (the UNet: "
+            f"`{DIFFUSION_SUITE[0].name}`), a run's set-up excluded.",
+            hub_table(result),
+            f"Peak resident memory of a whole audit process (resnet-18 architecture at 224 px on "
+            f"{result['audit']['target']}, "
+            f"{result['audit']['attack']} attack, n = {result['audit']['counts']}, {result['audit']['steps']} steps, "
+            f"{result['audit']['test_samples']} test images): "
+            + ", ".join(f"{float(mib) / 1024:.2f} GiB with {size} target train samples" for size, mib in memory.items())
+            + ".",
+        ]
     markdown = "\n\n".join(parts) + "\n"
     (out / "results.md").write_text(markdown)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -1044,7 +1322,7 @@ def run(argv: list[str] | None = None) -> None:
         )
     runs.mkdir(parents=True, exist_ok=True)
     identity_file.write_text(json.dumps(identity, indent=2) + "\n")
-    sections = {"quality": quality, "budget": budget, "diffusion": diffusion, "cost": cost}
+    sections = {"quality": quality, "budget": budget, "diffusion": diffusion, "cost": cost, "hub": hub}
     results: dict[str, Any] = {"settings": identity}
     for name in [name for name in SECTIONS if name in args.sections]:  # budget reads quality's audits
         section_start = time.perf_counter()

@@ -363,8 +363,9 @@ def run_evaluation(args: EvaluateArguments, progress: bool = True) -> dict[str, 
     train = EncodedOnDemand(plan.splits["train pool"], plan.preprocessor)
     validation = EncodedSplit.from_dataset(plan.splits["validation"], plan.preprocessor)
     test = EncodedSplit.from_dataset(plan.splits["test"], plan.preprocessor)
+    batch_size = max(spec.batch_size for spec in suite)  # the attacks' own: no more memory than they take
     zero_shot = {
-        label: predict_accuracy(m, test.pixel_values, test.labels, mixed_precision=args.mixed_precision)
+        label: predict_accuracy(m, test.pixel_values, test.labels, batch_size, args.mixed_precision)
         for label, m in models.items()
         if m.config.num_labels == len(plan.names) and not args.replace_head
     }

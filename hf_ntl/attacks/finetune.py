@@ -295,7 +295,9 @@ def finetuned_accuracies(
 ) -> dict[str, float]:
     """Accuracy on each of `splits` (e.g. validation and test) of one `finetune(model, train, spec, seed)` run."""
     tuned = finetune(model, train, spec, seed, mixed_precision)
+    # Scored in batches of the attack's own size: never more activation memory than its training steps took
+    # (at 224 px a batch of 256 would hold gigabytes of activations on a ResNet-18).
     return {
-        name: predict_accuracy(tuned, split.pixel_values, split.labels, mixed_precision=mixed_precision)
+        name: predict_accuracy(tuned, split.pixel_values, split.labels, spec.batch_size, mixed_precision)
         for name, split in splits.items()
     }
