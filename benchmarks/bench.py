@@ -811,14 +811,18 @@ def _hub_checkpoint(name: str, folder: Path, classes: int) -> Path:
 
 
 def _audit_peak_rss(model: str, target: str, counts: list[int], steps: int) -> float:
-    """In a fresh process: one audit (the `full` attack, one seed), and the process's peak resident memory in MiB."""
-    import resource
+    """In a fresh process: one audit (the `full` attack, one seed), and the process's peak resident memory in MiB.
 
+    Read from /proc (Linux) as VmHWM, the peak of this process's own memory: `getrusage`'s ru_maxrss would
+    also count the parent's resident size at the fork that started this process, which exec does not reset.
+    """
+    transformers_logging.disable_progress_bar()  # a spawned process: the parent's settings do not reach it
     arguments = EvaluateArguments(
         model_name_or_path=model, target_dataset=target, attacks=["full"], counts=counts, steps=steps, seeds=[0]
     )
     run_evaluation(arguments, progress=False)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
 
 
 def hub(args: BenchArguments, runs: Path) -> dict[str, Any]:
@@ -839,6 +843,34 @@ def hub(args: BenchArguments, runs: Path) -> dict[str, Any]:
     # which a default iteration (2 attackers x K = 10) repeats about ten times.
     sophon_settings = {"inner_steps": 2, "environments": 1, "inner_batch_sizes": [2 * args.hub_batch_size]}
     sophon_settings["query_size"] = args.hub_batch_size
+    # Each part is kept as it finishes (an interrupted section resumes after it).
+    steps = _cached(
+        folder / "step_times.json", lambda: {"models": _hub_step_times(args, folder, sophon_settings, quiet)}
+    )
+    memory = _cached(folder / "audit_memory.json", lambda: {"peak_rss_mib": _hub_audit_memory(args, folder)})
+    return {
+        "batch_size": args.hub_batch_size,
+        "timed_steps": args.hub_steps,
+        "sophon_settings": sophon_settings,
+        "data": {"source": source_name, "target": target_name},
+        "models": steps["models"],
+        "audit": {
+            "model": "resnet-18",
+            "target": source_name,
+            "attack": "full",
+            "counts": [10, 50],
+            "steps": 3,
+            "test_samples": min(500, len(load_image_classification_dataset(source_name)["test"])),
+        },
+        "audit_peak_rss_mib": memory["peak_rss_mib"],
+    }
+
+
+def _hub_step_times(
+    args: BenchArguments, folder: Path, sophon_settings: dict[str, Any], quiet: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Plain / NTP / SOPHON / attack step times of each Hub architecture at 224 px, and of the DDPM UNet."""
+    source_name, target_name = args.domains[0], args.domains[1]
     attack = replace(load_suite("default")[0], batch_size=args.hub_batch_size)
     rows: dict[str, dict[str, Any]] = {}
     for name in args.hub_models:
@@ -903,9 +935,13 @@ def hub(args: BenchArguments, runs: Path) -> dict[str, Any]:
         row[f"attack_{steps}_steps_s"] = time.perf_counter() - began
     row["attack_step_s"] = (row[f"attack_{1 + args.hub_steps}_steps_s"] - row["attack_1_steps_s"]) / args.hub_steps
     rows["ddpm-cifar10-32"] = row
+    return rows
 
-    # The audit's peak memory at 224 px on the first domain (the largest train split), in a fresh process per
-    # train size, with the same test images for both.
+
+def _hub_audit_memory(args: BenchArguments, folder: Path) -> dict[int, float]:
+    """The peak memory (MiB) of a 224 px audit on the first domain (the largest train split), in a fresh process
+    per target train size, with the same test images for all."""
+    source_name = args.domains[0]
     memory = {}
     checkpoint = folder / "resnet-18"
     if not checkpoint.is_dir():
@@ -924,22 +960,7 @@ def hub(args: BenchArguments, runs: Path) -> dict[str, Any]:
         print(f"[hub] audit memory, resnet-18 at 224 px, {size} target train samples")
         with spawn.Pool(1, maxtasksperchild=1) as pool:
             memory[size] = pool.apply(_audit_peak_rss, (str(checkpoint), str(data), [10, 50], 3))
-    return {
-        "batch_size": args.hub_batch_size,
-        "timed_steps": args.hub_steps,
-        "sophon_settings": sophon_settings,
-        "data": {"source": source_name, "target": target_name},
-        "models": rows,
-        "audit": {
-            "model": "resnet-18",
-            "target": source_name,
-            "attack": "full",
-            "counts": [10, 50],
-            "steps": 3,
-            "test_samples": len(test),
-        },
-        "audit_peak_rss_mib": memory,
-    }
+    return memory
 
 
 def hub_table(result: dict[str, Any]) -> str:
