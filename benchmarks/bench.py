@@ -650,6 +650,16 @@ def _resnet_18() -> ResNetConfig:
 
 COST_MODELS = {"tiny-resnet": None, "small-resnet": _small_resnet, "resnet-18": _resnet_18}
 
+# Training arguments of the timed trainers: no logging, saving or evaluation inside the measurement.
+QUIET_TRAINING = {
+    "report_to": "none",
+    "disable_tqdm": True,
+    "logging_strategy": "no",
+    "save_strategy": "no",
+    "eval_strategy": "no",
+    "dataloader_pin_memory": torch.cuda.is_available(),  # pinning needs an accelerator; it only warns on CPU
+}
+
 
 def _cost_model(name: str, num_labels: int) -> torch.nn.Module:
     if COST_MODELS[name] is None:
@@ -694,14 +704,7 @@ def cost(args: BenchArguments, runs: Path) -> dict[str, Any]:
     attack_test = EncodedSplit.from_dataset(target["test"], preprocessor)
     attack = load_suite("default")[0]
     classes = source["train"].features["label"].num_classes
-    quiet = {
-        "report_to": "none",
-        "disable_tqdm": True,
-        "logging_strategy": "no",
-        "save_strategy": "no",
-        "eval_strategy": "no",
-        "dataloader_pin_memory": torch.cuda.is_available(),  # pinning needs an accelerator; it only warns on CPU
-    }
+    quiet = QUIET_TRAINING
     warmup = 3
     rows = {}
     for name in args.cost_models:
@@ -830,15 +833,7 @@ def hub(args: BenchArguments, runs: Path) -> dict[str, Any]:
     attack, the `google/ddpm-cifar10-32` UNet's, and the peak memory of a 224 px audit at two train sizes."""
     folder = runs / "hub"
     source_name, target_name = args.domains[0], args.domains[1]
-    quiet = {
-        "report_to": "none",
-        "disable_tqdm": True,
-        "logging_strategy": "no",
-        "save_strategy": "no",
-        "eval_strategy": "no",
-        "dataloader_pin_memory": torch.cuda.is_available(),
-        "per_device_train_batch_size": args.hub_batch_size,
-    }
+    quiet = {**QUIET_TRAINING, "per_device_train_batch_size": args.hub_batch_size}
     # SOPHON at its default K would take minutes per iteration on CPU: timed with K = 2 and one attacker,
     # which a default iteration (2 attackers x K = 10) repeats about ten times.
     sophon_settings = {"inner_steps": 2, "environments": 1, "inner_batch_sizes": [2 * args.hub_batch_size]}
