@@ -40,6 +40,7 @@ from .attacks.finetune import (
     finetune,
     finetuned_accuracies,
     pruning_masks,
+    scoring_batch,
 )
 from .attacks.suite import load_suite
 from .data import ImagePreprocessor, class_names, load_image_classification_dataset, stratified_order
@@ -363,7 +364,7 @@ def run_evaluation(args: EvaluateArguments, progress: bool = True) -> dict[str, 
     train = EncodedOnDemand(plan.splits["train pool"], plan.preprocessor)
     validation = EncodedSplit.from_dataset(plan.splits["validation"], plan.preprocessor)
     test = EncodedSplit.from_dataset(plan.splits["test"], plan.preprocessor)
-    batch_size = max(spec.batch_size for spec in suite)  # the attacks' own: no more memory than they take
+    batch_size = max(scoring_batch(spec, test) for spec in suite)
     zero_shot = {
         label: predict_accuracy(m, test.pixel_values, test.labels, batch_size, args.mixed_precision)
         for label, m in models.items()

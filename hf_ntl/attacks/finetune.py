@@ -295,9 +295,15 @@ def finetuned_accuracies(
 ) -> dict[str, float]:
     """Accuracy on each of `splits` (e.g. validation and test) of one `finetune(model, train, spec, seed)` run."""
     tuned = finetune(model, train, spec, seed, mixed_precision)
-    # Scored in batches of the attack's own size: never more activation memory than its training steps took
-    # (at 224 px a batch of 256 would hold gigabytes of activations on a ResNet-18).
     return {
-        name: predict_accuracy(tuned, split.pixel_values, split.labels, spec.batch_size, mixed_precision)
+        name: predict_accuracy(tuned, split.pixel_values, split.labels, scoring_batch(spec, split), mixed_precision)
         for name, split in splits.items()
     }
+
+
+def scoring_batch(spec: AttackSpec, split: EncodedSplit) -> int:
+    """Images scored per forward pass: 256 at 32 px, and at larger sizes no more than the attack's own batch
+    (whose training steps hold more activations than a no-grad pass): at 224 px a batch of 256 would hold
+    gigabytes of activations on a ResNet-18."""
+    pixels = split.pixel_values.shape[-1] * split.pixel_values.shape[-2]
+    return max(spec.batch_size, 256 * 32 * 32 // pixels)
