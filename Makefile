@@ -21,11 +21,13 @@ demo: $(STAMP)
 model-cards: $(STAMP)
 	$(BIN)/python scripts/reference_cards.py --runs runs/reference --cards model_cards
 
-# Protection quality, diffusion and cost benchmarks into benchmarks/ (see benchmarks/results.md for
-# the time each section took on 2 CPU cores; finished stages in runs/bench are reused). Not part of
-# `make test`. bench-budget adds the scratch-convergence check (scratch at twice the attack budget).
+# Protection quality (tiny-resnet, then ViT and ConvNeXt), diffusion and cost benchmarks into
+# benchmarks/ (see benchmarks/results.md for the time each section took on 2 CPU cores; finished
+# stages in runs/bench are reused). Not part of `make test`. bench-budget adds the
+# scratch-convergence check (scratch at twice the attack budget).
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench.py --runs_dir runs/bench --output_dir benchmarks --sections quality diffusion cost
+	$(BIN)/python benchmarks/bench.py --runs_dir runs/bench --output_dir benchmarks \
+		--sections quality architectures diffusion cost
 
 bench-budget: $(STAMP)
 	$(BIN)/python benchmarks/bench.py --runs_dir runs/bench --output_dir benchmarks

@@ -1,11 +1,11 @@
 """`make bench`: how well hf_ntl protects, what it costs, and how that compares to the published results.
 
-    make bench                      # = python benchmarks/bench.py --sections quality diffusion cost
-    make bench-budget               # the four sections above (adds the scratch-convergence check)
+    make bench                      # = python benchmarks/bench.py --sections quality architectures diffusion cost
+    make bench-budget               # the sections above and the scratch-convergence check
     make bench-hub                  # = python benchmarks/bench.py --sections hub --output_dir benchmarks/hub
     python benchmarks/bench.py --sections cost          # one section
 
-Five sections, all with fixed seeds on the embedded domains, under the measurement protocol of
+Six sections, all with fixed seeds on the embedded domains, under the measurement protocol of
 ALGORITHMS.md §5 (splits fixed by the data set, a leakage guard before every audit, the worst case
 chosen on a validation split and read on test, budgets that grow with n):
 
@@ -15,6 +15,8 @@ chosen on a validation split and read on test, budgets that grow with n):
   protected models are attacked with the default suite plus the NTP paper's masked protocol
   (`full-masked`). Source accuracy, SLC-AUC (raw and normalised) under the masked protocol and for
   the suite's worst case, averaged over pairs beside the published anchors.
+- **architectures**: the first pair again on the ViT and ConvNeXt presets (each fitted with its own
+  `fit-source` recipe), protected and audited as above against scratch of the same architecture.
 - **budget**: scratch at twice every attack's budget on each target, against the quality section's
   scratch runs: whether SLC-AUC measures saved data or saved compute.
 - **diffusion**: a tiny DDPM on the first domain, SOPHON (DoS) against the second, restricted
@@ -45,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from itertools import permutations
 from pathlib import Path
@@ -108,7 +111,7 @@ from hf_ntl.leakage import check_test_overlap, test_hashes_by_size
 from hf_ntl.metrics.learning_curve import CurvePoint, check_counts
 from hf_ntl.metrics.memory import peak_memory
 from hf_ntl.metrics.plots import plot_pair_heatmaps
-from hf_ntl.models import build_tiny_classifier, load_classifier
+from hf_ntl.models import TINY_PRESETS, build_tiny_classifier, load_classifier
 from hf_ntl.protect import run_ntp, run_sophon, run_sophon_diffusion
 from hf_ntl.source import MODEL_SUBDIR, SourceConfig, run_source
 from hf_ntl.source_diffusion import DiffusionSourceConfig, run_diffusion_source
@@ -122,7 +125,7 @@ from hf_ntl.trainers import (
     SophonTrainer,
 )
 
-SECTIONS = ("quality", "budget", "diffusion", "cost", "hub")
+SECTIONS = ("quality", "architectures", "budget", "diffusion", "cost", "hub")
 # What the results do not depend on: where they go, which sections run now, how many processes share an audit.
 BOOKKEEPING = ("runs_dir", "output_dir", "sections", "overwrite", "audit_processes", "audit_request", "dry_run")
 PROTECTIONS = {"ntp": (NTPConfig, run_ntp), "sophon": (SophonConfig, run_sophon)}
@@ -157,7 +160,13 @@ class BenchArguments:
         metadata={"help": "Embedded domains (or folders); every ordered pair is benchmarked."},
     )
     model: str = field(default="tiny-resnet", metadata={"help": "Tiny preset the source models start from."})
-    source_steps: int = field(default=1500, metadata={"help": "Optimiser steps of each source model (batch 32)."})
+    architectures: list[str] = field(
+        default_factory=lambda: ["tiny-vit", "tiny-convnext"],
+        metadata={"help": "Other tiny presets the architectures section protects and audits on the first pair."},
+    )
+    source_steps: int | None = field(
+        default=None, metadata={"help": "Optimiser steps of each source model (default: the fit-source recipe)."}
+    )
     suite: str = field(default="default", metadata={"help": "Attack suite (the masked protocol is added)."})
     attacks: list[str] | None = field(default=None, metadata={"help": "Only these attacks of the suite."})
     attack_steps: int | None = field(default=None, metadata={"help": "Override every attack's steps."})
@@ -219,6 +228,9 @@ class BenchArguments:
             raise InputError(f"Domains must be distinct, got {self.domains}.")
         if len(self.cost_inner_steps) != 2:
             raise InputError(f"cost_inner_steps compares two values of K, got {self.cost_inner_steps}.")
+        bad = sorted(set(self.architectures) - set(TINY_PRESETS))
+        if bad:
+            raise InputError(f"Unknown architectures {bad}; choose tiny presets from {list(TINY_PRESETS)}.")
         bad = sorted(set(self.cost_models) - set(COST_MODELS))
         if bad:
             raise InputError(f"Unknown cost models {bad}; choose from {list(COST_MODELS)}.")
@@ -263,9 +275,11 @@ def _cached(path: Path, compute) -> dict[str, Any]:
 
 
 def source_config(args: BenchArguments, folder: Path, domain: str) -> SourceConfig:
-    """The fit-source stage for `domain`: a plain `Trainer` run of `source_steps` steps."""
+    """The fit-source stage for `domain`: a plain `Trainer` run of the preset's recipe, or of `source_steps` steps."""
     options = ["--output_dir", str(folder), "--model_name_or_path", args.model, "--dataset_name", domain]
-    options += ["--max_steps", str(args.source_steps), "--logging_strategy", "no"]
+    options += ["--logging_strategy", "no"]
+    if args.source_steps is not None:
+        options += ["--max_steps", str(args.source_steps)]
     return stage_config(SourceConfig, None, options, "fit-source")
 
 
@@ -439,11 +453,15 @@ def scratch_path(runs: Path, target: str) -> Path:
     return runs / "scratch" / Path(target).name / "report.json"
 
 
+def check_masked_protocol(args: BenchArguments) -> None:
+    """The quality tables compare every model under the NTP paper's masked protocol: it must be in the suite."""
+    if MASKED_ATTACK.name not in [spec.name for spec in bench_suite(args)]:
+        raise InputError(f"The bench needs the masked protocol: keep {MASKED_ATTACK.name!r} in --attacks.")
+
+
 def quality(args: BenchArguments, runs: Path) -> dict[str, Any]:
     """Source models, protections and audits for every ordered pair; per pair, what the tables need."""
-    suite_names = [spec.name for spec in bench_suite(args)]
-    if MASKED_ATTACK.name not in suite_names:
-        raise InputError(f"The bench needs the masked protocol: keep {MASKED_ATTACK.name!r} in --attacks.")
+    check_masked_protocol(args)
     sources = {domain: fit_source(args, runs / "sources" / Path(domain).name, domain) for domain in args.domains}
     for target in args.domains:  # one scratch baseline per target, shared by the pairs that attack it
         print(f"[quality] scratch on {target}")
@@ -451,36 +469,58 @@ def quality(args: BenchArguments, runs: Path) -> dict[str, Any]:
     pairs = []
     for source, target in permutations(args.domains, 2):
         print(f"[quality] {source} -> {target}")
-        folder = runs / "quality" / f"{Path(source).name}__{Path(target).name}"
-        models = {"original": sources[source]}
-        for method in PROTECTIONS:
-            models[method] = protect(args, folder / method, sources[source], source, target, method)
-        report = audit(args, folder / "audit", models, target, scratch_report=scratch_path(runs, target))
-        largest = max(report["counts"])
-        pair: dict[str, Any] = {"source": source, "target": target, "audit_wall_time_s": report["wall_time_s"]}
-        for label in LABELS:
-            record = read_record(models[label])
-            scores = report["slc_auc"][label]
-            pair[label] = {
-                "source_accuracy": record.get("source_accuracy_after", record.get("test_accuracy")),
-                "masked": scores["per_attack"][MASKED_ATTACK.name],
-                "worst_case": scores["worst_case"],
-                "strongest_attack": scores["strongest_attack"],
-                "masked_accuracy_at_largest_n": report["curves"][label][MASKED_ATTACK.name][largest],
-                "worst_case_accuracy_at_largest_n": report["worst_case_curves"][label][largest],
-                "worst_case_attacks": report["worst_case_attacks"][label],
-                "attack_seconds": report["seconds_by_model"][label],
-                "protection_wall_time_s": record.get("wall_time_s") if label != "original" else None,
-            }
-        pair[SCRATCH] = {
-            "masked_accuracy_at_largest_n": report["curves"][SCRATCH][MASKED_ATTACK.name][largest],
-            "worst_case_accuracy_at_largest_n": report["worst_case_curves"][SCRATCH][largest],
-            "worst_case_attacks": report["worst_case_attacks"][SCRATCH],
-            "attack_seconds": report["seconds_by_model"][SCRATCH],
-        }
-        pair["test_overlap"] = report["test_overlap"]["total"]
-        pairs.append(pair)
+        pairs.append(protect_and_audit_pair(args, runs, sources[source], source, target))
     return {"counts": args.counts, "seeds": args.seeds, "largest_n": max(args.counts), "pairs": pairs}
+
+
+def protect_and_audit_pair(args: BenchArguments, runs: Path, source_model: Path, source: str, target: str) -> dict:
+    """Both protections of `source_model` against `target`, and one audit of the three models against the target's
+    shared scratch baseline (`scratch_path(runs, target)`); what the tables need of the pair."""
+    folder = runs / "quality" / f"{Path(source).name}__{Path(target).name}"
+    models = {"original": source_model}
+    for method in PROTECTIONS:
+        models[method] = protect(args, folder / method, source_model, source, target, method)
+    report = audit(args, folder / "audit", models, target, scratch_report=scratch_path(runs, target))
+    largest = max(report["counts"])
+    pair: dict[str, Any] = {"source": source, "target": target, "audit_wall_time_s": report["wall_time_s"]}
+    for label in LABELS:
+        record = read_record(models[label])
+        scores = report["slc_auc"][label]
+        pair[label] = {
+            "source_accuracy": record.get("source_accuracy_after", record.get("test_accuracy")),
+            "masked": scores["per_attack"][MASKED_ATTACK.name],
+            "worst_case": scores["worst_case"],
+            "strongest_attack": scores["strongest_attack"],
+            "masked_accuracy_at_largest_n": report["curves"][label][MASKED_ATTACK.name][largest],
+            "worst_case_accuracy_at_largest_n": report["worst_case_curves"][label][largest],
+            "worst_case_attacks": report["worst_case_attacks"][label],
+            "attack_seconds": report["seconds_by_model"][label],
+            "protection_wall_time_s": record.get("wall_time_s") if label != "original" else None,
+        }
+    pair[SCRATCH] = {
+        "masked_accuracy_at_largest_n": report["curves"][SCRATCH][MASKED_ATTACK.name][largest],
+        "worst_case_accuracy_at_largest_n": report["worst_case_curves"][SCRATCH][largest],
+        "worst_case_attacks": report["worst_case_attacks"][SCRATCH],
+        "attack_seconds": report["seconds_by_model"][SCRATCH],
+    }
+    pair["test_overlap"] = report["test_overlap"]["total"]
+    return pair
+
+
+def architectures(args: BenchArguments, runs: Path) -> dict[str, Any]:
+    """The quality section's pair `domains[0] -> domains[1]` on each of `args.architectures`: a source model fitted
+    with the preset's own recipe, NTP and SOPHON with their defaults, and an audit against scratch of the same
+    architecture; how the protections behave on a transformer (ViT) and a modern convnet (ConvNeXt)."""
+    check_masked_protocol(args)
+    source, target = args.domains[0], args.domains[1]
+    rows = {}
+    for preset in args.architectures:
+        print(f"[architectures] {preset}: {source} -> {target}")
+        preset_args, folder = replace(args, model=preset), runs / "architectures" / preset
+        source_model = fit_source(preset_args, folder / "sources" / Path(source).name, source)
+        audit(preset_args, scratch_path(folder, target).parent, {}, target)
+        rows[preset] = protect_and_audit_pair(preset_args, folder, source_model, source, target)
+    return {"counts": args.counts, "seeds": args.seeds, "largest_n": max(args.counts), "models": rows}
 
 
 def quality_averages(result: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -842,13 +882,14 @@ def hub(args: BenchArguments, runs: Path) -> dict[str, Any]:
     steps = _cached(
         folder / "step_times.json", lambda: {"models": _hub_step_times(args, folder, sophon_settings, quiet)}
     )
+    attacks = _cached(folder / "attack_times.json", lambda: {"models": _hub_attack_times(args, folder)})
     memory = _cached(folder / "audit_memory.json", lambda: {"peak_rss_mib": _hub_audit_memory(args, folder)})
     return {
         "batch_size": args.hub_batch_size,
         "timed_steps": args.hub_steps,
         "sophon_settings": sophon_settings,
         "data": {"source": source_name, "target": target_name},
-        "models": steps["models"],
+        "models": {name: {**row, **attacks["models"][name]} for name, row in steps["models"].items()},
         "audit": {
             "model": "resnet-18",
             "target": source_name,
@@ -861,12 +902,17 @@ def hub(args: BenchArguments, runs: Path) -> dict[str, Any]:
     }
 
 
+def hub_attack(args: BenchArguments, steps: int) -> AttackSpec:
+    """The suite's `full` attack at the hub batch for exactly `steps` steps. (With the suite's budget, which grows
+    with the data, a 1-step and a 4-step run on 32 samples both took 60 steps, and their difference was noise.)"""
+    return replace(load_suite("default", steps=steps)[0], batch_size=args.hub_batch_size)
+
+
 def _hub_step_times(
     args: BenchArguments, folder: Path, sophon_settings: dict[str, Any], quiet: dict[str, Any]
 ) -> dict[str, dict[str, Any]]:
-    """Plain / NTP / SOPHON / attack step times of each Hub architecture at 224 px, and of the DDPM UNet."""
+    """Plain / NTP / SOPHON step times of each Hub architecture at 224 px, and SOPHON's of the DDPM UNet."""
     source_name, target_name = args.domains[0], args.domains[1]
-    attack = replace(load_suite("default")[0], batch_size=args.hub_batch_size)
     rows: dict[str, dict[str, Any]] = {}
     for name in args.hub_models:
         print(f"[hub] {name} at 224 px")
@@ -897,12 +943,6 @@ def _hub_step_times(
                 load_classifier(checkpoint), sophon_args, source_train, target_train, preprocessor, guard
             )
             row["sophon_k2_iteration_s"] = _seconds_per_step(sophon, warmup=1)
-        pool = EncodedSplit.from_dataset(target_train, preprocessor)
-        for steps in (1, 1 + args.hub_steps):  # a run's set-up, then its steps
-            began = time.perf_counter()
-            finetune(load_classifier(checkpoint), pool, replace(attack, steps=steps), seed=0)
-            row[f"attack_{steps}_steps_s"] = time.perf_counter() - began
-        row["attack_step_s"] = (row[f"attack_{1 + args.hub_steps}_steps_s"] - row["attack_1_steps_s"]) / args.hub_steps
         rows[name] = row
 
     print("[hub] google/ddpm-cifar10-32's UNet")
@@ -923,13 +963,42 @@ def _hub_step_times(
             unet, diffusion_args, scheduler, images[source_name], images[target_name], images[source_name]
         )
         row["sophon_k2_iteration_s"] = _seconds_per_step(sophon, warmup=1)
-    spec = replace(DIFFUSION_SUITE[0], batch_size=args.hub_batch_size)
-    for steps in (1, 1 + args.hub_steps):
-        began = time.perf_counter()
-        finetune_unet(unet, scheduler, images[target_name], replace(spec, steps=steps), seed=0)
-        row[f"attack_{steps}_steps_s"] = time.perf_counter() - began
-    row["attack_step_s"] = (row[f"attack_{1 + args.hub_steps}_steps_s"] - row["attack_1_steps_s"]) / args.hub_steps
     rows["ddpm-cifar10-32"] = row
+    return rows
+
+
+def _hub_attack_times(args: BenchArguments, folder: Path) -> dict[str, dict[str, float]]:
+    """One attack step of each Hub architecture at 224 px and of the DDPM UNet: a run of 1 + hub_steps steps less
+    a run of 1 step (its set-up: the copy, the optimiser), over hub_steps."""
+    target_name = args.domains[1]
+    runs: dict[str, Callable[[int], object]] = {}
+    for name in args.hub_models:
+        checkpoint = folder / name
+        if not checkpoint.is_dir():
+            _hub_checkpoint(name, checkpoint, 10)
+        preprocessor = ImagePreprocessor.from_pretrained(checkpoint)
+        target = load_image_classification_dataset(target_name, image_size=preprocessor.image_size)
+        train = stratified_subset(target["train"], 4 * args.hub_batch_size, seed=0)
+        pool = EncodedSplit.from_dataset(train, preprocessor)
+        runs[name] = lambda steps, checkpoint=checkpoint, pool=pool: finetune(
+            load_classifier(checkpoint), pool, hub_attack(args, steps), seed=0
+        )
+    unet, scheduler = _ddpm_cifar10_32(), DDPMScheduler(num_train_timesteps=1000)
+    images = encode_diffusion_split(
+        load_image_classification_dataset(target_name, image_size=32)["train"], 32, 3, limit=4 * args.hub_batch_size
+    )
+    spec = replace(DIFFUSION_SUITE[0], batch_size=args.hub_batch_size)
+    runs["ddpm-cifar10-32"] = lambda steps: finetune_unet(unet, scheduler, images, replace(spec, steps=steps), seed=0)
+    rows = {}
+    for name, attack in runs.items():
+        print(f"[hub] attack steps of {name}")
+        row = {}
+        for steps in (1, 1 + args.hub_steps):
+            began = time.perf_counter()
+            attack(steps)
+            row[f"attack_{steps}_steps_s"] = time.perf_counter() - began
+        row["attack_step_s"] = (row[f"attack_{1 + args.hub_steps}_steps_s"] - row["attack_1_steps_s"]) / args.hub_steps
+        rows[name] = row
     return rows
 
 
@@ -978,23 +1047,40 @@ def hub_table(result: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- results
 
 
+def pair_header(first: str, largest_n: int) -> list[str]:
+    """The columns of a protected pair's row (`pair_cells`) after `first`."""
+    header = [first, "source acc. (%) orig / NTP / SOPHON"]
+    header += [f"{DISPLAY[label]}: SLC-AUC masked / worst case" for label in LABELS]
+    return [*header, f"acc. (%) at n = {largest_n}, worst case: orig / NTP / SOPHON / scratch"]
+
+
+def pair_cells(pair: dict[str, Any]) -> list[str]:
+    """Source accuracies, SLC-AUC (masked / worst case) per model and accuracies at the largest n of one pair."""
+    accuracies = " / ".join(f"{100 * pair[label]['source_accuracy']:.1f}" for label in LABELS)
+    scores = [
+        f"{pair[label]['masked']['slc_auc']:+.3f} / {pair[label]['worst_case']['slc_auc']:+.3f}" for label in LABELS
+    ]
+    at_n = " / ".join(f"{100 * pair[label]['worst_case_accuracy_at_largest_n']:.1f}" for label in (*LABELS, SCRATCH))
+    return [accuracies, *scores, at_n]
+
+
+def architectures_table(result: dict[str, Any], quality_result: dict[str, Any] | None, model: str) -> str:
+    """One row per architecture on the section's pair; the quality section's `model` on that pair first."""
+    rows = [pair_header("model", result["largest_n"])]
+    first = next(iter(result["models"].values()))
+    for pair in (quality_result or {}).get("pairs", []):
+        if (pair["source"], pair["target"]) == (first["source"], first["target"]):
+            rows.append([f"{model} (quality section)", *pair_cells(pair)])
+    rows += [[preset, *pair_cells(pair)] for preset, pair in result["models"].items()]
+    return _markdown(rows)
+
+
 def quality_tables(result: dict[str, Any], averages: dict[str, dict[str, float]]) -> tuple[str, str]:
     """(per-pair table, averages-beside-anchors table) in Markdown; `averages` from `quality_averages`."""
     n = result["largest_n"]
     grid_range = float(np.log(max(result["counts"]) / min(result["counts"])))
-    header = ["pair", "source acc. (%) orig / NTP / SOPHON"]
-    header += [f"{DISPLAY[label]}: SLC-AUC masked / worst case" for label in LABELS]
-    header += [f"acc. (%) at n = {n}, worst case: orig / NTP / SOPHON / scratch"]
-    rows = [header]
-    for pair in result["pairs"]:
-        accuracies = " / ".join(f"{100 * pair[label]['source_accuracy']:.1f}" for label in LABELS)
-        scores = [
-            f"{pair[label]['masked']['slc_auc']:+.3f} / {pair[label]['worst_case']['slc_auc']:+.3f}" for label in LABELS
-        ]
-        at_n = " / ".join(
-            f"{100 * pair[label]['worst_case_accuracy_at_largest_n']:.1f}" for label in (*LABELS, SCRATCH)
-        )
-        rows.append([f"{pair['source']} → {pair['target']}", accuracies, *scores, at_n])
+    rows = [pair_header("pair", n)]
+    rows += [[f"{pair['source']} → {pair['target']}", *pair_cells(pair)] for pair in result["pairs"]]
     rows.append(
         [
             "**average**",
@@ -1153,6 +1239,16 @@ def write_results(args: BenchArguments, results: dict[str, Any], out: Path) -> s
             columns=len(LABELS),
             value_label="normalised SLC-AUC (mean accuracy gap to scratch)",
         )
+    if "architectures" in results:
+        result = results["architectures"]
+        first = next(iter(result["models"].values()))
+        parts += [
+            "## Protection on other architectures",
+            f"{first['source']} → {first['target']} with each tiny preset: its source model fitted with the preset's "
+            "own `fit-source` recipe, NTP and SOPHON with their defaults, audited as in the quality section against "
+            f"scratch of the same architecture (n = {result['counts']}, seeds {result['seeds']}).",
+            architectures_table(result, results.get("quality"), args.model),
+        ]
     if "budget" in results:
         result = results["budget"]
         parts += [
@@ -1274,7 +1370,7 @@ def plan(args: BenchArguments, runs: Path) -> Table:
             folder = runs / "budget" / Path(target).name
             _, _, finished = audit_request(args, folder, {}, target, doubled)
             add(f"scratch at twice the budget on {Path(target).name}", [finished], runs_per_model, target, doubled)
-    for section in ("diffusion", "cost"):
+    for section in ("architectures", "diffusion", "cost"):
         if section in args.sections:
             done = (runs / f"{section}.json").is_file()
             rows.add_row(f"{section} section", "0" if done else "1", "1" if done else "0", "(not estimated)")
@@ -1338,7 +1434,14 @@ def run(argv: list[str] | None = None) -> None:
         )
     runs.mkdir(parents=True, exist_ok=True)
     identity_file.write_text(json.dumps(identity, indent=2) + "\n")
-    sections = {"quality": quality, "budget": budget, "diffusion": diffusion, "cost": cost, "hub": hub}
+    sections = {
+        "quality": quality,
+        "architectures": architectures,
+        "budget": budget,
+        "diffusion": diffusion,
+        "cost": cost,
+        "hub": hub,
+    }
     results: dict[str, Any] = {"settings": identity}
     for name in [name for name in SECTIONS if name in args.sections]:  # budget reads quality's audits
         section_start = time.perf_counter()

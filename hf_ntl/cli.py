@@ -61,7 +61,9 @@ class DemoArguments:
     source_dataset: str = field(default="font-digits", metadata={"help": "The owner's domain."})
     target_dataset: str = field(default="uci-digits", metadata={"help": "The unauthorised domain."})
     model: str = field(default="tiny-resnet", metadata={"help": "Tiny preset, folder or Hub id to start from."})
-    source_epochs: float = field(default=5.0, metadata={"help": "Epochs of source training."})
+    source_epochs: float | None = field(
+        default=None, metadata={"help": "Epochs of source training (default: the preset's fit-source recipe)."}
+    )
     source_samples: int | None = field(
         default=None, metadata={"help": "Generated source train samples (default: the domain's, 10,000)."}
     )

@@ -18,7 +18,6 @@ the results are gathered on every rank; the report is identical to a single-proc
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -59,7 +58,7 @@ from .metrics.learning_curve import (
 )
 from .metrics.plots import plot_learning_curves
 from .metrics.slc_auc import slc_auc
-from .models import MIXED_PRECISION, head_linear, load_classifier
+from .models import head_linear, load_classifier, requested_mixed_precision
 from .pruning import mask_sparsity
 from .terminal import signed, table, titled, track
 
@@ -122,11 +121,7 @@ class EvaluateArguments:
     )
 
     def __post_init__(self) -> None:
-        # `accelerate launch --mixed_precision bf16` says so through this variable, as Trainer reads it.
-        self.mixed_precision = self.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-        if self.mixed_precision not in MIXED_PRECISION:
-            choices = ", ".join(MIXED_PRECISION)
-            raise InputError(f"mixed_precision must be one of {choices}, got {self.mixed_precision!r}.")
+        self.mixed_precision = requested_mixed_precision(self.mixed_precision)
         if not self.seeds:
             raise InputError("Give at least one seed.")
         if self.validation_samples < 10:

@@ -36,7 +36,7 @@ from .leakage import check_test_overlap, test_hashes_by_size
 from .metrics.denoising import generate_samples, mean_denoising_mse, timestep_grid
 from .metrics.learning_curve import check_counts
 from .metrics.plots import plot_denoising_curves, plot_sample_grid
-from .models import load_ddpm
+from .models import load_ddpm, requested_mixed_precision
 from .terminal import table, titled, track
 
 
@@ -74,12 +74,20 @@ class DiffusionEvaluateArguments:
         metadata={"help": "Go on when test images were trained on (a deliberate experiment; the report says so)."},
     )
     eval_timesteps: int = field(default=10, metadata={"help": "Timesteps of the denoising-MSE grid."})
+    mixed_precision: str | None = field(
+        default=None,
+        metadata={
+            "help": "Autocast the attacks' and the MSE's forward passes: no, bf16 or fp16 (default: accelerate "
+            "launch's --mixed_precision, else no)."
+        },
+    )
     sample_images: int = field(default=8, metadata={"help": "Images per row of the sample grid (0: none)."})
     num_inference_steps: int = field(default=100, metadata={"help": "DDPM sampling steps for the sample grid."})
     output_dir: str | None = field(default=None, metadata={"help": "Where to write report.json and the plots."})
     overwrite: bool = field(default=False, metadata={"help": "Replace the report already in output_dir."})
 
     def __post_init__(self) -> None:
+        self.mixed_precision = requested_mixed_precision(self.mixed_precision)
         if not self.seeds:
             raise InputError("Give at least one seed.")
         if self.probes < 1 or self.test_samples < 1 or self.eval_timesteps < 1 or self.validation_samples < 1:
@@ -179,7 +187,7 @@ def run_evaluation_diffusion(args: DiffusionEvaluateArguments, progress: bool = 
 
     def mse(model: torch.nn.Module, domain: str) -> float:
         images = validation if domain == "validation" else tests[domain]
-        return mean_denoising_mse(model, scheduler, images, grid)
+        return mean_denoising_mse(model, scheduler, images, grid, mixed_precision=args.mixed_precision)
 
     before = {label: {domain: mse(m, domain) for domain in tests} for label, m in models.items()}
     pool_labels = np.asarray(target["train"]["label"])[pool_indices]
@@ -201,6 +209,7 @@ def run_evaluation_diffusion(args: DiffusionEvaluateArguments, progress: bool = 
                 seed,
                 probe=lambda m: mse(m, "restricted"),
                 probe_every=max(1, spec.steps // args.probes),
+                mixed_precision=args.mixed_precision,
             )
             final, seconds = by_step[spec.steps], time.perf_counter() - began
             validation_mse, original_mse = mse(attacked, "validation"), mse(attacked, "original")
@@ -221,6 +230,7 @@ def run_evaluation_diffusion(args: DiffusionEvaluateArguments, progress: bool = 
         "validation_samples": len(validation),
         "samples": samples,
         "test_overlap": test_overlap,
+        "mixed_precision": args.mixed_precision,
         "suite": [spec.to_dict() for spec in suite],
         "mse_before_attack": before,
         **summarise_denoising(points, suite, labels, counts),
@@ -293,7 +303,9 @@ def sample_rows(models, scheduler, train, orders, report, suite, args) -> dict[s
     for label in [*models, SCRATCH]:
         attack = report["strongest_attack"][label][largest]
         model = scratch_unet(models["model"], seed) if label == SCRATCH else models[label]
-        attacked, _ = finetune_unet(model, scheduler, train[orders[seed][:largest]], specs[attack], seed)
+        attacked, _ = finetune_unet(
+            model, scheduler, train[orders[seed][:largest]], specs[attack], seed, mixed_precision=args.mixed_precision
+        )
         rows[f"{label}, after {attack} (n={largest})"] = generate_samples(
             attacked, scheduler, args.sample_images, num_inference_steps=args.num_inference_steps
         )

@@ -313,6 +313,15 @@ def running_statistics_frozen(model: nn.Module) -> Iterator[None]:
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def requested_mixed_precision(value: str | None) -> str:
+    """`value`, or when unset what `accelerate launch --mixed_precision` asked for (it says so through
+    `ACCELERATE_MIXED_PRECISION`, as `Trainer` reads it), else "no"; an unknown value is an input error."""
+    value = value or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if value not in MIXED_PRECISION:
+        raise InputError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {value!r}.")
+    return value
+
+
 def autocast(device: torch.device, mixed_precision: str = "no") -> AbstractContextManager:
     """Autocast forward passes to `mixed_precision` ("no", "bf16", "fp16"), as accelerate does for `Trainer`.
 

@@ -60,7 +60,8 @@ def tiny_bench(tmp_path_factory):
     small = {"source_fraction": 1.0, "target_fraction": 1.0, "per_device_train_batch_size": 8, "use_cpu": True}
     argv = [
         "--runs_dir", str(root / "runs"), "--output_dir", str(root / "results"), "--domains", *domains,
-        "--source_steps", "3", "--suite", "quick", "--attack_steps", "2", "--counts", "4", "8", "--seeds", "0",
+        "--source_steps", "3", "--architectures", "tiny-vit", "--suite", "quick", "--attack_steps", "2",
+        "--counts", "4", "8", "--seeds", "0",
         "--validation_samples", "16", "--diffusion_validation_samples", "12", "--audit_processes", "1",
         "--ntp_config", write_yaml(root / "ntp.yaml", {
             **small, "admm_rounds": 1, "steps_per_round": 3, "retrain_steps": 2, "probe_steps": 5}),
@@ -107,6 +108,20 @@ def test_every_section_runs_and_the_results_add_up(tiny_bench):
         expected = statistics.mean(p[label]["worst_case"]["slc_auc_normalized"] for p in pairs)
         assert averages[label]["worst_case_slc_auc_normalized"] == pytest.approx(expected)
 
+    # The architectures section: the first pair again, every stage on the ViT preset, scratch included.
+    vit = results["architectures"]["models"]["tiny-vit"]
+    assert (vit["source"], vit["target"]) == (domains[0], domains[1]) and vit["test_overlap"] == 0
+    vit_runs = root / "runs" / "architectures" / "tiny-vit"
+    vit_pair = vit_runs / "quality" / "red__green"
+    for label in ("original", "ntp", "sophon"):
+        folder = vit_runs / "sources" / "red" / "model" if label == "original" else vit_pair / label / "model"
+        assert json.loads((folder / "config.json").read_text())["model_type"] == "vit", label
+    scratch = json.loads((vit_runs / "scratch" / "green" / "report.json").read_text())
+    assert scratch["model"] == "tiny-vit"
+    vit_report = json.loads((vit_pair / "audit" / "report.json").read_text())
+    assert [p for p in vit_report["points"] if p["model"] == "scratch"] == scratch["points"]
+    assert vit["ntp"]["worst_case"] == vit_report["slc_auc"]["ntp"]["worst_case"]
+
     # The budget check compares the pair audits' scratch runs with scratch at twice the steps.
     budget = results["budget"]["targets"]
     assert list(budget) == domains
@@ -129,6 +144,8 @@ def test_every_section_runs_and_the_results_add_up(tiny_bench):
     markdown = (root / "results" / "results.md").read_text()
     assert "## Protection quality" in markdown and "## Diffusion" in markdown and "## Cost" in markdown
     assert "## Is the scratch baseline converged?" in markdown
+    assert "## Protection on other architectures" in markdown
+    assert "| tiny-resnet (quality section) |" in markdown and "| tiny-vit |" in markdown
     assert markdown.count(" → ") >= 6 and "NTP reference notebooks" in markdown
     assert (root / "results" / "slc_auc_heatmap.png").stat().st_size > 10_000
 
@@ -138,7 +155,7 @@ def test_a_second_run_reuses_every_stage_and_other_settings_are_refused(tiny_ben
     before = json.loads((root / "results" / "results.json").read_text())
     bench.main(argv)
     out = capsys.readouterr().out
-    assert out.count("reusing") == 4  # one finished JSON per section: nothing recomputed
+    assert out.count("reusing") == 5  # one finished JSON per section: nothing recomputed
     after = json.loads((root / "results" / "results.json").read_text())
     assert after["quality"] == before["quality"] and after["cost"] == before["cost"]
     with pytest.raises(InputError, match="other settings"):
@@ -180,6 +197,8 @@ def test_bad_bench_arguments_are_refused_before_any_work():
         bench.BenchArguments(sections=["speed"])
     with pytest.raises(ValueError, match="at least two domains"):
         bench.BenchArguments(domains=["uci-digits"])
+    with pytest.raises(ValueError, match="Unknown architectures"):
+        bench.BenchArguments(architectures=["tiny-swin"])
     with pytest.raises(ValueError, match="Unknown cost models"):
         bench.BenchArguments(cost_models=["resnet-152"])
 
@@ -225,3 +244,10 @@ def test_an_audit_spread_over_two_processes_equals_one_process(tmp_path):
 
     assert without_time(double["points"]) == without_time(single["points"])
     assert double["worst_case_curves"] == single["worst_case_curves"]
+
+
+def test_the_hub_attack_step_is_timed_over_exactly_the_steps_asked():
+    # The suite's budget grows with the data: a "1-step" and a "4-step" run on 32 samples both took 60 steps.
+    args = bench.BenchArguments()
+    assert [bench.hub_attack(args, steps).steps_for(32) for steps in (1, 4)] == [1, 4]
+    assert bench.hub_attack(args, 4).batch_size == args.hub_batch_size

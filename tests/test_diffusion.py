@@ -281,6 +281,28 @@ def test_finetune_unet_leaves_the_released_model_untouched_and_merges_lora():
         finetune_unet(unet, scheduler, torch.zeros(4, 3, 16, 16), spec)
 
 
+def test_a_unet_attack_and_its_score_autocast_to_bf16_like_fp32(matmul_dtypes, monkeypatch):
+    unet, scheduler = build_tiny_ddpm(SIZE)
+    train, test, grid = images(16, 0), images(8, 1), timestep_grid(scheduler, 4)
+    spec = DiffusionAttackSpec("full", learning_rate=1e-3, steps=4, batch_size=8)
+    with matmul_dtypes(unet) as dtypes:  # the attack's deep copy keeps the hooks
+        half, _ = finetune_unet(unet, scheduler, train, spec, mixed_precision="bf16")
+    assert dtypes == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in half.parameters())
+    full, _ = finetune_unet(unet, scheduler, train, spec)
+
+    def mse(model, mixed_precision="no"):
+        return np.mean(list(denoising_mse(model, scheduler, test, grid, mixed_precision=mixed_precision).values()))
+
+    assert mse(half, "bf16") == pytest.approx(mse(half), rel=0.02)  # the score itself barely moves in bf16
+    assert mse(half) == pytest.approx(mse(full), rel=0.05)  # nor does what the attack reached
+    assert mse(full) < mse(unet)  # while the attack itself moved it
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision` sets
+    assert DiffusionEvaluateArguments(model_name_or_path="x").mixed_precision == "bf16"
+    with pytest.raises(ValueError, match="mixed_precision must be one of"):
+        DiffusionEvaluateArguments(model_name_or_path="x", mixed_precision="fp8")
+
+
 def test_encoding_images_for_a_unet():
     pictures = [PILImage.new("RGB", (20, 20), (255, 0, 0)), PILImage.new("L", (5, 5), 0)]
     encoded = encode_diffusion_images(pictures, SIZE, 3)

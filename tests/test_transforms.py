@@ -159,3 +159,14 @@ def test_light_augmentation_changes_pixels_reproducibly():
     assert first.shape == (32, 32, 3)
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first, np.asarray(image))
+
+
+def test_light_augmentation_fills_what_it_uncovers_with_the_background_colour():
+    # A digit on a coloured background: rotation and shift used to uncover black wedges no test image has.
+    image = PILImage.new("RGB", (32, 32), (200, 60, 90))
+    PILImage.Image.paste(image, (20, 220, 20), (12, 8, 20, 24))
+    for seed in range(20):
+        torch.manual_seed(seed)
+        pixels = np.asarray(light_augment(image)).reshape(-1, 3).astype(int)
+        # Brightness/contrast jitter scales every colour; none comes near black.
+        assert pixels.sum(axis=1).min() > 150, seed

@@ -22,6 +22,7 @@ from torch.nn import functional as F
 from ..data.transforms import check_diffusion_images
 from ..errors import InputError
 from ..losses import predict_noise
+from ..models import autocast
 from .finetune import OPTIMIZERS, make_optimizer
 
 # What LoRA adapts in a UNet: the attention projections and the resnet blocks' 3x3 convolutions.
@@ -102,12 +103,14 @@ def finetune_unet(
     *,
     probe: Callable[[nn.Module], float] | None = None,
     probe_every: int | None = None,
+    mixed_precision: str = "no",
 ) -> tuple[UNet2DModel, dict[int, float]]:
     """Fine-tune a deep copy of `unet` on `images` following `spec`; the original is untouched.
 
     Returns the fine-tuned `UNet2DModel` (LoRA adapters merged into it, so it can be saved or
     sampled as a plain pipeline) and `{step: probe(model)}` recorded every `probe_every` steps and
-    at the end, when a `probe` is given. Every source of randomness comes from `seed`.
+    at the end, when a `probe` is given. Every source of randomness comes from `seed`. Forward passes
+    autocast to `mixed_precision` ("no", "bf16", "fp16"; fp16 with a gradient scaler), the loss in fp32.
     """
     if len(images) == 0:
         raise ValueError("Cannot fine-tune on an empty set of images.")
@@ -123,6 +126,7 @@ def finetune_unet(
             model.requires_grad_(True)
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(spec.optimizer, trainable, spec.learning_rate, spec.weight_decay)
+        scaler = torch.amp.GradScaler(device.type, enabled=mixed_precision == "fp16")
         generator = torch.Generator().manual_seed(seed)
         batch_size = min(spec.batch_size, len(images))
         order = torch.empty(0, dtype=torch.long)
@@ -131,11 +135,13 @@ def finetune_unet(
             if len(order) < batch_size:  # epoch-wise reshuffling: every image seen once per epoch
                 order = torch.cat([order, torch.randperm(len(images), generator=generator)])
             batch, order = order[:batch_size], order[batch_size:]
-            predicted, noise = predict_noise(model, scheduler, images[batch].to(device), generator=generator)
-            loss = F.mse_loss(predicted, noise)
+            with autocast(device, mixed_precision):
+                predicted, noise = predict_noise(model, scheduler, images[batch].to(device), generator=generator)
+            loss = F.mse_loss(predicted.float(), noise)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             if probe is not None and (step == spec.steps or (probe_every and step % probe_every == 0)):
                 history[step] = probe(model)
                 model.train()

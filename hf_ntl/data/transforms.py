@@ -175,10 +175,15 @@ def light_augment(image: PILImage.Image) -> PILImage.Image:
         torch.empty(6).uniform_(-1, 1).mul_(torch.tensor([10.0, 0.1, 0.08, 0.08, 0.15, 0.15])).tolist()
     )
     width, height = image.size
-    image = _to_rgb(image).rotate(
+    image = _to_rgb(image)
+    # What the rotation and shift uncover takes the edge colour, as a zoom-out's padding does: black wedges on a
+    # coloured background are features no test image has (with them tiny-vit reached 13.8% validation accuracy on
+    # font-digits after 3 epochs, without them 22.5%).
+    image = image.rotate(
         angle,
         resample=PILImage.Resampling.BILINEAR,
         translate=(dx * width, dy * height),
+        fillcolor=image.getpixel((0, 0)),
     )
     if abs(scale) > 1e-3:
         side = max(1, round(width * (1 + scale)))

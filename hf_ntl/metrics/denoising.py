@@ -14,6 +14,8 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from torch import nn
 
+from ..models import autocast
+
 
 def timestep_grid(scheduler: DDPMScheduler, count: int = 10) -> list[int]:
     """`count` timesteps spread evenly over the whole schedule, first and last included."""
@@ -30,10 +32,12 @@ def denoising_mse(
     *,
     seed: int = 0,
     batch_size: int = 256,
+    mixed_precision: str = "no",
 ) -> dict[int, float]:
     """`{t: mean ||eps_theta(x_t, t) - eps||^2 / D}` over `images` for each timestep of the grid.
 
-    The noise for timestep `t` is the same for every model given the same `seed` and images.
+    The noise for timestep `t` is the same for every model given the same `seed` and images. The UNet's
+    forward autocasts to `mixed_precision`; the error is summed in fp32.
     """
     was_training = unet.training
     unet.eval()
@@ -47,18 +51,24 @@ def denoising_mse(
             clean = images[start : start + batch_size].to(device)
             eps = noise[start : start + batch_size].to(device)
             steps = torch.full((len(clean),), int(t), device=device, dtype=torch.long)
-            predicted = unet(scheduler.add_noise(clean, eps, steps), steps).sample
-            total += float((predicted - eps).pow(2).sum())
+            with autocast(device, mixed_precision):
+                predicted = unet(scheduler.add_noise(clean, eps, steps), steps).sample
+            total += float((predicted.float() - eps).pow(2).sum())
         result[int(t)] = total / images.numel()
     unet.train(was_training)
     return result
 
 
 def mean_denoising_mse(
-    unet: nn.Module, scheduler: DDPMScheduler, images: torch.Tensor, timesteps: Sequence[int], seed: int = 0
+    unet: nn.Module,
+    scheduler: DDPMScheduler,
+    images: torch.Tensor,
+    timesteps: Sequence[int],
+    seed: int = 0,
+    mixed_precision: str = "no",
 ) -> float:
     """The grid average of `denoising_mse`: one number per model and domain."""
-    per_timestep = denoising_mse(unet, scheduler, images, timesteps, seed=seed)
+    per_timestep = denoising_mse(unet, scheduler, images, timesteps, seed=seed, mixed_precision=mixed_precision)
     return float(np.mean(list(per_timestep.values())))
 
 
