@@ -9,6 +9,7 @@ from datasets import Dataset, DatasetDict
 from PIL import Image as PILImage
 
 from hf_ntl.artifacts import OutputDirError, read_samples
+from hf_ntl.cli import parse
 from hf_ntl.data import ImagePreprocessor, load_image_classification_dataset
 from hf_ntl.data.fingerprint import image_hashes
 from hf_ntl.models import build_tiny_classifier, load_classifier
@@ -100,6 +101,17 @@ def test_class_count_mismatch_is_caught_before_training(tmp_path):
     dataset = load_image_classification_dataset("textured-shapes", num_train=20, num_test=10)
     with pytest.raises(ValueError, match="3 outputs but the data set has 10 classes"):
         fit_source_model(build_tiny_classifier("tiny-resnet", 3), ImagePreprocessor(), dataset, config(tmp_path))
+
+
+def test_each_preset_takes_its_own_recipe_unless_told_otherwise(tmp_path):
+    convnext = config(tmp_path, model_name_or_path="tiny-convnext", num_train_epochs=None)
+    assert (convnext.learning_rate, convnext.num_train_epochs) == (3e-3, 10.0)
+    vit = config(tmp_path, model_name_or_path="tiny-vit", num_train_epochs=None, learning_rate=5e-4)
+    assert (vit.learning_rate, vit.num_train_epochs) == (5e-4, 10.0)  # what the user gives wins
+    checkpoint = config(tmp_path, model_name_or_path=str(tmp_path / "folder"), num_train_epochs=None)
+    assert (checkpoint.learning_rate, checkpoint.num_train_epochs) == (3e-3, 5.0)  # tiny-resnet's
+    (parsed,) = parse([SourceConfig], ["--model_name_or_path", "tiny-convnext", "--output_dir", str(tmp_path)], "x")
+    assert parsed.num_train_epochs == 10.0  # on the command line too
 
 
 def test_config_validation(tmp_path):
