@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 import torch
 
@@ -42,6 +44,31 @@ def test_full_finetuning_changes_a_copy_and_leaves_the_original(shapes):
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     changed = [n for n, p in tuned.named_parameters() if not torch.equal(p, before[n])]
     assert "classifier.1.weight" in changed and any(n.startswith("resnet.") for n in changed)
+
+
+def test_batchnorm_conv_nets_are_attacked_in_channels_last_layout_and_others_not(shapes):
+    train, _ = shapes
+    for preset, expected in (("tiny-resnet", True), ("tiny-convnext", False), ("tiny-vit", False)):
+        model = build_tiny_classifier(preset, 10)
+        tuned = finetune(model, train, AttackSpec(steps=2))
+        # (1x1 and depthwise kernels are contiguous in both layouts: their strides say nothing.)
+        convs = [
+            m.weight
+            for m in tuned.modules()
+            if isinstance(m, torch.nn.Conv2d) and m.weight.shape[1] > 1 and m.weight[0, 0].numel() > 1
+        ]
+        assert convs
+        assert all(w.is_contiguous(memory_format=torch.channels_last) == expected for w in convs), preset
+        assert all(p.is_contiguous() for p in model.parameters())  # the released model keeps its layout
+    # The layout is a speed choice only: the same run in the default layout ends at the same weights. (SGD: Adam
+    # divides by the gradient's own size, which turns float rounding on near-zero gradients into whole steps.)
+    model, spec = build_tiny_classifier("tiny-resnet", 10), AttackSpec(optimizer="sgd", learning_rate=0.05, steps=3)
+    with pytest.MonkeyPatch.context() as patch:  # the module, not the function the package exports
+        patch.setattr(importlib.import_module("hf_ntl.attacks.finetune"), "prefers_channels_last", lambda _: False)
+        plain = finetune(model, train, spec)
+    channels_last = dict(finetune(model, train, spec).named_parameters())
+    for name, param in plain.named_parameters():
+        torch.testing.assert_close(channels_last[name], param, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_head_only_trains_only_the_head(shapes):
