@@ -26,14 +26,14 @@ logger = logging.getLogger(__name__)
 
 MODEL_SUBDIR = "model"
 
-# fit-source's learning rate and epochs per tiny preset, chosen on a validation split of font-digits (2,000 of its
+# fit-source's optimiser settings and epochs per tiny preset, chosen on a validation split of font-digits (2,000 of its
 # train images held out; the sweep is in the README, "Real checkpoints at 224 px"). Without a ResNet's inductive
 # biases at this size, ConvNeXt needs 10 epochs to pass 95% (97.3% on validation; 5 epochs gave 92.9% on test), and
 # ViT learns far slower still: 1e-3 is the best of 3e-4 .. 3e-3, and 10 epochs leave it well short of 95%.
 SOURCE_RECIPES: dict[str, dict[str, float]] = {
-    "tiny-resnet": {"learning_rate": 3e-3, "num_train_epochs": 5.0},
-    "tiny-convnext": {"learning_rate": 3e-3, "num_train_epochs": 10.0},
-    "tiny-vit": {"learning_rate": 1e-3, "num_train_epochs": 10.0},
+    "tiny-resnet": {"learning_rate": 3e-3, "weight_decay": 5e-4, "warmup_steps": 0.05, "num_train_epochs": 5.0},
+    "tiny-convnext": {"learning_rate": 3e-3, "weight_decay": 5e-4, "warmup_steps": 0.05, "num_train_epochs": 10.0},
+    "tiny-vit": {"learning_rate": 1e-3, "weight_decay": 0.05, "warmup_steps": 0.1, "num_train_epochs": 10.0},
 }
 
 
@@ -41,9 +41,10 @@ SOURCE_RECIPES: dict[str, dict[str, float]] = {
 class SourceConfig(TrainingArguments):
     """What to fit the source model on, and how (every `TrainingArguments` field applies too).
 
-    `learning_rate` and `num_train_epochs` left unset take the preset's recipe (`SOURCE_RECIPES`),
-    which trains it from scratch on an embedded domain on CPU in minutes; a folder or Hub checkpoint
-    takes `tiny-resnet`'s. To fine-tune a pre-trained checkpoint, lower `learning_rate` (e.g. 1e-4).
+    `learning_rate`, `weight_decay`, `warmup_steps` and `num_train_epochs` left unset take the preset's
+    recipe (`SOURCE_RECIPES`), which trains it from scratch on an embedded domain on CPU in minutes; a
+    folder or Hub checkpoint takes `tiny-resnet`'s. To fine-tune a pre-trained checkpoint, lower
+    `learning_rate` (e.g. 1e-4).
     """
 
     model_name_or_path: str = field(
@@ -73,14 +74,18 @@ class SourceConfig(TrainingArguments):
     learning_rate: float | None = field(
         default=None, metadata={"help": "Peak learning rate (AdamW); default: the preset's recipe (3e-3)."}
     )
-    weight_decay: float = field(default=5e-4, metadata={"help": "AdamW weight decay."})
+    weight_decay: float | None = field(
+        default=None, metadata={"help": "AdamW weight decay; default: the preset's recipe (5e-4 for tiny-resnet)."}
+    )
     num_train_epochs: float | None = field(
         default=None, metadata={"help": "Training epochs; default: the preset's recipe (5 for tiny-resnet)."}
     )
     per_device_train_batch_size: int = field(default=32, metadata={"help": "Train batch size per device."})
     per_device_eval_batch_size: int = field(default=256, metadata={"help": "Eval batch size per device."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
-    warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up steps (a float < 1 is a fraction)."})
+    warmup_steps: float | None = field(
+        default=None, metadata={"help": "Warm-up steps (a float < 1 is a fraction); default: the preset's recipe."}
+    )
     eval_strategy: str = field(default="epoch", metadata={"help": "When to measure test accuracy."})
     save_strategy: str = field(default="epoch", metadata={"help": "When to checkpoint (for resuming)."})
     save_total_limit: int | None = field(default=1, metadata={"help": "Checkpoints kept."})

@@ -108,6 +108,7 @@ def test_each_preset_takes_its_own_recipe_unless_told_otherwise(tmp_path):
     assert (convnext.learning_rate, convnext.num_train_epochs) == (3e-3, 10.0)
     vit = config(tmp_path, model_name_or_path="tiny-vit", num_train_epochs=None, learning_rate=5e-4)
     assert (vit.learning_rate, vit.num_train_epochs) == (5e-4, 10.0)  # what the user gives wins
+    assert (vit.weight_decay, vit.warmup_steps) == (0.05, 0.1)
     checkpoint = config(tmp_path, model_name_or_path=str(tmp_path / "folder"), num_train_epochs=None)
     assert (checkpoint.learning_rate, checkpoint.num_train_epochs) == (3e-3, 5.0)  # tiny-resnet's
     (parsed,) = parse([SourceConfig], ["--model_name_or_path", "tiny-convnext", "--output_dir", str(tmp_path)], "x")
