@@ -85,7 +85,6 @@ from hf_ntl.attacks import (
     load_suite,
 )
 from hf_ntl.attacks.suite import MASKED_ATTACK
-from hf_ntl.cli import stage_config
 from hf_ntl.data import (
     ImageClassificationCollator,
     ImagePreprocessor,
@@ -112,7 +111,8 @@ from hf_ntl.metrics.learning_curve import CurvePoint, check_counts
 from hf_ntl.metrics.memory import peak_memory
 from hf_ntl.metrics.plots import plot_pair_heatmaps
 from hf_ntl.models import TINY_PRESETS, build_tiny_classifier, load_classifier
-from hf_ntl.protect import run_ntp, run_sophon, run_sophon_diffusion
+from hf_ntl.options import stage_config
+from hf_ntl.protect import PROTECTIONS, run_sophon_diffusion
 from hf_ntl.source import MODEL_SUBDIR, SourceConfig, run_source
 from hf_ntl.source_diffusion import DiffusionSourceConfig, run_diffusion_source
 from hf_ntl.terminal import StageProgress, format_duration, print_tables, stop_displays
@@ -128,7 +128,6 @@ from hf_ntl.trainers import (
 SECTIONS = ("quality", "architectures", "budget", "diffusion", "cost", "hub")
 # What the results do not depend on: where they go, which sections run now, how many processes share an audit.
 BOOKKEEPING = ("runs_dir", "output_dir", "sections", "overwrite", "audit_processes", "audit_request", "dry_run")
-PROTECTIONS = {"ntp": (NTPConfig, run_ntp), "sophon": (SophonConfig, run_sophon)}
 LABELS = ("original", *PROTECTIONS)
 DISPLAY = {"original": "original", "ntp": "NTP", "sophon": "SOPHON", SCRATCH: "scratch"}
 # The published anchors (ALGORITHMS.md §2, §3). Raw SLC-AUC there is on the reference grid of

@@ -25,6 +25,7 @@ from .evaluation import SCRATCH, read_report
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 PLOT = "learning_curves.png"
+TRIALS_PLOT = "trials.png"  # written by `hf-ntl tune` into the model folder it chose
 EMBEDDED_DOMAINS_NOTE = "embedded hf_ntl domain (generated locally, not on the Hub)"
 # Class names a card lists when the labels were encoded from strings; config.json's id2label has them all.
 LABEL_NAMES_SHOWN = 20
@@ -175,6 +176,7 @@ def build_card(
         percent=_percent,
         embedded_note=EMBEDDED_DOMAINS_NOTE,
         has_plot=(report_dir / PLOT).is_file(),
+        has_trials_plot=(model_dir / TRIALS_PLOT).is_file(),
         config_items=sorted(record.get("config", {}).items()),
     )
 

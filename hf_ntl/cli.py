@@ -22,7 +22,6 @@ command line override the file.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -31,13 +30,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import datasets
-import yaml
 from diffusers.utils import logging as diffusers_logging
 from rich.table import Table
-from transformers import HfArgumentParser
 from transformers.utils import logging as transformers_logging
 
 from .artifacts import finished_run, run_identity
@@ -45,11 +42,13 @@ from .cards import push_to_hub, write_card
 from .errors import InputError
 from .evaluation import EvaluateArguments, dry_run, read_report, report_tables, run_evaluation
 from .evaluation_diffusion import DiffusionEvaluateArguments, denoising_tables, run_evaluation_diffusion
-from .protect import run_ntp, run_sophon, run_sophon_diffusion
+from .options import parse, stage_config
+from .protect import PROTECTIONS, run_ntp, run_sophon, run_sophon_diffusion
 from .source import MODEL_SUBDIR, SourceConfig, run_source
 from .source_diffusion import DiffusionSourceConfig, run_diffusion_source
 from .terminal import format_duration, print_tables, say, set_verbose, stop_displays
 from .trainers import NTPConfig, SophonConfig, SophonDiffusionConfig
+from .tune import TuneArguments, run_tune, tuning_tables
 
 
 @dataclass
@@ -108,78 +107,6 @@ class PushArguments:
     repo_id: str = field(metadata={"help": "The Hub repository, `owner/name` (created if missing)."})
     public: bool = field(default=False, metadata={"help": "Create the repository public (default: private)."})
     token: str | None = field(default=None, metadata={"help": "Hub token (default: HF_TOKEN or the cached login)."})
-
-
-PROTECTIONS: dict[str, tuple[type, Callable[..., dict]]] = {
-    "ntp": (NTPConfig, run_ntp),
-    "sophon": (SophonConfig, run_sophon),
-}
-
-
-def yaml_to_argv(path: str) -> list[str]:
-    """Turn a YAML mapping of option names to values into command-line arguments."""
-    config_path = Path(path)
-    if not config_path.is_file():
-        raise InputError(f"config file {path} does not exist.")
-    try:
-        values = yaml.safe_load(config_path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise InputError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from err
-    if not isinstance(values, dict):
-        raise InputError(f"{path} must hold a mapping of option names to values.")
-    argv: list[str] = []
-    for key, value in values.items():
-        argv.append(f"--{key}")
-        if isinstance(value, list):
-            argv.extend(str(item) for item in value)
-        elif value is not None:
-            argv.append(str(value))
-    return argv
-
-
-class _Parser(HfArgumentParser):
-    """`HfArgumentParser` whose errors are `InputError`s: `main` prints them on one line, without the usage
-    block (hundreds of TrainingArguments options), and points to `--help`."""
-
-    def error(self, message: str) -> NoReturn:
-        raise InputError(f"{message} (`{self.prog} --help` lists the options)")
-
-
-def parse(dataclass_types: Sequence[type], argv: Sequence[str], prog: str) -> tuple:
-    """Parse `argv` (with an optional `--config file.yaml` first) into the dataclasses.
-
-    Options on the command line come after the file's, so they win. Unknown options, whether in
-    the file or on the command line, are an error that names them; so is a value the dataclasses'
-    own checks (`__post_init__`) refuse.
-    """
-    argv = list(argv)
-    if "--config" in argv:
-        at = argv.index("--config")
-        if at + 1 >= len(argv):
-            raise InputError("--config needs a file name.")
-        argv = yaml_to_argv(argv[at + 1]) + argv[:at] + argv[at + 2 :]
-    parser = _Parser(dataclass_types, prog=prog, allow_abbrev=False)
-    parser.add_argument("--config", help="YAML file of options; command-line options override it.")
-    try:
-        *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    except ValueError as err:  # a dataclass's __post_init__ (ours or TrainingArguments') refused a value
-        if isinstance(err, InputError):
-            raise
-        raise InputError(str(err)) from err
-    if remaining:
-        parser.error(f"unknown options: {' '.join(remaining)}")
-    return tuple(p for p in parsed if not isinstance(p, argparse.Namespace))
-
-
-def stage_config(config_class: type, config_file: str | None, options: Sequence[str], command: str) -> Any:
-    """A stage's config for a pipeline driving stages (demo, bench): the YAML `config_file`'s options (those of
-    `hf-ntl COMMAND`), then `options` (paths, domains), which win; no experiment trackers."""
-    argv = [*(["--config", config_file] if config_file else []), *options, "--report_to", "none"]
-    try:
-        (config,) = parse([config_class], argv, f"hf-ntl {command}")
-    except InputError as err:
-        raise InputError(f"{config_file or f'the {command} stage'}: {err}") from err
-    return config
 
 
 def fit_source_command(argv: Sequence[str]) -> None:
@@ -249,6 +176,13 @@ def plan_table(plan: dict[str, Any]) -> Table:
     rows.add_row("steps per run", budget)
     rows.add_row("estimated time", f"{format_duration(plan['estimated_seconds'])} here, in one process")
     return rows
+
+
+def tune_command(argv: Sequence[str]) -> None:
+    (args,) = parse([TuneArguments], argv, "hf-ntl tune")
+    summary = run_tune(args)
+    say(f"best settings: {summary['params']}  model and card: {Path(args.output_dir) / MODEL_SUBDIR}")
+    print_tables(tuning_tables(summary))
 
 
 def fit_ddpm_command(argv: Sequence[str]) -> None:
@@ -359,6 +293,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     "protect-ntp": (protect_ntp_command, "non-transferable pruning (ADMM + Fisher regulariser) of a source model"),
     "protect-sophon": (protect_sophon_command, "SOPHON non-fine-tunable learning (simulated attackers + guard)"),
     "evaluate": (evaluate_command, "attack a checkpoint with a suite and measure SLC-AUC against scratch"),
+    "tune": (tune_command, "search a protection's settings (Optuna): chosen on validation, audited on test"),
     "fit-ddpm": (fit_ddpm_command, "fit the owner's unconditional DDPM (a diffusers UNet) with Trainer"),
     "protect-sophon-diffusion": (
         protect_sophon_diffusion_command,

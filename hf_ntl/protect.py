@@ -262,3 +262,12 @@ def run_sophon_diffusion(config: SophonDiffusionConfig) -> dict[str, Any]:
             write_record(staging, record)
             write_samples(staging, samples)
     return record
+
+
+# Every classifier protection, by the name commands use (`hf-ntl demo --method`, `hf-ntl tune --method`):
+# its configuration class (the options of `hf-ntl protect-NAME`) and the function that runs it. A method
+# added here is offered by the demo and searchable by `hf-ntl tune` (given a search space).
+PROTECTIONS: dict[str, tuple[type, Callable[..., dict[str, Any]]]] = {
+    "ntp": (NTPConfig, run_ntp),
+    "sophon": (SophonConfig, run_sophon),
+}

@@ -64,6 +64,11 @@ def say(*lines: str) -> None:
         print(*lines)
 
 
+def is_verbose() -> bool:
+    """Whether the libraries' own logs were asked for (`--verbose`)."""
+    return _verbose
+
+
 def set_verbose(verbose: bool) -> None:
     """Show the Trainer's own progress bars and log dictionaries on the terminal (`--verbose`)."""
     global _verbose

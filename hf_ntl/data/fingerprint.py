@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from datasets import Dataset
+from PIL import Image as PILImage
 
 from .domains import EMBEDDED_DOMAINS
 
@@ -22,14 +23,17 @@ from .domains import EMBEDDED_DOMAINS
 HASH_HEX_DIGITS = 16
 
 
+def image_hash(image: PILImage.Image) -> str:
+    """A hash of an image's RGB pixels and size."""
+    rgb = image.convert("RGB")
+    return hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode() + rgb.tobytes()).hexdigest()[:HASH_HEX_DIGITS]
+
+
 def image_hashes(dataset: Dataset, batch_size: int = 1000) -> list[str]:
-    """A hash of each image's RGB pixels and size, in the order of `dataset` (its `image` column)."""
+    """`image_hash` of each image, in the order of `dataset` (its `image` column)."""
     hashes = []
     for start in range(0, len(dataset), batch_size):
-        for image in dataset[start : start + batch_size]["image"]:
-            rgb = image.convert("RGB")
-            digest = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode() + rgb.tobytes())
-            hashes.append(digest.hexdigest()[:HASH_HEX_DIGITS])
+        hashes += [image_hash(image) for image in dataset[start : start + batch_size]["image"]]
     return hashes
 
 

@@ -115,3 +115,67 @@ def plot_pair_heatmaps(
     figure.colorbar(image, cax=colour_axis).set_label(value_label, fontsize=7)
     figure.savefig(path)
     plt.close(figure)
+
+
+def plot_trials(trials: list[dict], path: str | os.PathLike, floor: float, title: str) -> None:
+    """A study's trials: source accuracy against the proxy's worst-case SLC-AUC, the Pareto front marked.
+
+    Each trial is a `hf_ntl.tune.trial_summary`. Finished trials are points (the best a star, the defaults a
+    ring); trials pruned for breaking the source floor are crosses on the lower edge; the floor is a line.
+    Good trials sit bottom right: the owner keeps accuracy, the attacker gains least.
+    """
+    finished = [t for t in trials if t["worst_case_slc_auc"] is not None]
+    below_floor = [t for t in trials if t["pruned_by"] == "source floor"]
+    figure, axis = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    accuracy = [100 * t["source_accuracy"] for t in finished]
+    value = [t["worst_case_slc_auc"] for t in finished]
+    axis.scatter(accuracy, value, color="tab:blue", s=18, label="trial")
+    # The Pareto front: no other trial has both higher source accuracy and a lower worst case.
+    front = sorted(
+        (a, v)
+        for a, v in zip(accuracy, value, strict=True)
+        if not any(a2 >= a and v2 <= v and (a2, v2) != (a, v) for a2, v2 in zip(accuracy, value, strict=True))
+    )
+    if front:
+        axis.plot(*zip(*front, strict=True), color="tab:orange", drawstyle="steps-post", label="Pareto front")
+    if finished:
+        best = min(finished, key=lambda t: t["worst_case_slc_auc"])
+        axis.scatter(
+            [100 * best["source_accuracy"]],
+            [best["worst_case_slc_auc"]],
+            marker="*",
+            s=160,
+            color="tab:red",
+            zorder=3,
+            label="best (lowest worst case)",
+        )
+        for trial in (t for t in finished if t["defaults"]):
+            axis.scatter(
+                [100 * trial["source_accuracy"]],
+                [trial["worst_case_slc_auc"]],
+                facecolors="none",
+                edgecolors="black",
+                s=90,
+                zorder=3,
+                label="defaults",
+            )
+    if below_floor:
+        low = min(value, default=0.0)
+        axis.scatter(
+            [100 * t["source_accuracy"] for t in below_floor],
+            [low] * len(below_floor),
+            marker="x",
+            color="grey",
+            label="pruned: below the floor",
+        )
+    if floor > 0:
+        axis.axvline(100 * floor, color="grey", linestyle=":", linewidth=1, label="source floor")
+    axis.axhline(0, color="black", linewidth=0.6)
+    axis.set_xlabel("source accuracy, validation (%)")
+    axis.set_ylabel("proxy worst-case SLC-AUC, validation")
+    axis.set_title(title, fontsize=10)
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

@@ -1,0 +1,623 @@
+"""`hf-ntl tune`: search a protection's settings for the owner's own model and data, choosing on validation.
+
+Protections are sensitive to their hyper-parameters, and defaults picked on one pair of domains need not hold
+on another. `run_tune` runs an Optuna study in which every trial protects the model with settings drawn from
+the method's search space (`hf_ntl/search_spaces/METHOD.yaml`, or the user's) and audits it with a cheap,
+declared proxy of the suite (its strongest attacks, fewer seeds and counts). The objective is the proxy's
+worst-case SLC-AUC (lower is better); the owner's accuracy is a hard floor, and a trial below it is pruned.
+
+Honest by construction: trials never see a test split. Before the study, the source and target train splits
+are each divided once (fixed by the data set, `validation_split`) into what trials train on and a validation
+split, and written as data set folders (`OUTPUT_DIR/data/*`, `save_to_disk`) whose `test` split *is* that
+validation split. Trials protect and audit on those folders only; source accuracy is measured on the source
+validation split, the proxy's SLC-AUC on the target validation split (its worst-case attack chosen, as in every
+audit, on a further split of the trials' target train data). Only the best trial's model is then audited with
+the full suite on the real test split, and carded with the search recorded.
+
+OUTPUT_DIR holds:
+    data/source, data/target   the trials' data (train, and validation as `test`)
+    study.db                   the Optuna study (default storage): rerunning the command resumes it
+    trials/NNNN/               a trial's protection (its own output_dir, resumable) and proxy report
+    proxy_scratch/ATTACK.json  scratch's proxy runs, the same for every trial, computed once
+    model/, audit/             the best trial's model with its card, and its full audit on the test split
+    tuning.json, trials.png    the search: every trial's settings and figures, and their plot
+
+Several workers can share one study: run the same command in several processes, or on several machines
+with `--storage postgresql://...` and an `--output_dir` on a file system they all see; each takes the next
+trial until `--trials` are done, and the final audit runs once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from datasets import DatasetDict
+from optuna.trial import FrozenTrial, Trial, TrialState
+from rich.console import RenderableType
+
+from .artifacts import finished_run, read_record, replacing_directory, run_identity, write_record
+from .attacks.finetune import EncodedOnDemand, EncodedSplit
+from .attacks.suite import load_suite
+from .cards import TRIALS_PLOT, write_card
+from .data import ImagePreprocessor, load_image_classification_dataset
+from .data.loading import validation_split
+from .errors import InputError
+from .evaluation import (
+    EvaluateArguments,
+    plan_evaluation,
+    read_report,
+    report_tables,
+    run_attacks,
+    run_evaluation,
+    summarise,
+)
+from .metrics import predict_accuracy
+from .metrics.learning_curve import CurvePoint
+from .metrics.plots import plot_trials
+from .models import load_classifier
+from .options import stage_config
+from .protect import PROTECTIONS
+from .source import MODEL_SUBDIR
+from .terminal import is_verbose, say, signed, table, titled
+
+SEARCH_SPACES = Path(__file__).parent / "search_spaces"
+# The attacks that did best against protected models in the bench (README, "Benchmarks"): the proxy
+# keeps those of the suite that apply to the trial's model (the masked one only to a pruned model).
+PROXY_ATTACKS = ("full", "lora-r16", "sgdm-lr1e-2", "sgdm-lr1e-1", "adamw-lr1e-2", "full-masked")
+# Seconds between a running trial's heartbeats; a trial silent for GRACE seconds (its worker killed) is
+# marked failed at the next start of any worker, and its settings are tried again (`requeue_failed`).
+HEARTBEAT, GRACE = 60, 300
+
+
+@dataclass
+class TuneArguments:
+    """Which model to protect against which target, what to search, and how to judge a trial."""
+
+    model_name_or_path: str = field(metadata={"help": "The source model to protect: folder or Hub id."})
+    method: str = field(default="ntp", metadata={"help": f"Protection to tune: one of {list(PROTECTIONS)}."})
+    source_dataset: str = field(default="font-digits", metadata={"help": "The owner's domain."})
+    target_dataset: str = field(default="uci-digits", metadata={"help": "The unauthorised domain."})
+    trials: int = field(default=20, metadata={"help": "Trials the study holds when done (finished or pruned)."})
+    search_space: str | None = field(
+        default=None, metadata={"help": "YAML search space (default: the method's, in hf_ntl/search_spaces/)."}
+    )
+    protect_config: str | None = field(
+        default=None, metadata={"help": "YAML of fixed protection options for every trial (e.g. a shorter schedule)."}
+    )
+    max_source_drop: float = field(
+        default=0.02,
+        metadata={
+            "help": "Floor: a trial losing more source validation accuracy than this (0.02 = 2 points) is pruned."
+        },
+    )
+    source_validation_samples: int = field(
+        default=1000, metadata={"help": "Source train samples held out from every trial to measure the floor on."}
+    )
+    target_validation_samples: int = field(
+        default=300, metadata={"help": "Target train samples held out from every trial to score the proxy audit on."}
+    )
+    proxy_attacks: list[str] | None = field(
+        default=None,
+        metadata={"help": f"Attacks of the proxy audit (default: those of {list(PROXY_ATTACKS)} in the suite)."},
+    )
+    proxy_counts: list[int] = field(default_factory=lambda: [10, 50, 200], metadata={"help": "Proxy sample counts."})
+    proxy_seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Proxy seeds."})
+    suite: str = field(default="default", metadata={"help": "Attack suite (proxy and final audit): name or YAML."})
+    counts: list[int] = field(default_factory=lambda: [10, 50, 200], metadata={"help": "Final audit's counts."})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Final audit's seeds."})
+    pruner: str = field(
+        default="median",
+        metadata={"help": "`median`: stop a trial whose partial proxy audit is worse than the median; `none`."},
+    )
+    pruner_startup_trials: int = field(default=5, metadata={"help": "Finished trials before the pruner acts."})
+    sampler_seed: int | None = field(
+        default=None, metadata={"help": "Seed of the TPE sampler (give each worker its own, or none)."}
+    )
+    storage: str | None = field(
+        default=None, metadata={"help": "Optuna storage URL (default: sqlite:///OUTPUT_DIR/study.db)."}
+    )
+    study_name: str = field(default="hf-ntl-tune", metadata={"help": "The study's name in the storage."})
+    output_dir: str = field(default="runs/tune", metadata={"help": "Data, trials, the best model and its audit."})
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.method in PROTECTIONS, f"method must be one of {list(PROTECTIONS)}, got {self.method!r}."),
+            (self.trials >= 1, f"trials must be at least 1, got {self.trials}."),
+            (0 <= self.max_source_drop <= 1, f"max_source_drop is an accuracy in [0, 1], got {self.max_source_drop}."),
+            (self.pruner in ("median", "none"), f"pruner must be 'median' or 'none', got {self.pruner!r}."),
+            (self.proxy_seeds and self.seeds, "give at least one seed for the proxy and for the final audit."),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InputError(message)
+
+
+# --------------------------------------------------------------------------------------------
+# The search space
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One searched option: a float or int range (`log` scale, `step`), or a list of `choices`."""
+
+    name: str
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    choices: tuple[Any, ...] | None = None
+
+    def suggest(self, trial: Trial) -> Any:
+        if self.choices is not None:
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if isinstance(self.low, int) and isinstance(self.high, int):
+            return trial.suggest_int(self.name, self.low, self.high, step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
+
+    def contains(self, value: Any) -> bool:
+        if self.choices is not None:
+            return value in self.choices
+        return isinstance(value, int | float) and self.low <= value <= self.high
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(map(str, self.choices))
+        return f"{self.low:g} .. {self.high:g}" + (" (log)" if self.log else "")
+
+
+def load_search_space(path: str | Path, config_class: type) -> list[Parameter]:
+    """The `Parameter`s of a search-space YAML, each checked to be an option of `config_class` with a valid range."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"search space {path} does not exist.")
+    try:
+        content = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise InputError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from err
+    if not isinstance(content, dict) or not content:
+        raise InputError(f"{path} must map option names to distributions, e.g. `alpha: {{low: 0.1, high: 10}}`.")
+    options = {f.name for f in fields(config_class)}
+    unknown = sorted(set(content) - options)
+    if unknown:
+        raise InputError(f"{path}: {unknown} are not options of this protection (see `hf-ntl protect-* --help`).")
+    space = []
+    for name, spec in content.items():
+        keys = set(spec) if isinstance(spec, dict) else set()
+        if not isinstance(spec, dict) or not (
+            keys == {"choices"} or {"low", "high"} <= keys <= {"low", "high", "log", "step"}
+        ):
+            raise InputError(
+                f"{path}: {name} must be `{{low, high[, log, step]}}` or `{{choices: [...]}}`, got {spec!r}."
+            )
+        if "choices" in spec:
+            if not isinstance(spec["choices"], list) or not spec["choices"]:
+                raise InputError(f"{path}: {name}'s choices must be a non-empty list.")
+            space.append(Parameter(name, choices=tuple(spec["choices"])))
+            continue
+        low, high = spec["low"], spec["high"]
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (low, high)) or not low < high:
+            raise InputError(f"{path}: {name} needs numbers low < high, got {low!r} and {high!r}.")
+        if spec.get("log") and low <= 0:
+            raise InputError(f"{path}: {name} is on a log scale, so low must be positive, got {low}.")
+        space.append(Parameter(name, low, high, bool(spec.get("log", False)), spec.get("step")))
+    return space
+
+
+def default_search_space(method: str) -> Path:
+    path = SEARCH_SPACES / f"{method}.yaml"
+    if not path.is_file():
+        raise InputError(f"No search space ships for {method!r}: write one and pass it with --search_space.")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# The trials' data: train splits less validation splits, the validation splits as `test`
+
+
+def write_trial_data(name: str, validation_samples: int, image_size: int, folder: Path) -> None:
+    """Write `name`'s train split as a data set folder: `train` less `validation_samples`, and those as `test`.
+
+    The validation samples are fixed by the data set (`validation_split`), so every worker and every rerun
+    writes the same folder; an existing folder is kept.
+    """
+    if (folder / "dataset_dict.json").is_file():
+        return
+    train = load_image_classification_dataset(name, image_size=image_size)["train"]
+    if not 0 < validation_samples < len(train):
+        raise InputError(
+            f"{validation_samples} validation samples cannot be held out of {name}'s {len(train)} train samples."
+        )
+    validation, rest = validation_split(train["label"], validation_samples)
+    with replacing_directory(folder) as staging:
+        DatasetDict(train=train.select(rest), test=train.select(validation)).save_to_disk(str(staging))
+
+
+# --------------------------------------------------------------------------------------------
+# The study
+
+
+def tune_identity(args: TuneArguments, space: list[Parameter]) -> dict[str, Any]:
+    """What makes a study this study; a rerun (or another worker) with other settings is refused."""
+    protect_options = yaml.safe_load(Path(args.protect_config).read_text()) if args.protect_config else None
+    kept = ("trials", "storage", "study_name", "output_dir", "sampler_seed", "counts", "seeds")
+    settings = {f.name: getattr(args, f.name) for f in fields(args) if f.name not in kept}
+    settings["search_space"] = [vars(parameter) | {"choices": parameter.choices} for parameter in space]
+    settings["protect_config"] = protect_options
+    return json.loads(json.dumps(settings, default=str))
+
+
+def open_study(args: TuneArguments, identity: dict[str, Any]) -> optuna.Study:
+    """Create or load the study; refuse one made with other settings."""
+    url = args.storage or f"sqlite:///{(Path(args.output_dir) / 'study.db').resolve()}"
+    # SQLite locks the whole file on writes: wait for another worker rather than fail.
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    storage = optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT, grace_period=GRACE)
+    pruner = (
+        optuna.pruners.MedianPruner(n_startup_trials=args.pruner_startup_trials)
+        if args.pruner == "median"
+        else optuna.pruners.NopPruner()
+    )
+    study = optuna.create_study(
+        storage=storage,
+        study_name=args.study_name,
+        direction="minimize",
+        sampler=optuna.samplers.TPESampler(seed=args.sampler_seed),
+        pruner=pruner,
+        load_if_exists=True,
+    )
+    recorded = study.user_attrs.get("identity")
+    if recorded is None:
+        study.set_user_attr("identity", identity)
+    elif recorded != identity:
+        changed = sorted(k for k in recorded.keys() | identity.keys() if recorded.get(k) != identity.get(k))
+        raise InputError(
+            f"The study {args.study_name!r} in {url} was started with other settings (differing in "
+            f"{', '.join(changed)}): use another --output_dir or --study_name, or the original settings."
+        )
+    return study
+
+
+def enqueue_defaults(study: optuna.Study, space: list[Parameter], defaults: Any) -> None:
+    """Make the method's defaults the first trial of a new study, so that the search is measured against them."""
+    if study.trials:
+        return
+    outside = [f"{p.name}={getattr(defaults, p.name)}" for p in space if not p.contains(getattr(defaults, p.name))]
+    if outside:
+        say(f"no defaults trial: the defaults {', '.join(outside)} lie outside the search space")
+        return
+    study.enqueue_trial({p.name: getattr(defaults, p.name) for p in space}, user_attrs={"defaults": True})
+
+
+def requeue_failed(study: optuna.Study) -> None:
+    """Queue again the settings of every failed trial (interrupted, or its worker killed) not yet retried.
+
+    The new trial keeps the failed one's folder (`trial_folder`), so its protection resumes from the last
+    checkpoint rather than starting over.
+    """
+    retried = {t.user_attrs.get("resumes") for t in study.trials}
+    for failed in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        folder = failed.user_attrs.get("resumes", failed.number)
+        if folder not in retried:
+            user_attrs = {"resumes": folder, **({"defaults": True} if failed.user_attrs.get("defaults") else {})}
+            study.enqueue_trial(failed.params, user_attrs=user_attrs)
+            retried.add(folder)
+
+
+def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+
+
+def trial_folder(output_dir: Path, trial: Trial | FrozenTrial) -> Path:
+    return output_dir / "trials" / f"{trial.user_attrs.get('resumes', trial.number):04d}"
+
+
+@contextmanager
+def exclusive(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_file` (workers sharing an output folder take turns)."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with lock_file.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------------------------
+# One trial: protect, check the floor, audit with the proxy attack by attack
+
+
+class Objective:
+    """A trial of the study: protect with the trial's settings, then audit with the proxy on validation."""
+
+    def __init__(self, args: TuneArguments, space: list[Parameter], proxy: list[str], original_accuracy: float) -> None:
+        self.args, self.space, self.proxy = args, space, proxy
+        self.floor = original_accuracy - args.max_source_drop
+        self.output = Path(args.output_dir)
+        self.config_class, self.protect = PROTECTIONS[args.method]
+
+    def protection_config(self, folder: Path, values: dict[str, Any]) -> Any:
+        options = ["--output_dir", str(folder), "--model_name_or_path", self.args.model_name_or_path]
+        options += ["--source_dataset", str(self.output / "data" / "source")]
+        options += ["--target_dataset", str(self.output / "data" / "target"), "--logging_strategy", "no"]
+        for name, value in values.items():
+            options += [f"--{name}", str(value)]
+        return stage_config(self.config_class, self.args.protect_config, options, f"protect-{self.args.method}")
+
+    def __call__(self, trial: Trial) -> float:
+        values = {parameter.name: parameter.suggest(trial) for parameter in self.space}
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran it, when several share a study
+        folder = trial_folder(self.output, trial)
+        config = self.protection_config(folder, values)
+        if finished_run(folder, run_identity("protect", config, self.args.method)):
+            record = read_record(folder / MODEL_SUBDIR)  # a retried trial whose protection had finished
+        else:
+            record = self.protect(config)
+        # The finished model is all a trial needs from here on; checkpoints of every trial would fill the disk.
+        for checkpoint in folder.glob("checkpoint-*"):
+            shutil.rmtree(checkpoint)
+        # Measured by the protection on its source data's `test` split: the source validation split.
+        accuracy = record["source_accuracy_after"]
+        trial.set_user_attr("source_accuracy", accuracy)
+        if accuracy < self.floor:
+            trial.set_user_attr("pruned_by", "source floor")
+            raise optuna.TrialPruned(f"source accuracy {accuracy:.4f} is below the floor {self.floor:.4f}")
+        return self.proxy_audit(trial, folder)
+
+    def proxy_audit(self, trial: Trial, folder: Path) -> float:
+        """Attack the trial's model on the target folder (scored on its `test`, the target validation split).
+
+        Attacks run one at a time; after each, the worst case so far is reported to the pruner, which may stop
+        a trial that is already worse than most. Scratch's runs are the same for every trial and are shared.
+        """
+        args = self.args
+        audit = EvaluateArguments(
+            model_name_or_path=str(folder / MODEL_SUBDIR),
+            target_dataset=str(self.output / "data" / "target"),
+            suite=args.suite,
+            counts=args.proxy_counts,
+            seeds=args.proxy_seeds,
+        )
+        plan = plan_evaluation(audit)
+        suite = [spec for spec in plan.suite if spec.name in self.proxy]
+        if not suite:
+            raise InputError(f"No proxy attack applies to this model: {self.proxy} (full-masked needs a pruned model).")
+        model = plan.models["model"]
+        train = EncodedOnDemand(plan.splits["train pool"], plan.preprocessor)
+        validation = EncodedSplit.from_dataset(plan.splits["validation"], plan.preprocessor)
+        scored = EncodedSplit.from_dataset(plan.splits["test"], plan.preprocessor)  # the target validation split
+        points: list[CurvePoint] = []
+        for step, spec in enumerate(suite):
+            points += self.scratch_points(spec, model, train, validation, scored)
+            points += run_attacks(
+                {"model": model}, train, validation, scored, [spec], plan.counts, plan.seeds, False, with_scratch=False
+            )
+            summary = summarise(points, suite[: step + 1], ["model"])
+            worst_case = summary["slc_auc"]["model"]["worst_case"]
+            trial.report(worst_case["slc_auc"], step)
+            if trial.should_prune():
+                trial.set_user_attr("pruned_by", f"proxy audit after {spec.name}")
+                raise optuna.TrialPruned(f"worst case after {step + 1} attacks: {worst_case['slc_auc']:+.3f}")
+        trial.set_user_attr("slc_auc_normalized", worst_case["slc_auc_normalized"])
+        trial.set_user_attr("worst_case_attacks", summary["worst_case_attacks"]["model"])
+        proxy_report = {"attacks": [spec.name for spec in suite], "counts": plan.counts, "seeds": plan.seeds}
+        proxy_report |= {"slc_auc": summary["slc_auc"]["model"], "points": [p.to_dict() for p in points]}
+        (folder / "proxy_report.json").write_text(json.dumps(proxy_report, indent=2) + "\n")
+        return worst_case["slc_auc"]
+
+    def scratch_points(self, spec, model, train, validation, scored) -> list[CurvePoint]:
+        """Scratch's proxy runs under `spec`, computed by the first trial that needs them and kept on disk."""
+        path = self.output / "proxy_scratch" / f"{spec.name}.json"
+        if not path.is_file():
+            points = run_attacks(
+                {}, train, validation, scored, [spec], self.args.proxy_counts, self.args.proxy_seeds, False, model
+            )
+            path.parent.mkdir(parents=True, exist_ok=True)
+            staging = path.with_suffix(f".{os.getpid()}.partial")
+            staging.write_text(json.dumps([p.to_dict() for p in points]))
+            os.replace(staging, path)
+        return [CurvePoint(**values) for values in json.loads(path.read_text())]
+
+
+def trial_line(study: optuna.Study, trial: FrozenTrial, total: int) -> str:
+    """One line per finished trial: its settings, its figures, the best so far."""
+    settings = "  ".join(
+        f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}" for name, value in trial.params.items()
+    )
+    source = trial.user_attrs.get("source_accuracy")
+    label = f"trial {trial.number + 1} ({len(finished_trials(study))}/{total})"
+    line = f"{label}{' defaults' if trial.user_attrs.get('defaults') else ''}  {settings}"
+    if source is not None:
+        line += f"  source {100 * source:.1f}%"
+    if trial.state == TrialState.COMPLETE:
+        line += f"  proxy worst-case SLC-AUC {trial.value:+.3f}"
+    elif trial.state == TrialState.PRUNED:
+        line += f"  pruned ({trial.user_attrs.get('pruned_by', 'pruner')})"
+    else:
+        line += f"  {trial.state.name.lower()}"
+    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if completed:
+        best = min(completed, key=lambda t: t.value)
+        line += f"  | best {best.value:+.3f} (trial {best.number + 1})"
+    return line
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+
+
+def proxy_attacks(args: TuneArguments) -> list[str]:
+    """The proxy's attack names, checked against the suite before any trial runs."""
+    available = [spec.name for spec in load_suite(args.suite, pruned=True)]
+    if args.proxy_attacks:
+        load_suite(args.suite, pruned=True, only=args.proxy_attacks)  # an unknown name is an error now
+        return list(args.proxy_attacks)
+    chosen = [name for name in PROXY_ATTACKS if name in available]
+    if not chosen:
+        raise InputError(
+            f"None of the proxy attacks {list(PROXY_ATTACKS)} is in suite {args.suite}: pass --proxy_attacks."
+        )
+    return chosen
+
+
+def run_tune(args: TuneArguments) -> dict[str, Any]:
+    """Run (or resume, or join) the study, then audit the best trial's model on the test split and card it.
+
+    Returns the search summary written to `tuning.json`.
+    """
+    start = time.perf_counter()
+    config_class, _ = PROTECTIONS[args.method]
+    space = load_search_space(args.search_space or default_search_space(args.method), config_class)
+    proxy = proxy_attacks(args)
+    # Fixed options are checked now, not at the first trial.
+    defaults = stage_config(config_class, args.protect_config, [], f"protect-{args.method}")
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    preprocessor = ImagePreprocessor.from_pretrained(args.model_name_or_path)
+    with exclusive(output / ".data.lock"):
+        for role, name, held_out in (
+            ("source", args.source_dataset, args.source_validation_samples),
+            ("target", args.target_dataset, args.target_validation_samples),
+        ):
+            write_trial_data(name, held_out, preprocessor.image_size, output / "data" / role)
+    source_validation = load_image_classification_dataset(str(output / "data" / "source"))["test"]
+    encoded = EncodedSplit.from_dataset(source_validation, preprocessor)
+    original_accuracy = predict_accuracy(load_classifier(args.model_name_or_path), encoded.pixel_values, encoded.labels)
+
+    if not is_verbose():
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Workers starting together take turns to create the study (SQLite's tables), check it and queue trials.
+    with exclusive(output / ".study.lock"):
+        study = open_study(args, tune_identity(args, space))
+        enqueue_defaults(study, space, defaults)
+        requeue_failed(study)
+    remaining = args.trials - len(finished_trials(study))
+    if remaining > 0:
+        where = args.storage or output / "study.db"
+        say(f"tuning {args.method}: {remaining} of {args.trials} trials to run; study in {where}")
+        study.optimize(
+            Objective(args, space, proxy, original_accuracy),
+            callbacks=[
+                optuna.study.MaxTrialsCallback(args.trials, states=(TrialState.COMPLETE, TrialState.PRUNED)),
+                lambda study, trial: say(trial_line(study, trial, args.trials)),
+            ],
+        )
+    with exclusive(output / ".final.lock"):
+        return final_audit(args, study, space, proxy, original_accuracy, time.perf_counter() - start)
+
+
+def final_audit(
+    args: TuneArguments,
+    study: optuna.Study,
+    space: list[Parameter],
+    proxy: list[str],
+    original_accuracy: float,
+    seconds: float,
+) -> dict[str, Any]:
+    """Audit the best trial's model with the full suite on the real test split; card it; write `tuning.json`."""
+    output = Path(args.output_dir)
+    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not completed:
+        raise InputError(
+            f"No trial of {len(study.trials)} kept source accuracy within {args.max_source_drop:.2%} of the original: "
+            "loosen --max_source_drop, or narrow the search space towards gentler settings."
+        )
+    best = min(completed, key=lambda t: t.value)
+    defaults = next((t for t in completed if t.user_attrs.get("defaults")), None)
+    previous = json.loads((output / "tuning.json").read_text()) if (output / "tuning.json").is_file() else {}
+    summary: dict[str, Any] = {
+        "method": args.method,
+        "model": args.model_name_or_path,
+        "source_dataset": args.source_dataset,
+        "target_dataset": args.target_dataset,
+        "search_space": {p.name: p.describe() for p in space},
+        "max_source_drop": args.max_source_drop,
+        "source_accuracy_original": original_accuracy,
+        "validation_samples": {"source": args.source_validation_samples, "target": args.target_validation_samples},
+        "proxy": {"attacks": proxy, "counts": args.proxy_counts, "seeds": args.proxy_seeds, "suite": args.suite},
+        "trials": [trial_summary(t) for t in study.trials],
+        "best_trial": best.number,
+        "params": best.params,
+        "validation": {"worst_case_slc_auc": best.value, "source_accuracy": best.user_attrs["source_accuracy"]},
+        "defaults_trial": defaults.number if defaults else None,
+    }
+    audit_dir = output / "audit"
+    audit = EvaluateArguments(
+        model_name_or_path=str(output / MODEL_SUBDIR),
+        original_model_name_or_path=args.model_name_or_path,
+        target_dataset=args.target_dataset,
+        suite=args.suite,
+        counts=args.counts,
+        seeds=args.seeds,
+        output_dir=str(audit_dir),
+    )
+    # Reused only when it audited this very trial's model with these settings (a longer study may find another).
+    if previous.get("best_trial") == best.number and finished_run(
+        audit_dir, run_identity("evaluate", audit), "report.json"
+    ):
+        report = read_report(audit_dir / "report.json")
+    else:
+        say(f"auditing trial {best.number + 1}'s model with the full suite on {args.target_dataset}'s test split")
+        with replacing_directory(output / MODEL_SUBDIR) as staging:
+            shutil.copytree(trial_folder(output, best) / MODEL_SUBDIR, staging, dirs_exist_ok=True)
+        report = run_evaluation(replace(audit, overwrite=True))
+    summary["test"] = {
+        "worst_case_slc_auc": report["slc_auc"]["model"]["worst_case"]["slc_auc"],
+        "worst_case_slc_auc_normalized": report["slc_auc"]["model"]["worst_case"]["slc_auc_normalized"],
+    }
+    summary["wall_time_s"] = round(seconds, 1)
+    floor = original_accuracy - args.max_source_drop
+    plot_trials(summary["trials"], output / TRIALS_PLOT, floor, f"hf-ntl tune --method {args.method}")
+    shutil.copyfile(output / TRIALS_PLOT, output / MODEL_SUBDIR / TRIALS_PLOT)
+    # The model's record says how its settings were found (the card shows it); the trials stay in tuning.json.
+    record = read_record(output / MODEL_SUBDIR)
+    write_record(output / MODEL_SUBDIR, record | {"tuning": summary | {"trials": len(study.trials)}})
+    write_card(output / MODEL_SUBDIR, audit_dir)
+    (output / "tuning.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary["report"] = report
+    return summary
+
+
+def trial_summary(trial: FrozenTrial) -> dict[str, Any]:
+    return {
+        "number": trial.number,
+        "state": trial.state.name.lower(),
+        "params": trial.params,
+        "defaults": bool(trial.user_attrs.get("defaults")),
+        "source_accuracy": trial.user_attrs.get("source_accuracy"),
+        "worst_case_slc_auc": trial.value if trial.state == TrialState.COMPLETE else None,
+        "pruned_by": trial.user_attrs.get("pruned_by"),
+    }
+
+
+def tuning_tables(summary: dict[str, Any]) -> list[RenderableType]:
+    """The search on a terminal: the best and the defaults side by side, then the final audit's tables."""
+    rows = table(["", "trial", "source acc. (validation)", "proxy worst case (validation)", "settings"])
+    trials = {t["number"]: t for t in summary["trials"]}
+    for label, number in (("best", summary["best_trial"]), ("defaults", summary["defaults_trial"])):
+        if number is None:
+            continue
+        trial = trials[number]
+        settings = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial["params"].items())
+        value = trial["worst_case_slc_auc"]
+        rows.add_row(
+            label, str(number + 1), f"{100 * trial['source_accuracy']:.2f}%", signed(value, f"{value:+.3f}"), settings
+        )
+    states = [t["state"] for t in summary["trials"]]
+    title = (
+        f"Search: {states.count('complete')} trials finished, {states.count('pruned')} pruned; "
+        f"the best's test worst case {summary['test']['worst_case_slc_auc']:+.3f} (full suite)"
+    )
+    return [titled(title, rows), *report_tables(summary["report"])]

@@ -1,0 +1,218 @@
+"""`hf-ntl tune`: a tiny study end to end, resuming, two workers on one study, the floor, bad search spaces."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import optuna
+import pytest
+from datasets import DatasetDict
+from huggingface_hub import ModelCard
+
+import hf_ntl.tune as tune
+from hf_ntl.artifacts import read_record
+from hf_ntl.data import load_image_classification_dataset
+from hf_ntl.data.fingerprint import image_hash, image_hashes
+from hf_ntl.data.transforms import ImagePreprocessor
+from hf_ntl.errors import InputError
+from hf_ntl.source import SourceConfig, run_source
+from hf_ntl.trainers import NTPConfig
+from hf_ntl.tune import TuneArguments, load_search_space, run_tune
+
+SOURCE = "uci-digits"
+TINY_NTP = "admm_rounds: 1\nsteps_per_round: 4\nretrain_steps: 2\nprobe_steps: 10\nper_device_train_batch_size: 16\n"
+TINY_SUITE = (
+    "- {name: full, trainable: all, optimizer: adam, learning_rate: 1.0e-3, steps: 3}\n"
+    "- {name: sgdm, trainable: all, optimizer: sgd-momentum, learning_rate: 1.0e-2, steps: 3}\n"
+)
+# Holds NTP's defaults (sparsity 0.9, alpha 1), so the study's first trial is the defaults.
+TINY_SPACE = "sparsity: {choices: [0.9, 0.5]}\nalpha: {low: 0.5, high: 2.0, log: true}\n"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A source model fitted for one epoch, a small target data set folder, and the YAML files of a tiny study."""
+    folder = tmp_path_factory.mktemp("tune")
+    config = SourceConfig(output_dir=str(folder / "source"), dataset_name=SOURCE, num_train_epochs=1, report_to="none")
+    run_source(config)
+    shapes = load_image_classification_dataset("textured-shapes", image_size=32)
+    target = DatasetDict(train=shapes["train"].select(range(400)), test=shapes["test"].select(range(100)))
+    target.save_to_disk(str(folder / "target"))
+    for name, text in (("ntp.yaml", TINY_NTP), ("suite.yaml", TINY_SUITE), ("space.yaml", TINY_SPACE)):
+        (folder / name).write_text(text)
+    return folder
+
+
+def tiny_study(setup, output_dir, **overrides) -> TuneArguments:
+    values = dict(
+        model_name_or_path=str(setup / "source" / "model"),
+        source_dataset=SOURCE,
+        target_dataset=str(setup / "target"),
+        trials=2,
+        search_space=str(setup / "space.yaml"),
+        protect_config=str(setup / "ntp.yaml"),
+        max_source_drop=1.0,
+        source_validation_samples=100,
+        target_validation_samples=60,
+        proxy_attacks=["full", "sgdm"],
+        proxy_counts=[10, 20],
+        suite=str(setup / "suite.yaml"),
+        counts=[10, 20],
+        seeds=[0],
+        pruner="none",
+        sampler_seed=0,
+        output_dir=str(output_dir),
+    )
+    return TuneArguments(**(values | overrides))
+
+
+def argv_of(args: TuneArguments) -> list[str]:
+    argv = []
+    for name, value in vars(args).items():
+        if value is not None:
+            argv += [f"--{name}", *map(str, value if isinstance(value, list) else [value])]
+    return argv
+
+
+@pytest.fixture(scope="module")
+def resumed_study(setup):
+    """A two-trial study interrupted in its second trial's audit, then run again to the end.
+
+    Every image any stage turns into model inputs passes through `ImagePreprocessor`: the hashes of those seen
+    before the final audit started, and after, are recorded; so is every protection run.
+    """
+    seen = {"trials": set(), "final": set()}
+    phase = {"now": "trials"}
+    protections, audits = [], []
+    call, evaluation, proxy_audit = ImagePreprocessor.__call__, tune.run_evaluation, tune.Objective.proxy_audit
+    config_class, protect = tune.PROTECTIONS["ntp"]
+
+    def recording_call(self, images):
+        seen[phase["now"]].update(image_hash(image) for image in images)
+        return call(self, images)
+
+    def final_evaluation(args, *rest, **kwargs):
+        phase["now"] = "final"
+        return evaluation(args, *rest, **kwargs)
+
+    def counting_protect(config):
+        protections.append(config.output_dir)
+        return protect(config)
+
+    def interrupted_second_audit(self, trial, folder):
+        audits.append(folder)
+        if len(audits) == 2:
+            raise KeyboardInterrupt
+        return proxy_audit(self, trial, folder)
+
+    out = setup / "study"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ImagePreprocessor, "__call__", recording_call)
+        patch.setattr(tune, "run_evaluation", final_evaluation)
+        patch.setitem(tune.PROTECTIONS, "ntp", (config_class, counting_protect))
+        patch.setattr(tune.Objective, "proxy_audit", interrupted_second_audit)
+        with pytest.raises(KeyboardInterrupt):
+            run_tune(tiny_study(setup, out))
+        interrupted = {"protections": len(protections), "audits": len(audits)}
+        patch.setattr(tune.Objective, "proxy_audit", proxy_audit)
+        summary = run_tune(tiny_study(setup, out))
+    return {"out": out, "summary": summary, "seen": seen, "protections": protections, "interrupted": interrupted}
+
+
+def test_a_study_chooses_on_validation_and_reads_the_test_split_only_for_the_final_audit(setup, resumed_study):
+    out, summary, seen = resumed_study["out"], resumed_study["summary"], resumed_study["seen"]
+    tests = set(image_hashes(load_image_classification_dataset(str(setup / "target"))["test"]))
+    tests |= set(image_hashes(load_image_classification_dataset(SOURCE, image_size=32)["test"]))
+    assert seen["trials"] and not seen["trials"] & tests  # no test image before the final audit
+    assert seen["final"] & tests  # the final audit did score on the test split (and the spy sees it)
+    for role in ("source", "target"):  # the trials' data hold no test image either
+        trial_data = load_image_classification_dataset(str(out / "data" / role))
+        assert not (set(image_hashes(trial_data["train"])) | set(image_hashes(trial_data["test"]))) & tests
+
+    trials = [t for t in json.loads((out / "tuning.json").read_text())["trials"] if t["state"] == "complete"]
+    assert trials[0]["defaults"] and trials[0]["params"] == {"sparsity": 0.9, "alpha": 1.0}
+    best = min(trials, key=lambda t: t["worst_case_slc_auc"])
+    assert summary["best_trial"] == best["number"] and summary["params"] == best["params"]
+    assert summary["validation"]["worst_case_slc_auc"] == best["worst_case_slc_auc"]
+    # The chosen model is the best trial's, audited on the real target's test split against the original.
+    report = json.loads((out / "audit" / "report.json").read_text())
+    assert report["target"] == str(setup / "target") and report["target_test_samples"] == 100
+    assert report["test_overlap"]["total"] == 0 and report["original"] == str(setup / "source" / "model")
+    assert summary["test"]["worst_case_slc_auc"] == report["slc_auc"]["model"]["worst_case"]["slc_auc"]
+    record = read_record(out / "model")
+    assert record["config"]["sparsity"] == best["params"]["sparsity"]
+    assert record["tuning"]["best_trial"] == best["number"] and record["tuning"]["trials"] == 3
+    card = ModelCard.load(out / "model" / "README.md")
+    assert "How the settings were chosen" in card.text and "hf-ntl tune --method ntp" in card.text
+    assert (out / "model" / "trials.png").stat().st_size > 1000
+    assert not list((out / "trials").glob("*/checkpoint-*"))  # finished trials keep their model only
+
+
+def test_an_interrupted_study_resumes_with_its_finished_trials_kept(resumed_study):
+    out, summary = resumed_study["out"], resumed_study["summary"]
+    assert resumed_study["interrupted"] == {"protections": 2, "audits": 2}
+    states = [t["state"] for t in summary["trials"]]
+    # The first trial is kept; the interrupted trial's settings are tried again in its own folder, where its
+    # protection had finished: nothing is protected again.
+    assert states == ["complete", "fail", "complete"] and len(resumed_study["protections"]) == 2
+    assert summary["trials"][2]["params"] == summary["trials"][1]["params"]
+    assert sorted(p.name for p in (out / "trials").iterdir()) == ["0000", "0001"]
+
+
+def test_two_processes_share_one_study(setup, resumed_study, tmp_path):
+    # Two workers extend a copy of the finished study (two trials done) to four: each takes the next trial.
+    out = tmp_path / "study"
+    shutil.copytree(resumed_study["out"], out)
+    argv = argv_of(tiny_study(setup, out, trials=4, sampler_seed=None))
+    command = [sys.executable, "-m", "hf_ntl.cli", "tune", *argv]
+    workers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in "ab"]
+    outputs = [worker.communicate(timeout=600)[0] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], outputs
+    study = optuna.load_study(study_name="hf-ntl-tune", storage=f"sqlite:///{out / 'study.db'}")
+    new = [t for t in study.trials[3:] if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(new) >= 2 and len({t.user_attrs["worker"] for t in new}) == 2  # both took a trial
+    assert len({t.number for t in study.trials}) == len(study.trials)
+    completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    best = min(completed, key=lambda t: t.value).number
+    assert json.loads((out / "tuning.json").read_text())["best_trial"] == best
+
+
+def test_a_trial_below_the_source_floor_is_pruned_and_settings_may_not_change(setup, tmp_path):
+    (tmp_path / "space.yaml").write_text("sparsity: {choices: [0.99]}\n")  # destroys a tiny model's accuracy
+    args = tiny_study(setup, tmp_path / "study", trials=1, search_space=str(tmp_path / "space.yaml"))
+    args.max_source_drop = 0.0
+    with pytest.raises(InputError, match="No trial of 1 kept source accuracy"):
+        run_tune(args)
+    study = optuna.load_study(study_name="hf-ntl-tune", storage=f"sqlite:///{tmp_path / 'study' / 'study.db'}")
+    (trial,) = study.trials
+    assert trial.state == optuna.trial.TrialState.PRUNED and trial.user_attrs["pruned_by"] == "source floor"
+    args.max_source_drop = 0.5
+    with pytest.raises(InputError, match="started with other settings \\(differing in max_source_drop\\)"):
+        run_tune(args)
+
+
+@pytest.mark.parametrize(
+    ("space", "error"),
+    [
+        ("alpah: {low: 0.1, high: 10}\n", "\\['alpah'\\] are not options"),
+        ("alpha: {low: 0.1}\n", "must be `\\{low, high"),
+        ("alpha: {low: 0.0, high: 1.0, log: true}\n", "low must be positive"),
+        ("alpha: {low: 2.0, high: 1.0}\n", "low < high"),
+        ("sparsity: {choices: []}\n", "non-empty list"),
+        ("- alpha\n", "must map option names"),
+    ],
+)
+def test_a_bad_search_space_is_a_clear_error(tmp_path, space, error):
+    (tmp_path / "space.yaml").write_text(space)
+    with pytest.raises(InputError, match=error):
+        load_search_space(tmp_path / "space.yaml", NTPConfig)
+
+
+def test_the_shipped_search_spaces_are_valid_and_hold_the_defaults():
+    from hf_ntl.protect import PROTECTIONS
+
+    for method, (config_class, _) in PROTECTIONS.items():
+        space = load_search_space(tune.default_search_space(method), config_class)
+        defaults = config_class(output_dir="unused", report_to="none")
+        assert all(parameter.contains(getattr(defaults, parameter.name)) for parameter in space), method
