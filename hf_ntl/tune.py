@@ -35,6 +35,7 @@ import os
 import shutil
 import socket
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
@@ -258,12 +259,26 @@ def tune_identity(args: TuneArguments, space: list[Parameter]) -> dict[str, Any]
     return json.loads(json.dumps(settings, default=str))
 
 
+def source_constraint(trial: FrozenTrial) -> list[float]:
+    """The source floor as an Optuna constraint: floor minus the trial's source accuracy (<= 0 is feasible)."""
+    return [trial.user_attrs.get("constraint", 0.0)]
+
+
+def feasible(trial: FrozenTrial) -> bool:
+    """A finished trial that kept the source floor (the only kind that can be chosen)."""
+    return trial.state == TrialState.COMPLETE and source_constraint(trial)[0] <= 0
+
+
 def open_study(args: TuneArguments, identity: dict[str, Any]) -> optuna.Study:
     """Create or load the study; refuse one made with other settings."""
     url = args.storage or f"sqlite:///{(Path(args.output_dir) / 'study.db').resolve()}"
     # SQLite locks the whole file on writes: wait for another worker rather than fail.
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-    storage = optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT, grace_period=GRACE)
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5 but have been stable since 2.x
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = optuna.storages.RDBStorage(
+            url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT, grace_period=GRACE
+        )
     pruner = (
         optuna.pruners.MedianPruner(n_startup_trials=args.pruner_startup_trials)
         if args.pruner == "median"
@@ -273,7 +288,8 @@ def open_study(args: TuneArguments, identity: dict[str, Any]) -> optuna.Study:
         storage=storage,
         study_name=args.study_name,
         direction="minimize",
-        sampler=optuna.samplers.TPESampler(seed=args.sampler_seed),
+        # Constraint-aware TPE: a trial below the source floor informs the sampler as infeasible.
+        sampler=optuna.samplers.TPESampler(seed=args.sampler_seed, constraints_func=source_constraint),
         pruner=pruner,
         load_if_exists=True,
     )
@@ -371,7 +387,10 @@ class Objective:
         # Measured by the protection on its source data's `test` split: the source validation split.
         accuracy = record["source_accuracy_after"]
         trial.set_user_attr("source_accuracy", accuracy)
-        if accuracy < self.floor:
+        trial.set_user_attr("constraint", self.floor - accuracy)  # feasible when <= 0 (`feasible`)
+        # A trial below the floor can never be chosen: its audit is skipped, except the defaults', which the
+        # search is measured against.
+        if accuracy < self.floor and not trial.user_attrs.get("defaults"):
             trial.set_user_attr("pruned_by", "source floor")
             raise optuna.TrialPruned(f"source accuracy {accuracy:.4f} is below the floor {self.floor:.4f}")
         return self.proxy_audit(trial, folder)
@@ -442,12 +461,12 @@ def trial_line(study: optuna.Study, trial: FrozenTrial, total: int) -> str:
     if source is not None:
         line += f"  source {100 * source:.1f}%"
     if trial.state == TrialState.COMPLETE:
-        line += f"  proxy worst-case SLC-AUC {trial.value:+.3f}"
+        line += f"  proxy worst-case SLC-AUC {trial.value:+.3f}" + ("" if feasible(trial) else " (below the floor)")
     elif trial.state == TrialState.PRUNED:
         line += f"  pruned ({trial.user_attrs.get('pruned_by', 'pruner')})"
     else:
         line += f"  {trial.state.name.lower()}"
-    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    completed = [t for t in study.get_trials(deepcopy=False) if feasible(t)]
     if completed:
         best = min(completed, key=lambda t: t.value)
         line += f"  | best {best.value:+.3f} (trial {best.number + 1})"
@@ -529,12 +548,14 @@ def final_audit(
     """Audit the best trial's model with the full suite on the real test split; card it; write `tuning.json`."""
     output = Path(args.output_dir)
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not completed:
+    candidates = [t for t in completed if feasible(t)]
+    if not candidates:
         raise InputError(
-            f"No trial of {len(study.trials)} kept source accuracy within {args.max_source_drop:.2%} of the original: "
+            f"No trial of {len(study.trials)} finished within {args.max_source_drop:.2%} of the original's source "
+            "accuracy: "
             "loosen --max_source_drop, or narrow the search space towards gentler settings."
         )
-    best = min(completed, key=lambda t: t.value)
+    best = min(candidates, key=lambda t: t.value)
     defaults = next((t for t in completed if t.user_attrs.get("defaults")), None)
     previous = json.loads((output / "tuning.json").read_text()) if (output / "tuning.json").is_file() else {}
     summary: dict[str, Any] = {
@@ -598,6 +619,7 @@ def trial_summary(trial: FrozenTrial) -> dict[str, Any]:
         "defaults": bool(trial.user_attrs.get("defaults")),
         "source_accuracy": trial.user_attrs.get("source_accuracy"),
         "worst_case_slc_auc": trial.value if trial.state == TrialState.COMPLETE else None,
+        "feasible": feasible(trial),
         "pruned_by": trial.user_attrs.get("pruned_by"),
     }
 
@@ -612,9 +634,8 @@ def tuning_tables(summary: dict[str, Any]) -> list[RenderableType]:
         trial = trials[number]
         settings = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial["params"].items())
         value = trial["worst_case_slc_auc"]
-        rows.add_row(
-            label, str(number + 1), f"{100 * trial['source_accuracy']:.2f}%", signed(value, f"{value:+.3f}"), settings
-        )
+        source = f"{100 * trial['source_accuracy']:.2f}%" + ("" if trial["feasible"] else " (below the floor)")
+        rows.add_row(label, str(number + 1), source, signed(value, f"{value:+.3f}"), settings)
     states = [t["state"] for t in summary["trials"]]
     title = (
         f"Search: {states.count('complete')} trials finished, {states.count('pruned')} pruned; "
