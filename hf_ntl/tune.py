@@ -71,7 +71,7 @@ from .models import load_classifier
 from .options import stage_config
 from .protect import PROTECTIONS
 from .source import MODEL_SUBDIR
-from .terminal import is_verbose, say, signed, table, titled
+from .terminal import is_verbose, say, signed, table, titled, track
 
 SEARCH_SPACES = Path(__file__).parent / "search_spaces"
 # The attacks that did best against protected models in the bench (README, "Benchmarks"): the proxy
@@ -259,14 +259,13 @@ def tune_identity(args: TuneArguments, space: list[Parameter]) -> dict[str, Any]
     return json.loads(json.dumps(settings, default=str))
 
 
-def source_constraint(trial: FrozenTrial) -> list[float]:
-    """The source floor as an Optuna constraint: floor minus the trial's source accuracy (<= 0 is feasible)."""
-    return [trial.user_attrs.get("constraint", 0.0)]
-
-
 def feasible(trial: FrozenTrial) -> bool:
-    """A finished trial that kept the source floor (the only kind that can be chosen)."""
-    return trial.state == TrialState.COMPLETE and source_constraint(trial)[0] <= 0
+    """A finished trial that kept the source floor (the only kind that can be chosen).
+
+    The floor is the trial's Optuna constraint `source_floor` (floor minus source accuracy, <= 0 when kept), which
+    TPE also reads: a trial below the floor informs the sampler as infeasible.
+    """
+    return trial.state == TrialState.COMPLETE and trial.constraints.get("source_floor", 0.0) <= 0
 
 
 def open_study(args: TuneArguments, identity: dict[str, Any]) -> optuna.Study:
@@ -288,8 +287,7 @@ def open_study(args: TuneArguments, identity: dict[str, Any]) -> optuna.Study:
         storage=storage,
         study_name=args.study_name,
         direction="minimize",
-        # Constraint-aware TPE: a trial below the source floor informs the sampler as infeasible.
-        sampler=optuna.samplers.TPESampler(seed=args.sampler_seed, constraints_func=source_constraint),
+        sampler=optuna.samplers.TPESampler(seed=args.sampler_seed),
         pruner=pruner,
         load_if_exists=True,
     )
@@ -387,7 +385,7 @@ class Objective:
         # Measured by the protection on its source data's `test` split: the source validation split.
         accuracy = record["source_accuracy_after"]
         trial.set_user_attr("source_accuracy", accuracy)
-        trial.set_user_attr("constraint", self.floor - accuracy)  # feasible when <= 0 (`feasible`)
+        trial.set_constraint("source_floor", self.floor - accuracy)  # feasible when <= 0 (`feasible`)
         # A trial below the floor can never be chosen: its audit is skipped, except the defaults', which the
         # search is measured against.
         if accuracy < self.floor and not trial.user_attrs.get("defaults"):
@@ -418,7 +416,8 @@ class Objective:
         validation = EncodedSplit.from_dataset(plan.splits["validation"], plan.preprocessor)
         scored = EncodedSplit.from_dataset(plan.splits["test"], plan.preprocessor)  # the target validation split
         points: list[CurvePoint] = []
-        for step, spec in enumerate(suite):
+        description = f"trial {trial.number + 1} proxy audit"
+        for step, spec in enumerate(track(suite, description, len(suite), unit="attacks")):
             points += self.scratch_points(spec, model, train, validation, scored)
             points += run_attacks(
                 {"model": model}, train, validation, scored, [spec], plan.counts, plan.seeds, False, with_scratch=False

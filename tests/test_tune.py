@@ -158,6 +158,10 @@ def test_an_interrupted_study_resumes_with_its_finished_trials_kept(resumed_stud
     assert states == ["complete", "fail", "complete"] and len(resumed_study["protections"]) == 2
     assert summary["trials"][2]["params"] == summary["trials"][1]["params"]
     assert sorted(p.name for p in (out / "trials").iterdir()) == ["0000", "0001"]
+    # The pruner sees the worst case after each proxy attack; the last one is the trial's value.
+    study = optuna.load_study(study_name="hf-ntl-tune", storage=f"sqlite:///{out / 'study.db'}")
+    first = study.trials[0]
+    assert sorted(first.intermediate_values) == [0, 1] and first.intermediate_values[1] == first.value
 
 
 def test_two_processes_share_one_study(setup, resumed_study, tmp_path):
