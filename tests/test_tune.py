@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 
 import optuna
 import pytest
@@ -165,15 +166,19 @@ def test_an_interrupted_study_resumes_with_its_finished_trials_kept(resumed_stud
 
 
 def test_two_processes_share_one_study(setup, resumed_study, tmp_path):
-    # Two workers extend a copy of the finished study (two trials done) to four: each takes the next trial.
+    # Two workers, this process and another, extend a copy of the finished study (two trials done) to four.
     out = tmp_path / "study"
     shutil.copytree(resumed_study["out"], out)
-    argv = argv_of(tiny_study(setup, out, trials=4, sampler_seed=None))
-    command = [sys.executable, "-m", "hf_ntl.cli", "tune", *argv]
-    workers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in "ab"]
-    outputs = [worker.communicate(timeout=600)[0] for worker in workers]
-    assert [worker.returncode for worker in workers] == [0, 0], outputs
-    study = optuna.load_study(study_name="hf-ntl-tune", storage=f"sqlite:///{out / 'study.db'}")
+    args = tiny_study(setup, out, trials=4, sampler_seed=None)
+    command = [sys.executable, "-m", "hf_ntl.cli", "tune", *argv_of(args)]
+    storage = f"sqlite:///{out / 'study.db'}"
+    with (tmp_path / "other.log").open("w") as log:
+        other = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        while other.poll() is None and len(optuna.load_study(study_name="hf-ntl-tune", storage=storage).trials) < 4:
+            time.sleep(0.5)  # until the other worker has taken the next trial
+        run_tune(args)
+        assert other.wait(timeout=600) == 0, (tmp_path / "other.log").read_text()
+    study = optuna.load_study(study_name="hf-ntl-tune", storage=storage)
     new = [t for t in study.trials[3:] if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(new) >= 2 and len({t.user_attrs["worker"] for t in new}) == 2  # both took a trial
     assert len({t.number for t in study.trials}) == len(study.trials)
