@@ -136,7 +136,10 @@ def build_card(
     if not record:
         raise InputError(f"No hf_ntl.json in {model_dir}: cards are written for folders hf_ntl produced.")
     report = read_report(report_dir / "report.json")
-    if Path(report["model"]).resolve() != model_dir.resolve() and report.get("source", {}) != record:
+    # `hf-ntl tune` audits the chosen trial's folder, then releases a copy of it whose record says so.
+    audited_as = record.get("tuning", {}).get("audited_as")
+    same = Path(report["model"]).resolve() in {model_dir.resolve(), Path(audited_as or model_dir).resolve()}
+    if not same and report.get("source", {}) != record:
         raise InputError(f"{report_dir}/report.json evaluates {report['model']}, not {model_dir}.")
     method = record.get("method", "none")
     name = model_name or model_dir.name

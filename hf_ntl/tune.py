@@ -15,16 +15,18 @@ audit, on a further split of the trials' target train data). Only the best trial
 the full suite on the real test split, and carded with the search recorded.
 
 OUTPUT_DIR holds:
+    hf_ntl_tune.json           the study's settings: a rerun or another worker with others is refused
     data/source, data/target   the trials' data (train, and validation as `test`)
     study.db                   the Optuna study (default storage): rerunning the command resumes it
-    trials/NNNN/               a trial's protection (its own output_dir, resumable) and proxy report
+    trials/NNNN/               trial NNNN's protection (its own output_dir, resumable), proxy report, and for
+                               the chosen trial its full audit on the test split (`audit/`)
     proxy_scratch/ATTACK.json  scratch's proxy runs, the same for every trial, computed once
-    model/, audit/             the best trial's model with its card, and its full audit on the test split
-    tuning.json, trials.png    the search: every trial's settings and figures, and their plot
+    model/                     the chosen trial's model with its record, card and trials plot
+    tuning.json                the search: every trial's settings and figures
 
 Several workers can share one study: run the same command in several processes, or on several machines
 with `--storage postgresql://...` and an `--output_dir` on a file system they all see; each takes the next
-trial until `--trials` are done, and the final audit runs once.
+trial while fewer than `--trials` have finished, and the first to finish runs the final audit.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ import json
 import os
 import shutil
 import socket
-import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -80,6 +81,8 @@ PROXY_ATTACKS = ("full", "lora-r16", "sgdm-lr1e-2", "sgdm-lr1e-1", "adamw-lr1e-2
 # Seconds between a running trial's heartbeats; a trial silent for GRACE seconds (its worker killed) is
 # marked failed at the next start of any worker, and its settings are tried again (`requeue_failed`).
 HEARTBEAT, GRACE = 60, 300
+# Accuracies are multiples of 1/N: an accuracy exactly `max_source_drop` below the original keeps the floor.
+FLOOR_TOLERANCE = 1e-9
 
 
 @dataclass
@@ -90,7 +93,9 @@ class TuneArguments:
     method: str = field(default="ntp", metadata={"help": f"Protection to tune: one of {list(PROTECTIONS)}."})
     source_dataset: str = field(default="font-digits", metadata={"help": "The owner's domain."})
     target_dataset: str = field(default="uci-digits", metadata={"help": "The unauthorised domain."})
-    trials: int = field(default=20, metadata={"help": "Trials the study holds when done (finished or pruned)."})
+    trials: int = field(
+        default=20, metadata={"help": "Finished (or pruned) trials after which workers stop taking new ones."}
+    )
     search_space: str | None = field(
         default=None, metadata={"help": "YAML search space (default: the method's, in hf_ntl/search_spaces/)."}
     )
@@ -212,7 +217,10 @@ def load_search_space(path: str | Path, config_class: type) -> list[Parameter]:
             raise InputError(f"{path}: {name} needs numbers low < high, got {low!r} and {high!r}.")
         if spec.get("log") and low <= 0:
             raise InputError(f"{path}: {name} is on a log scale, so low must be positive, got {low}.")
-        space.append(Parameter(name, low, high, bool(spec.get("log", False)), spec.get("step")))
+        step = spec.get("step")
+        if step is not None and (spec.get("log") or not step > 0 or isinstance(low, int) != isinstance(step, int)):
+            raise InputError(f"{path}: {name}'s step must be a positive {type(low).__name__}, without `log`.")
+        space.append(Parameter(name, low, high, bool(spec.get("log", False)), step))
     return space
 
 
@@ -252,11 +260,30 @@ def write_trial_data(name: str, validation_samples: int, image_size: int, folder
 def tune_identity(args: TuneArguments, space: list[Parameter]) -> dict[str, Any]:
     """What makes a study this study; a rerun (or another worker) with other settings is refused."""
     protect_options = yaml.safe_load(Path(args.protect_config).read_text()) if args.protect_config else None
-    kept = ("trials", "storage", "study_name", "output_dir", "sampler_seed", "counts", "seeds")
+    # Not part of it: how many trials, where the study is kept, how it samples and prunes, the final audit's grid.
+    kept = ("trials", "storage", "study_name", "output_dir", "sampler_seed", "pruner", "pruner_startup_trials")
+    kept += ("counts", "seeds")
     settings = {f.name: getattr(args, f.name) for f in fields(args) if f.name not in kept}
     settings["search_space"] = [vars(parameter) | {"choices": parameter.choices} for parameter in space]
     settings["protect_config"] = protect_options
     return json.loads(json.dumps(settings, default=str))
+
+
+def claim_output_folder(output: Path, identity: dict[str, Any]) -> None:
+    """Make `output` this study's before anything is written to it: its data, trials and scratch runs belong
+    to one study; another study's folder is refused (the data it holds would silently be reused)."""
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / "hf_ntl_tune.json"
+    if not path.is_file():
+        path.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
+        return
+    recorded = json.loads(path.read_text())
+    if recorded != identity:
+        changed = sorted(k for k in recorded.keys() | identity.keys() if recorded.get(k) != identity.get(k))
+        raise InputError(
+            f"{output} holds a study started with other settings (differing in {', '.join(changed)}): use another "
+            "--output_dir, or the original settings to resume it."
+        )
 
 
 def feasible(trial: FrozenTrial) -> bool:
@@ -265,7 +292,7 @@ def feasible(trial: FrozenTrial) -> bool:
     The floor is the trial's Optuna constraint `source_floor` (floor minus source accuracy, <= 0 when kept), which
     TPE also reads: a trial below the floor informs the sampler as infeasible.
     """
-    return trial.state == TrialState.COMPLETE and trial.constraints.get("source_floor", 0.0) <= 0
+    return trial.state == TrialState.COMPLETE and trial.constraints.get("source_floor", 0.0) <= FLOOR_TOLERANCE
 
 
 def open_study(args: TuneArguments, identity: dict[str, Any]) -> optuna.Study:
@@ -298,7 +325,7 @@ def open_study(args: TuneArguments, identity: dict[str, Any]) -> optuna.Study:
         changed = sorted(k for k in recorded.keys() | identity.keys() if recorded.get(k) != identity.get(k))
         raise InputError(
             f"The study {args.study_name!r} in {url} was started with other settings (differing in "
-            f"{', '.join(changed)}): use another --output_dir or --study_name, or the original settings."
+            f"{', '.join(changed)}): use another --output_dir and --study_name, or the original settings."
         )
     return study
 
@@ -315,18 +342,20 @@ def enqueue_defaults(study: optuna.Study, space: list[Parameter], defaults: Any)
 
 
 def requeue_failed(study: optuna.Study) -> None:
-    """Queue again the settings of every failed trial (interrupted, or its worker killed) not yet retried.
+    """Queue again the settings of every failed trial (interrupted, or its worker killed) not tried since.
 
     The new trial keeps the failed one's folder (`trial_folder`), so its protection resumes from the last
     checkpoint rather than starting over.
     """
-    retried = {t.user_attrs.get("resumes") for t in study.trials}
-    for failed in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-        folder = failed.user_attrs.get("resumes", failed.number)
-        if folder not in retried:
-            user_attrs = {"resumes": folder, **({"defaults": True} if failed.user_attrs.get("defaults") else {})}
-            study.enqueue_trial(failed.params, user_attrs=user_attrs)
-            retried.add(folder)
+    # A trial whose worker was killed is still RUNNING until its heartbeat is GRACE seconds old: mark it failed now.
+    optuna.storages.fail_stale_trials(study)
+    latest = {}  # folder -> the last trial that used it
+    for trial in study.get_trials(deepcopy=False):
+        latest[trial.user_attrs.get("resumes", trial.number)] = trial
+    for folder, trial in latest.items():
+        if trial.state == TrialState.FAIL:
+            user_attrs = {"resumes": folder, **({"defaults": True} if trial.user_attrs.get("defaults") else {})}
+            study.enqueue_trial(trial.params, user_attrs=user_attrs)
 
 
 def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -334,6 +363,7 @@ def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def trial_folder(output_dir: Path, trial: Trial | FrozenTrial) -> Path:
+    """`trials/NNNN`, NNNN the trial's number, or that of the failed trial whose settings it tries again."""
     return output_dir / "trials" / f"{trial.user_attrs.get('resumes', trial.number):04d}"
 
 
@@ -388,7 +418,7 @@ class Objective:
         trial.set_constraint("source_floor", self.floor - accuracy)  # feasible when <= 0 (`feasible`)
         # A trial below the floor can never be chosen: its audit is skipped, except the defaults', which the
         # search is measured against.
-        if accuracy < self.floor and not trial.user_attrs.get("defaults"):
+        if accuracy < self.floor - FLOOR_TOLERANCE and not trial.user_attrs.get("defaults"):
             trial.set_user_attr("pruned_by", "source floor")
             raise optuna.TrialPruned(f"source accuracy {accuracy:.4f} is below the floor {self.floor:.4f}")
         return self.proxy_audit(trial, folder)
@@ -416,7 +446,7 @@ class Objective:
         validation = EncodedSplit.from_dataset(plan.splits["validation"], plan.preprocessor)
         scored = EncodedSplit.from_dataset(plan.splits["test"], plan.preprocessor)  # the target validation split
         points: list[CurvePoint] = []
-        description = f"trial {trial.number + 1} proxy audit"
+        description = f"trial {trial.number} proxy audit"
         for step, spec in enumerate(track(suite, description, len(suite), unit="attacks")):
             points += self.scratch_points(spec, model, train, validation, scored)
             points += run_attacks(
@@ -443,7 +473,7 @@ class Objective:
                 {}, train, validation, scored, [spec], self.args.proxy_counts, self.args.proxy_seeds, False, model
             )
             path.parent.mkdir(parents=True, exist_ok=True)
-            staging = path.with_suffix(f".{os.getpid()}.partial")
+            staging = path.with_suffix(f".{socket.gethostname()}-{os.getpid()}.partial")
             staging.write_text(json.dumps([p.to_dict() for p in points]))
             os.replace(staging, path)
         return [CurvePoint(**values) for values in json.loads(path.read_text())]
@@ -455,7 +485,7 @@ def trial_line(study: optuna.Study, trial: FrozenTrial, total: int) -> str:
         f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}" for name, value in trial.params.items()
     )
     source = trial.user_attrs.get("source_accuracy")
-    label = f"trial {trial.number + 1} ({len(finished_trials(study))}/{total})"
+    label = f"trial {trial.number} ({len(finished_trials(study))}/{total})"
     line = f"{label}{' defaults' if trial.user_attrs.get('defaults') else ''}  {settings}"
     if source is not None:
         line += f"  source {100 * source:.1f}%"
@@ -468,7 +498,7 @@ def trial_line(study: optuna.Study, trial: FrozenTrial, total: int) -> str:
     completed = [t for t in study.get_trials(deepcopy=False) if feasible(t)]
     if completed:
         best = min(completed, key=lambda t: t.value)
-        line += f"  | best {best.value:+.3f} (trial {best.number + 1})"
+        line += f"  | best {best.value:+.3f} (trial {best.number})"
     return line
 
 
@@ -490,21 +520,34 @@ def proxy_attacks(args: TuneArguments) -> list[str]:
     return chosen
 
 
+def check_space_values(space: list[Parameter], config_class: type, protect_config: str | None, method: str) -> None:
+    """Build the method's configuration with each end of every range and each choice: a value the option cannot
+    take (a type, a range its own checks refuse) is an error now, not at the trial that draws it."""
+    for parameter in space:
+        values = parameter.choices if parameter.choices is not None else (parameter.low, parameter.high)
+        for value in values:
+            try:
+                stage_config(config_class, protect_config, [f"--{parameter.name}", str(value)], f"protect-{method}")
+            except InputError as err:
+                raise InputError(f"search space: {parameter.name} = {value!r} is refused: {err}") from err
+
+
 def run_tune(args: TuneArguments) -> dict[str, Any]:
     """Run (or resume, or join) the study, then audit the best trial's model on the test split and card it.
 
     Returns the search summary written to `tuning.json`.
     """
-    start = time.perf_counter()
     config_class, _ = PROTECTIONS[args.method]
     space = load_search_space(args.search_space or default_search_space(args.method), config_class)
     proxy = proxy_attacks(args)
-    # Fixed options are checked now, not at the first trial.
+    # Fixed options and every value of the space are checked now, not at the first trial that meets them.
     defaults = stage_config(config_class, args.protect_config, [], f"protect-{args.method}")
+    check_space_values(space, config_class, args.protect_config, args.method)
     output = Path(args.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
+    identity = tune_identity(args, space)
     preprocessor = ImagePreprocessor.from_pretrained(args.model_name_or_path)
     with exclusive(output / ".data.lock"):
+        claim_output_folder(output, identity)
         for role, name, held_out in (
             ("source", args.source_dataset, args.source_validation_samples),
             ("target", args.target_dataset, args.target_validation_samples),
@@ -518,7 +561,7 @@ def run_tune(args: TuneArguments) -> dict[str, Any]:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     # Workers starting together take turns to create the study (SQLite's tables), check it and queue trials.
     with exclusive(output / ".study.lock"):
-        study = open_study(args, tune_identity(args, space))
+        study = open_study(args, identity)
         enqueue_defaults(study, space, defaults)
         requeue_failed(study)
     remaining = args.trials - len(finished_trials(study))
@@ -533,30 +576,52 @@ def run_tune(args: TuneArguments) -> dict[str, Any]:
             ],
         )
     with exclusive(output / ".final.lock"):
-        return final_audit(args, study, space, proxy, original_accuracy, time.perf_counter() - start)
+        return final_audit(args, study, space, proxy, original_accuracy)
 
 
 def final_audit(
-    args: TuneArguments,
-    study: optuna.Study,
-    space: list[Parameter],
-    proxy: list[str],
-    original_accuracy: float,
-    seconds: float,
+    args: TuneArguments, study: optuna.Study, space: list[Parameter], proxy: list[str], original_accuracy: float
 ) -> dict[str, Any]:
-    """Audit the best trial's model with the full suite on the real test split; card it; write `tuning.json`."""
+    """Audit the best trial's model with the full suite on the real test split; card it; write `tuning.json`.
+
+    The audit is the best trial's own (`trials/NNNN/audit`, reused when finished); only then is `model/` replaced,
+    in one step, by that trial's model with its record, card and plot, so an interruption leaves the previous
+    result whole.
+    """
     output = Path(args.output_dir)
-    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    finished = finished_trials(study)
+    completed = [t for t in finished if t.state == TrialState.COMPLETE]
     candidates = [t for t in completed if feasible(t)]
     if not candidates:
         raise InputError(
-            f"No trial of {len(study.trials)} finished within {args.max_source_drop:.2%} of the original's source "
-            "accuracy: "
-            "loosen --max_source_drop, or narrow the search space towards gentler settings."
+            f"No trial of {len(finished)} finished within {args.max_source_drop:.2%} of the original's source "
+            "accuracy: loosen --max_source_drop, or narrow the search space towards gentler settings."
         )
     best = min(candidates, key=lambda t: t.value)
     defaults = next((t for t in completed if t.user_attrs.get("defaults")), None)
-    previous = json.loads((output / "tuning.json").read_text()) if (output / "tuning.json").is_file() else {}
+    folder = trial_folder(output, best)
+    audit = EvaluateArguments(
+        model_name_or_path=str(folder / MODEL_SUBDIR),
+        original_model_name_or_path=args.model_name_or_path,
+        target_dataset=args.target_dataset,
+        suite=args.suite,
+        counts=args.counts,
+        seeds=args.seeds,
+        output_dir=str(folder / "audit"),
+    )
+    if finished_run(folder / "audit", run_identity("evaluate", audit), "report.json"):
+        report = read_report(folder / "audit" / "report.json")
+    else:
+        say(f"auditing trial {best.number}'s model with the full suite on {args.target_dataset}'s test split")
+        report = run_evaluation(replace(audit, overwrite=True))
+    # Trials measured source accuracy on the validation split; the released figures are the test split's.
+    preprocessor = ImagePreprocessor.from_pretrained(folder / MODEL_SUBDIR)
+    source = load_image_classification_dataset(args.source_dataset, image_size=preprocessor.image_size)["test"]
+    test = EncodedSplit.from_dataset(source, preprocessor)
+    source_test = {
+        label: predict_accuracy(load_classifier(path), test.pixel_values, test.labels)
+        for label, path in (("model", folder / MODEL_SUBDIR), ("original", args.model_name_or_path))
+    }
     summary: dict[str, Any] = {
         "method": args.method,
         "model": args.model_name_or_path,
@@ -564,48 +629,47 @@ def final_audit(
         "target_dataset": args.target_dataset,
         "search_space": {p.name: p.describe() for p in space},
         "max_source_drop": args.max_source_drop,
-        "source_accuracy_original": original_accuracy,
         "validation_samples": {"source": args.source_validation_samples, "target": args.target_validation_samples},
         "proxy": {"attacks": proxy, "counts": args.proxy_counts, "seeds": args.proxy_seeds, "suite": args.suite},
         "trials": [trial_summary(t) for t in study.trials],
+        "finished_trials": len(finished),
         "best_trial": best.number,
         "params": best.params,
-        "validation": {"worst_case_slc_auc": best.value, "source_accuracy": best.user_attrs["source_accuracy"]},
         "defaults_trial": defaults.number if defaults else None,
+        "validation": {
+            "worst_case_slc_auc": best.value,
+            "source_accuracy": best.user_attrs["source_accuracy"],
+            "source_accuracy_original": original_accuracy,
+        },
+        "test": {
+            "worst_case_slc_auc": report["slc_auc"]["model"]["worst_case"]["slc_auc"],
+            "worst_case_slc_auc_normalized": report["slc_auc"]["model"]["worst_case"]["slc_auc_normalized"],
+            "source_accuracy": source_test["model"],
+            "source_accuracy_original": source_test["original"],
+        },
+        "audit": str(folder / "audit"),
+        # Compute spent on trials (all workers), unlike a wall clock it does not change when the study is reopened.
+        "trial_seconds": round(sum((t.datetime_complete - t.datetime_start).total_seconds() for t in finished), 1),
     }
-    audit_dir = output / "audit"
-    audit = EvaluateArguments(
-        model_name_or_path=str(output / MODEL_SUBDIR),
-        original_model_name_or_path=args.model_name_or_path,
-        target_dataset=args.target_dataset,
-        suite=args.suite,
-        counts=args.counts,
-        seeds=args.seeds,
-        output_dir=str(audit_dir),
-    )
-    # Reused only when it audited this very trial's model with these settings (a longer study may find another).
-    if previous.get("best_trial") == best.number and finished_run(
-        audit_dir, run_identity("evaluate", audit), "report.json"
-    ):
-        report = read_report(audit_dir / "report.json")
-    else:
-        say(f"auditing trial {best.number + 1}'s model with the full suite on {args.target_dataset}'s test split")
-        with replacing_directory(output / MODEL_SUBDIR) as staging:
-            shutil.copytree(trial_folder(output, best) / MODEL_SUBDIR, staging, dirs_exist_ok=True)
-        report = run_evaluation(replace(audit, overwrite=True))
-    summary["test"] = {
-        "worst_case_slc_auc": report["slc_auc"]["model"]["worst_case"]["slc_auc"],
-        "worst_case_slc_auc_normalized": report["slc_auc"]["model"]["worst_case"]["slc_auc_normalized"],
+    record = read_record(folder / MODEL_SUBDIR)
+    # The record names the real data sets and their test-split accuracies (the trials' folders are in `samples`
+    # and `config`), and says where the model was audited: a byte-identical copy of this folder.
+    record |= {
+        "dataset": args.source_dataset,
+        "target_dataset": args.target_dataset,
+        "source_accuracy_before": source_test["original"],
+        "source_accuracy_after": source_test["model"],
+        "tuning": {k: v for k, v in summary.items() if k != "trials"} | {"audited_as": audit.model_name_or_path},
     }
-    summary["wall_time_s"] = round(seconds, 1)
-    floor = original_accuracy - args.max_source_drop
-    plot_trials(summary["trials"], output / TRIALS_PLOT, floor, f"hf-ntl tune --method {args.method}")
-    shutil.copyfile(output / TRIALS_PLOT, output / MODEL_SUBDIR / TRIALS_PLOT)
-    # The model's record says how its settings were found (the card shows it); the trials stay in tuning.json.
-    record = read_record(output / MODEL_SUBDIR)
-    write_record(output / MODEL_SUBDIR, record | {"tuning": summary | {"trials": len(study.trials)}})
-    write_card(output / MODEL_SUBDIR, audit_dir)
-    (output / "tuning.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with replacing_directory(output / MODEL_SUBDIR) as staging:
+        shutil.copytree(folder / MODEL_SUBDIR, staging, dirs_exist_ok=True)
+        write_record(staging, record)
+        floor = original_accuracy - args.max_source_drop
+        plot_trials(summary["trials"], staging / TRIALS_PLOT, floor, f"hf-ntl tune --method {args.method}")
+        write_card(staging, folder / "audit", model_name=output.name)
+    staging_json = output / ".tuning.json.partial"
+    staging_json.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(staging_json, output / "tuning.json")
     summary["report"] = report
     return summary
 
@@ -613,6 +677,7 @@ def final_audit(
 def trial_summary(trial: FrozenTrial) -> dict[str, Any]:
     return {
         "number": trial.number,
+        "folder": str(trial_folder(Path(), trial)),
         "state": trial.state.name.lower(),
         "params": trial.params,
         "defaults": bool(trial.user_attrs.get("defaults")),
@@ -634,10 +699,12 @@ def tuning_tables(summary: dict[str, Any]) -> list[RenderableType]:
         settings = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial["params"].items())
         value = trial["worst_case_slc_auc"]
         source = f"{100 * trial['source_accuracy']:.2f}%" + ("" if trial["feasible"] else " (below the floor)")
-        rows.add_row(label, str(number + 1), source, signed(value, f"{value:+.3f}"), settings)
+        rows.add_row(label, str(number), source, signed(value, f"{value:+.3f}"), settings)
     states = [t["state"] for t in summary["trials"]]
+    test = summary["test"]
     title = (
-        f"Search: {states.count('complete')} trials finished, {states.count('pruned')} pruned; "
-        f"the best's test worst case {summary['test']['worst_case_slc_auc']:+.3f} (full suite)"
+        f"Search: {states.count('complete')} trials finished, {states.count('pruned')} pruned; the best on test: "
+        f"worst case {test['worst_case_slc_auc']:+.3f} (full suite), source accuracy "
+        f"{100 * test['source_accuracy']:.2f}% (original {100 * test['source_accuracy_original']:.2f}%)"
     )
     return [titled(title, rows), *report_tables(summary["report"])]

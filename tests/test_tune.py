@@ -137,13 +137,16 @@ def test_a_study_chooses_on_validation_and_reads_the_test_split_only_for_the_fin
     assert summary["best_trial"] == best["number"] and summary["params"] == best["params"]
     assert summary["validation"]["worst_case_slc_auc"] == best["worst_case_slc_auc"]
     # The chosen model is the best trial's, audited on the real target's test split against the original.
-    report = json.loads((out / "audit" / "report.json").read_text())
+    assert summary["audit"] == str(out / best["folder"] / "audit")
+    report = json.loads((out / best["folder"] / "audit" / "report.json").read_text())
     assert report["target"] == str(setup / "target") and report["target_test_samples"] == 100
     assert report["test_overlap"]["total"] == 0 and report["original"] == str(setup / "source" / "model")
     assert summary["test"]["worst_case_slc_auc"] == report["slc_auc"]["model"]["worst_case"]["slc_auc"]
     record = read_record(out / "model")
     assert record["config"]["sparsity"] == best["params"]["sparsity"]
-    assert record["tuning"]["best_trial"] == best["number"] and record["tuning"]["trials"] == 3
+    assert record["tuning"]["best_trial"] == best["number"] and record["tuning"]["finished_trials"] == 2
+    # Its record gives the source accuracies of the test split, as the audit's figures are.
+    assert record["dataset"] == SOURCE and record["source_accuracy_after"] == summary["test"]["source_accuracy"]
     card = ModelCard.load(out / "model" / "README.md")
     assert "How the settings were chosen" in card.text and "hf-ntl tune --method ntp" in card.text
     assert (out / "model" / "trials.png").stat().st_size > 1000
@@ -158,6 +161,7 @@ def test_an_interrupted_study_resumes_with_its_finished_trials_kept(resumed_stud
     # protection had finished: nothing is protected again.
     assert states == ["complete", "fail", "complete"] and len(resumed_study["protections"]) == 2
     assert summary["trials"][2]["params"] == summary["trials"][1]["params"]
+    assert summary["trials"][2]["folder"] == summary["trials"][1]["folder"] == "trials/0001"
     assert sorted(p.name for p in (out / "trials").iterdir()) == ["0000", "0001"]
     # The pruner sees the worst case after each proxy attack; the last one is the trial's value.
     study = optuna.load_study(study_name="hf-ntl-tune", storage=f"sqlite:///{out / 'study.db'}")
@@ -166,10 +170,10 @@ def test_an_interrupted_study_resumes_with_its_finished_trials_kept(resumed_stud
 
 
 def test_two_processes_share_one_study(setup, resumed_study, tmp_path):
-    # Two workers, this process and another, extend a copy of the finished study (two trials done) to four.
+    # Two workers, this process and another, extend a copy of the finished study (two trials done) to five.
     out = tmp_path / "study"
     shutil.copytree(resumed_study["out"], out)
-    args = tiny_study(setup, out, trials=4, sampler_seed=None)
+    args = tiny_study(setup, out, trials=5, sampler_seed=None)
     command = [sys.executable, "-m", "hf_ntl.cli", "tune", *argv_of(args)]
     storage = f"sqlite:///{out / 'study.db'}"
     with (tmp_path / "other.log").open("w") as log:
@@ -181,10 +185,12 @@ def test_two_processes_share_one_study(setup, resumed_study, tmp_path):
     study = optuna.load_study(study_name="hf-ntl-tune", storage=storage)
     new = [t for t in study.trials[3:] if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(new) >= 2 and len({t.user_attrs["worker"] for t in new}) == 2  # both took a trial
-    assert len({t.number for t in study.trials}) == len(study.trials)
+    for trial in new:  # each in its own folder, with its own protected model
+        assert read_record(out / "trials" / f"{trial.number:04d}" / "model")["config"]["alpha"] == trial.params["alpha"]
     completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    best = min(completed, key=lambda t: t.value).number
-    assert json.loads((out / "tuning.json").read_text())["best_trial"] == best
+    best = min(completed, key=lambda t: t.value)
+    assert json.loads((out / "tuning.json").read_text())["best_trial"] == best.number
+    assert read_record(out / "model")["config"]["alpha"] == best.params["alpha"]  # the released model is the best
 
 
 def test_a_trial_below_the_source_floor_is_pruned_and_settings_may_not_change(setup, tmp_path):
@@ -199,6 +205,11 @@ def test_a_trial_below_the_source_floor_is_pruned_and_settings_may_not_change(se
     args.max_source_drop = 0.5
     with pytest.raises(InputError, match="started with other settings \\(differing in max_source_drop\\)"):
         run_tune(args)
+    # A value of the space that the method refuses is an error before anything runs.
+    (tmp_path / "space.yaml").write_text("sparsity: {choices: [0.9, 1.5]}\n")
+    with pytest.raises(InputError, match="sparsity = 1.5 is refused: .*sparsity must lie in"):
+        run_tune(tiny_study(setup, tmp_path / "other", search_space=str(tmp_path / "space.yaml")))
+    assert not (tmp_path / "other").exists()
 
 
 @pytest.mark.parametrize(
@@ -209,6 +220,7 @@ def test_a_trial_below_the_source_floor_is_pruned_and_settings_may_not_change(se
         ("alpha: {low: 0.0, high: 1.0, log: true}\n", "low must be positive"),
         ("alpha: {low: 2.0, high: 1.0}\n", "low < high"),
         ("sparsity: {choices: []}\n", "non-empty list"),
+        ("alpha: {low: 0.1, high: 1.0, log: true, step: 0.1}\n", "without `log`"),
         ("- alpha\n", "must map option names"),
     ],
 )

@@ -120,54 +120,37 @@ def plot_pair_heatmaps(
 def plot_trials(trials: list[dict], path: str | os.PathLike, floor: float, title: str) -> None:
     """A study's trials: source accuracy against the proxy's worst-case SLC-AUC, the Pareto front marked.
 
-    Each trial is a `hf_ntl.tune.trial_summary`. Finished trials are points (the best a star, the defaults a
-    ring); trials pruned for breaking the source floor are crosses on the lower edge; the floor is a line.
-    Good trials sit bottom right: the owner keeps accuracy, the attacker gains least.
+    Each trial is a `hf_ntl.tune.trial_summary`. Trials that kept the source floor are blue points (the chosen one
+    a star, the Pareto front a line through them); finished trials below the floor (the defaults may be) are grey;
+    trials pruned for the floor before their audit are grey crosses along the top edge. Good trials sit bottom
+    right: the owner keeps accuracy, the attacker gains least. The defaults are ringed.
     """
-    finished = [t for t in trials if t["worst_case_slc_auc"] is not None]
-    below_floor = [t for t in trials if t["pruned_by"] == "source floor"]
+    audited = [t for t in trials if t["worst_case_slc_auc"] is not None]
+    kept = [t for t in audited if t["feasible"]]
+    below = [t for t in audited if not t["feasible"]]
+    pruned_below = [t for t in trials if t["pruned_by"] == "source floor"]
+
+    def xy(group: list[dict]) -> tuple[list[float], list[float]]:
+        return [100 * t["source_accuracy"] for t in group], [t["worst_case_slc_auc"] for t in group]
+
     figure, axis = plt.subplots(figsize=(5.5, 3.8), dpi=120)
-    accuracy = [100 * t["source_accuracy"] for t in finished]
-    value = [t["worst_case_slc_auc"] for t in finished]
-    axis.scatter(accuracy, value, color="tab:blue", s=18, label="trial")
-    # The Pareto front: no other trial has both higher source accuracy and a lower worst case.
-    front = sorted(
-        (a, v)
-        for a, v in zip(accuracy, value, strict=True)
-        if not any(a2 >= a and v2 <= v and (a2, v2) != (a, v) for a2, v2 in zip(accuracy, value, strict=True))
-    )
+    axis.scatter(*xy(kept), color="tab:blue", s=18, label="trial (kept the floor)")
+    if below:
+        axis.scatter(*xy(below), color="grey", s=18, label="trial below the floor")
+    # The Pareto front of the trials that kept the floor: none other has both higher accuracy and a lower worst case.
+    points = list(zip(*xy(kept), strict=True))
+    front = sorted(p for p in points if not any(q[0] >= p[0] and q[1] <= p[1] and q != p for q in points))
     if front:
         axis.plot(*zip(*front, strict=True), color="tab:orange", drawstyle="steps-post", label="Pareto front")
-    if finished:
-        best = min(finished, key=lambda t: t["worst_case_slc_auc"])
-        axis.scatter(
-            [100 * best["source_accuracy"]],
-            [best["worst_case_slc_auc"]],
-            marker="*",
-            s=160,
-            color="tab:red",
-            zorder=3,
-            label="best (lowest worst case)",
-        )
-        for trial in (t for t in finished if t["defaults"]):
-            axis.scatter(
-                [100 * trial["source_accuracy"]],
-                [trial["worst_case_slc_auc"]],
-                facecolors="none",
-                edgecolors="black",
-                s=90,
-                zorder=3,
-                label="defaults",
-            )
-    if below_floor:
-        low = min(value, default=0.0)
-        axis.scatter(
-            [100 * t["source_accuracy"] for t in below_floor],
-            [low] * len(below_floor),
-            marker="x",
-            color="grey",
-            label="pruned: below the floor",
-        )
+        best = min(kept, key=lambda t: t["worst_case_slc_auc"])
+        axis.scatter(*xy([best]), marker="*", s=160, color="tab:red", zorder=3, label="chosen")
+    defaults = [t for t in audited if t["defaults"]]
+    if defaults:
+        axis.scatter(*xy(defaults), facecolors="none", edgecolors="black", s=90, zorder=3, label="defaults")
+    if pruned_below:
+        top = max((t["worst_case_slc_auc"] for t in audited), default=0.0)
+        accuracy = [100 * t["source_accuracy"] for t in pruned_below]
+        axis.scatter(accuracy, [top] * len(accuracy), marker="x", color="grey", label="pruned: below the floor")
     if floor > 0:
         axis.axvline(100 * floor, color="grey", linestyle=":", linewidth=1, label="source floor")
     axis.axhline(0, color="black", linewidth=0.6)
