@@ -48,9 +48,10 @@ import yaml
 from datasets import DatasetDict
 from optuna.trial import FrozenTrial, Trial, TrialState
 from rich.console import RenderableType
+from transformers import PreTrainedModel
 
 from .artifacts import finished_run, read_record, replacing_directory, run_identity, write_record
-from .attacks.finetune import EncodedOnDemand, EncodedSplit
+from .attacks.finetune import AttackSpec, EncodedOnDemand, EncodedSplit
 from .attacks.suite import load_suite
 from .cards import TRIALS_PLOT, write_card
 from .data import ImagePreprocessor, load_image_classification_dataset
@@ -465,7 +466,14 @@ class Objective:
         (folder / "proxy_report.json").write_text(json.dumps(proxy_report, indent=2) + "\n")
         return worst_case["slc_auc"]
 
-    def scratch_points(self, spec, model, train, validation, scored) -> list[CurvePoint]:
+    def scratch_points(
+        self,
+        spec: AttackSpec,
+        model: PreTrainedModel,
+        train: EncodedOnDemand,
+        validation: EncodedSplit,
+        scored: EncodedSplit,
+    ) -> list[CurvePoint]:
         """Scratch's proxy runs under `spec`, computed by the first trial that needs them and kept on disk."""
         path = self.output / "proxy_scratch" / f"{spec.name}.json"
         if not path.is_file():
