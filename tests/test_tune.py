@@ -170,10 +170,10 @@ def test_an_interrupted_study_resumes_with_its_finished_trials_kept(resumed_stud
 
 
 def test_two_processes_share_one_study(setup, resumed_study, tmp_path):
-    # Two workers, this process and another, extend a copy of the finished study (two trials done) to five.
+    # Two workers, this process and another, extend a copy of the finished study (two trials done) to four.
     out = tmp_path / "study"
     shutil.copytree(resumed_study["out"], out)
-    args = tiny_study(setup, out, trials=5, sampler_seed=None)
+    args = tiny_study(setup, out, trials=4, sampler_seed=None)
     command = [sys.executable, "-m", "hf_ntl.cli", "tune", *argv_of(args)]
     storage = f"sqlite:///{out / 'study.db'}"
     with (tmp_path / "other.log").open("w") as log:
