@@ -349,7 +349,9 @@ def requeue_failed(study: optuna.Study) -> None:
     checkpoint rather than starting over.
     """
     # A trial whose worker was killed is still RUNNING until its heartbeat is GRACE seconds old: mark it failed now.
-    optuna.storages.fail_stale_trials(study)
+    with warnings.catch_warnings():  # "experimental" since Optuna 2.9, like heartbeats (`open_study`)
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
     latest = {}  # folder -> the last trial that used it
     for trial in study.get_trials(deepcopy=False):
         latest[trial.user_attrs.get("resumes", trial.number)] = trial
