@@ -236,22 +236,18 @@ def default_search_space(method: str) -> Path:
 # The trials' data: train splits less validation splits, the validation splits as `test`
 
 
-def write_trial_data(name: str, validation_samples: int, image_size: int, folder: Path) -> None:
-    """Write `name`'s train split as a data set folder: `train` less `validation_samples`, and those as `test`.
+def trial_data(name: str, validation_samples: int, image_size: int) -> DatasetDict:
+    """`name`'s train split as the trials see it: `train` less `validation_samples`, and those as `test`.
 
-    The validation samples are fixed by the data set (`validation_split`), so every worker and every rerun
-    writes the same folder; an existing folder is kept.
+    The validation samples are fixed by the data set (`validation_split`): every worker and rerun gets the same.
     """
-    if (folder / "dataset_dict.json").is_file():
-        return
     train = load_image_classification_dataset(name, image_size=image_size)["train"]
     if not 0 < validation_samples < len(train):
         raise InputError(
             f"{validation_samples} validation samples cannot be held out of {name}'s {len(train)} train samples."
         )
     validation, rest = validation_split(train["label"], validation_samples)
-    with replacing_directory(folder) as staging:
-        DatasetDict(train=train.select(rest), test=train.select(validation)).save_to_disk(str(staging))
+    return DatasetDict(train=train.select(rest), test=train.select(validation))
 
 
 # --------------------------------------------------------------------------------------------
@@ -556,13 +552,20 @@ def run_tune(args: TuneArguments) -> dict[str, Any]:
     output = Path(args.output_dir)
     identity = tune_identity(args, space)
     preprocessor = ImagePreprocessor.from_pretrained(args.model_name_or_path)
-    with exclusive(output / ".data.lock"):
-        claim_output_folder(output, identity)
+    # Both data sets load and split before the folder is claimed: a mistyped name must not lock it to a study.
+    data = {
+        role: trial_data(name, held_out, preprocessor.image_size)
         for role, name, held_out in (
             ("source", args.source_dataset, args.source_validation_samples),
             ("target", args.target_dataset, args.target_validation_samples),
-        ):
-            write_trial_data(name, held_out, preprocessor.image_size, output / "data" / role)
+        )
+    }
+    with exclusive(output / ".data.lock"):
+        claim_output_folder(output, identity)
+        for role, dataset in data.items():
+            if not (output / "data" / role / "dataset_dict.json").is_file():  # written once, by the first worker
+                with replacing_directory(output / "data" / role) as staging:
+                    dataset.save_to_disk(str(staging))
     source_validation = load_image_classification_dataset(str(output / "data" / "source"))["test"]
     encoded = EncodedSplit.from_dataset(source_validation, preprocessor)
     original_accuracy = predict_accuracy(load_classifier(args.model_name_or_path), encoded.pixel_values, encoded.labels)

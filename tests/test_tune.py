@@ -210,6 +210,10 @@ def test_a_trial_below_the_source_floor_is_pruned_and_settings_may_not_change(se
     with pytest.raises(InputError, match="sparsity = 1.5 is refused: .*sparsity must lie in"):
         run_tune(tiny_study(setup, tmp_path / "other", search_space=str(tmp_path / "space.yaml")))
     assert not (tmp_path / "other").exists()
+    # So is a data set that does not load: nothing is written, so the folder stays free for the corrected command.
+    with pytest.raises(InputError, match="no-such-domain is not an embedded domain"):
+        run_tune(tiny_study(setup, tmp_path / "other", target_dataset="no-such-domain"))
+    assert not (tmp_path / "other").exists()
 
 
 @pytest.mark.parametrize(
