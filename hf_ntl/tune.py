@@ -566,8 +566,7 @@ def run_tune(args: TuneArguments) -> dict[str, Any]:
             if not (output / "data" / role / "dataset_dict.json").is_file():  # written once, by the first worker
                 with replacing_directory(output / "data" / role) as staging:
                     dataset.save_to_disk(str(staging))
-    source_validation = load_image_classification_dataset(str(output / "data" / "source"))["test"]
-    encoded = EncodedSplit.from_dataset(source_validation, preprocessor)
+    encoded = EncodedSplit.from_dataset(data["source"]["test"], preprocessor)  # the source validation split
     original_accuracy = predict_accuracy(load_classifier(args.model_name_or_path), encoded.pixel_values, encoded.labels)
 
     if not is_verbose():
