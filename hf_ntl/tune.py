@@ -485,11 +485,14 @@ class Objective:
         return [CurvePoint(**values) for values in json.loads(path.read_text())]
 
 
+def format_settings(params: dict[str, Any], separator: str = "  ") -> str:
+    """A trial's settings on one line, floats to three significant digits."""
+    return separator.join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
 def trial_line(study: optuna.Study, trial: FrozenTrial, total: int) -> str:
     """One line per finished trial: its settings, its figures, the best so far."""
-    settings = "  ".join(
-        f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}" for name, value in trial.params.items()
-    )
+    settings = format_settings(trial.params)
     source = trial.user_attrs.get("source_accuracy")
     label = f"trial {trial.number} ({len(finished_trials(study))}/{total})"
     line = f"{label}{' defaults' if trial.user_attrs.get('defaults') else ''}  {settings}"
@@ -514,10 +517,10 @@ def trial_line(study: optuna.Study, trial: FrozenTrial, total: int) -> str:
 
 def proxy_attacks(args: TuneArguments) -> list[str]:
     """The proxy's attack names, checked against the suite before any trial runs."""
-    available = [spec.name for spec in load_suite(args.suite, pruned=True)]
     if args.proxy_attacks:
         load_suite(args.suite, pruned=True, only=args.proxy_attacks)  # an unknown name is an error now
         return list(args.proxy_attacks)
+    available = {spec.name for spec in load_suite(args.suite, pruned=True)}
     chosen = [name for name in PROXY_ATTACKS if name in available]
     if not chosen:
         raise InputError(
@@ -708,7 +711,7 @@ def tuning_tables(summary: dict[str, Any]) -> list[RenderableType]:
         if number is None:
             continue
         trial = trials[number]
-        settings = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial["params"].items())
+        settings = format_settings(trial["params"], ", ")
         value = trial["worst_case_slc_auc"]
         source = f"{100 * trial['source_accuracy']:.2f}%" + ("" if trial["feasible"] else " (below the floor)")
         rows.add_row(label, str(number), source, signed(value, f"{value:+.3f}"), settings)
