@@ -4,7 +4,9 @@ Protections are sensitive to their hyper-parameters, and defaults picked on one 
 on another. `run_tune` runs an Optuna study in which every trial protects the model with settings drawn from
 the method's search space (`hf_ntl/search_spaces/METHOD.yaml`, or the user's) and audits it with a cheap,
 declared proxy of the suite (its strongest attacks, fewer seeds and counts). The objective is the proxy's
-worst-case SLC-AUC (lower is better); the owner's accuracy is a hard floor, and a trial below it is pruned.
+worst-case SLC-AUC (lower is better); the owner's accuracy is a hard floor, and a trial below it is pruned. A
+protection with a guard (`guard_threshold`, SOPHON's) guards the floor itself unless the space or the fixed options
+set it. The chosen trial must beat the unprotected original under the same proxy, or nothing is released.
 
 Honest by construction: trials never see a test split. Before the study, the source and target train splits
 are each divided once (fixed by the data set, `validation_split`) into what trials train on and a validation
@@ -21,6 +23,7 @@ OUTPUT_DIR holds:
     trials/NNNN/               trial NNNN's protection (its own output_dir, resumable), proxy report, and for
                                the chosen trial its full audit on the test split (`audit/`)
     proxy_scratch/ATTACK.json  scratch's proxy runs, the same for every trial, computed once
+    proxy_original.json        the unprotected original's proxy audit: the chosen trial must beat it
     model/                     the chosen trial's model with its record, card and trials plot
     tuning.json                the search: every trial's settings and figures
 
@@ -37,7 +40,7 @@ import os
 import shutil
 import socket
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -70,7 +73,7 @@ from .metrics import predict_accuracy
 from .metrics.learning_curve import CurvePoint
 from .metrics.plots import plot_trials
 from .models import load_classifier
-from .options import stage_config
+from .options import stage_config, yaml_to_argv
 from .protect import PROTECTIONS
 from .source import MODEL_SUBDIR
 from .terminal import is_verbose, say, signed, table, titled, track
@@ -390,11 +393,19 @@ class Objective:
         self.floor = original_accuracy - args.max_source_drop
         self.output = Path(args.output_dir)
         self.config_class, self.protect = PROTECTIONS[args.method]
+        # A guard that restores the last state above an accuracy (SOPHON's) is set to the floor unless the owner set
+        # it: at its default (80%) it let a trial fall below the floor and be pruned, when the state it passed
+        # through above the floor was a candidate. (The guard reads its own held-out source train samples.)
+        fixed = yaml_to_argv(args.protect_config) if args.protect_config else []
+        guarded = "guard_threshold" in {f.name for f in fields(self.config_class)}
+        unset = "guard_threshold" not in {p.name for p in space} and "--guard_threshold" not in fixed
+        self.fixed_options = ["--guard_threshold", str(max(self.floor, 0.0))] if guarded and unset else []
 
     def protection_config(self, folder: Path, values: dict[str, Any]) -> Any:
         options = ["--output_dir", str(folder), "--model_name_or_path", self.args.model_name_or_path]
         options += ["--source_dataset", str(self.output / "data" / "source")]
         options += ["--target_dataset", str(self.output / "data" / "target"), "--logging_strategy", "no"]
+        options += self.fixed_options
         for name, value in values.items():
             options += [f"--{name}", str(value)]
         return stage_config(self.config_class, self.args.protect_config, options, f"protect-{self.args.method}")
@@ -423,14 +434,45 @@ class Objective:
         return self.proxy_audit(trial, folder)
 
     def proxy_audit(self, trial: Trial, folder: Path) -> float:
-        """Attack the trial's model on the target folder (scored on its `test`, the target validation split).
+        """Attack the trial's model with the proxy; after each attack the worst case so far is reported to the
+        pruner, which may stop a trial that is already worse than most."""
 
-        Attacks run one at a time; after each, the worst case so far is reported to the pruner, which may stop
-        a trial that is already worse than most. Scratch's runs are the same for every trial and are shared.
+        def report(step: int, attack: str, worst_case: float) -> None:
+            trial.report(worst_case, step)
+            if trial.should_prune():
+                trial.set_user_attr("pruned_by", f"proxy audit after {attack}")
+                raise optuna.TrialPruned(f"worst case after {step + 1} attacks: {worst_case:+.3f}")
+
+        proxy_report = self.run_proxy(folder / MODEL_SUBDIR, f"trial {trial.number} proxy audit", report)
+        trial.set_user_attr("slc_auc_normalized", proxy_report["slc_auc"]["worst_case"]["slc_auc_normalized"])
+        trial.set_user_attr("worst_case_attacks", proxy_report["worst_case_attacks"])
+        (folder / "proxy_report.json").write_text(json.dumps(proxy_report, indent=2) + "\n")
+        return proxy_report["slc_auc"]["worst_case"]["slc_auc"]
+
+    def original_proxy(self) -> dict[str, Any]:
+        """The unprotected original under the same proxy: the figure a chosen trial must beat.
+
+        Without it a search can "win" with a trial that changed nothing (a SOPHON guard that restored the starting
+        weights keeps any floor). Computed once, by the first worker, and kept in `proxy_original.json`.
         """
+        path = self.output / "proxy_original.json"
+        with exclusive(self.output / ".original.lock"):
+            if not path.is_file():
+                proxy_report = self.run_proxy(Path(self.args.model_name_or_path), "the original's proxy audit")
+                staging = path.with_suffix(f".{socket.gethostname()}-{os.getpid()}.partial")
+                staging.write_text(json.dumps(proxy_report, indent=2) + "\n")
+                os.replace(staging, path)
+        return json.loads(path.read_text())
+
+    def run_proxy(
+        self, model_path: Path, description: str, after_attack: Callable[[int, str, float], None] | None = None
+    ) -> dict[str, Any]:
+        """Audit `model_path` with the proxy on the target folder (scored on its `test`, the target validation
+        split), one attack at a time, calling `after_attack(step, attack, worst case so far)` after each.
+        Scratch's runs are the same for every model and are shared."""
         args = self.args
         audit = EvaluateArguments(
-            model_name_or_path=str(folder / MODEL_SUBDIR),
+            model_name_or_path=str(model_path),
             target_dataset=str(self.output / "data" / "target"),
             suite=args.suite,
             counts=args.proxy_counts,
@@ -438,31 +480,28 @@ class Objective:
         )
         plan = plan_evaluation(audit)
         suite = [spec for spec in plan.suite if spec.name in self.proxy]
-        if not suite:
-            raise InputError(f"No proxy attack applies to this model: {self.proxy} (full-masked needs a pruned model).")
         model = plan.models["model"]
         train = EncodedOnDemand(plan.splits["train pool"], plan.preprocessor)
         validation = EncodedSplit.from_dataset(plan.splits["validation"], plan.preprocessor)
         scored = EncodedSplit.from_dataset(plan.splits["test"], plan.preprocessor)  # the target validation split
         points: list[CurvePoint] = []
-        description = f"trial {trial.number} proxy audit"
         for step, spec in enumerate(track(suite, description, len(suite), unit="attacks")):
             points += self.scratch_points(spec, model, train, validation, scored)
             points += run_attacks(
                 {"model": model}, train, validation, scored, [spec], plan.counts, plan.seeds, False, with_scratch=False
             )
             summary = summarise(points, suite[: step + 1], ["model"])
-            worst_case = summary["slc_auc"]["model"]["worst_case"]
-            trial.report(worst_case["slc_auc"], step)
-            if trial.should_prune():
-                trial.set_user_attr("pruned_by", f"proxy audit after {spec.name}")
-                raise optuna.TrialPruned(f"worst case after {step + 1} attacks: {worst_case['slc_auc']:+.3f}")
-        trial.set_user_attr("slc_auc_normalized", worst_case["slc_auc_normalized"])
-        trial.set_user_attr("worst_case_attacks", summary["worst_case_attacks"]["model"])
-        proxy_report = {"attacks": [spec.name for spec in suite], "counts": plan.counts, "seeds": plan.seeds}
-        proxy_report |= {"slc_auc": summary["slc_auc"]["model"], "points": [p.to_dict() for p in points]}
-        (folder / "proxy_report.json").write_text(json.dumps(proxy_report, indent=2) + "\n")
-        return worst_case["slc_auc"]
+            if after_attack is not None:
+                after_attack(step, spec.name, summary["slc_auc"]["model"]["worst_case"]["slc_auc"])
+        return {
+            "model": str(model_path),
+            "attacks": [spec.name for spec in suite],
+            "counts": plan.counts,
+            "seeds": plan.seeds,
+            "slc_auc": summary["slc_auc"]["model"],
+            "worst_case_attacks": summary["worst_case_attacks"]["model"],
+            "points": [p.to_dict() for p in points],
+        }
 
     def scratch_points(
         self,
@@ -519,6 +558,11 @@ def proxy_attacks(args: TuneArguments) -> list[str]:
     """The proxy's attack names, checked against the suite before any trial runs."""
     if args.proxy_attacks:
         load_suite(args.suite, pruned=True, only=args.proxy_attacks)  # an unknown name is an error now
+        if not {spec.name for spec in load_suite(args.suite)} & set(args.proxy_attacks):
+            raise InputError(
+                f"The proxy {args.proxy_attacks} has no attack for an unpruned model, so the original could not be "
+                "audited with it: add one of the suite's other attacks to --proxy_attacks."
+            )
         return list(args.proxy_attacks)
     available = {spec.name for spec in load_suite(args.suite, pruned=True)}
     chosen = [name for name in PROXY_ATTACKS if name in available]
@@ -579,29 +623,41 @@ def run_tune(args: TuneArguments) -> dict[str, Any]:
         study = open_study(args, identity)
         enqueue_defaults(study, space, defaults)
         requeue_failed(study)
+    objective = Objective(args, space, proxy, original_accuracy)
+    original = objective.original_proxy()["slc_auc"]["worst_case"]["slc_auc"]
     remaining = args.trials - len(finished_trials(study))
     if remaining > 0:
         where = args.storage or output / "study.db"
-        say(f"tuning {args.method}: {remaining} of {args.trials} trials to run; study in {where}")
+        say(
+            f"tuning {args.method}: {remaining} of {args.trials} trials to run; study in {where}; the unprotected "
+            f"original: source {100 * original_accuracy:.1f}% (floor {100 * objective.floor:.1f}%), proxy worst-case "
+            f"SLC-AUC {original:+.3f} (to beat)"
+        )
         study.optimize(
-            Objective(args, space, proxy, original_accuracy),
+            objective,
             callbacks=[
                 optuna.study.MaxTrialsCallback(args.trials, states=(TrialState.COMPLETE, TrialState.PRUNED)),
                 lambda study, trial: say(trial_line(study, trial, args.trials)),
             ],
         )
     with exclusive(output / ".final.lock"):
-        return final_audit(args, study, space, proxy, original_accuracy)
+        return final_audit(args, study, space, proxy, original_accuracy, original)
 
 
 def final_audit(
-    args: TuneArguments, study: optuna.Study, space: list[Parameter], proxy: list[str], original_accuracy: float
+    args: TuneArguments,
+    study: optuna.Study,
+    space: list[Parameter],
+    proxy: list[str],
+    original_accuracy: float,
+    original_proxy: float,
 ) -> dict[str, Any]:
     """Audit the best trial's model with the full suite on the real test split; card it; write `tuning.json`.
 
-    The audit is the best trial's own (`trials/NNNN/audit`, reused when finished); only then is `model/` replaced,
-    in one step, by that trial's model with its record, card and plot, so an interruption leaves the previous
-    result whole.
+    The best trial must have kept the floor and beaten the unprotected original's proxy worst case
+    (`original_proxy`): a search whose best setting protects nothing is an error, not a released model. The audit
+    is the best trial's own (`trials/NNNN/audit`, reused when finished); only then is `model/` replaced, in one
+    step, by that trial's model with its record, card and plot, so an interruption leaves the previous result whole.
     """
     output = Path(args.output_dir)
     finished = finished_trials(study)
@@ -613,6 +669,13 @@ def final_audit(
             "accuracy: loosen --max_source_drop, or narrow the search space towards gentler settings."
         )
     best = min(candidates, key=lambda t: t.value)
+    if best.value >= original_proxy:
+        raise InputError(
+            f"No setting protected within the floor: the best of {len(candidates)} trials that kept it (trial "
+            f"{best.number}: {format_settings(best.params, ', ')}) lets the proxy's attackers gain {best.value:+.3f}, "
+            f"no less than the unprotected original's {original_proxy:+.3f}. Run more trials (--trials), loosen "
+            "--max_source_drop, or widen the search space; nothing was released."
+        )
     defaults = next((t for t in completed if t.user_attrs.get("defaults")), None)
     folder = trial_folder(output, best)
     audit = EvaluateArguments(
@@ -653,6 +716,7 @@ def final_audit(
         "defaults_trial": defaults.number if defaults else None,
         "validation": {
             "worst_case_slc_auc": best.value,
+            "worst_case_slc_auc_original": original_proxy,
             "source_accuracy": best.user_attrs["source_accuracy"],
             "source_accuracy_original": original_accuracy,
         },
@@ -680,7 +744,8 @@ def final_audit(
         shutil.copytree(folder / MODEL_SUBDIR, staging, dirs_exist_ok=True)
         write_record(staging, record)
         floor = original_accuracy - args.max_source_drop
-        plot_trials(summary["trials"], staging / TRIALS_PLOT, floor, f"hf-ntl tune --method {args.method}")
+        title = f"hf-ntl tune --method {args.method}"
+        plot_trials(summary["trials"], staging / TRIALS_PLOT, floor, title, original_proxy)
         write_card(staging, folder / "audit", model_name=output.name)
     staging_json = output / ".tuning.json.partial"
     staging_json.write_text(json.dumps(summary, indent=2) + "\n")
@@ -715,6 +780,10 @@ def tuning_tables(summary: dict[str, Any]) -> list[RenderableType]:
         value = trial["worst_case_slc_auc"]
         source = f"{100 * trial['source_accuracy']:.2f}%" + ("" if trial["feasible"] else " (below the floor)")
         rows.add_row(label, str(number), source, signed(value, f"{value:+.3f}"), settings)
+    validation = summary["validation"]
+    original = validation["worst_case_slc_auc_original"]
+    accuracy = f"{100 * validation['source_accuracy_original']:.2f}%"
+    rows.add_row("unprotected original", "", accuracy, signed(original, f"{original:+.3f}"), "")
     states = [t["state"] for t in summary["trials"]]
     test = summary["test"]
     title = (

@@ -151,6 +151,41 @@ def test_a_study_chooses_on_validation_and_reads_the_test_split_only_for_the_fin
     assert "How the settings were chosen" in card.text and "hf-ntl tune --method ntp" in card.text
     assert (out / "model" / "trials.png").stat().st_size > 1000
     assert not list((out / "trials").glob("*/checkpoint-*"))  # finished trials keep their model only
+    # The unprotected original was audited with the same proxy (no masked attack: it is not pruned), and beaten.
+    original = json.loads((out / "proxy_original.json").read_text())
+    assert original["model"] == str(setup / "source" / "model") and original["attacks"] == ["full", "sgdm"]
+    assert summary["validation"]["worst_case_slc_auc_original"] == original["slc_auc"]["worst_case"]["slc_auc"]
+    assert summary["validation"]["worst_case_slc_auc"] < summary["validation"]["worst_case_slc_auc_original"]
+
+
+def test_a_study_whose_best_trial_does_not_beat_the_original_releases_nothing(setup, resumed_study, tmp_path):
+    out = tmp_path / "study"
+    shutil.copytree(resumed_study["out"], out)
+    released = (out / "model" / "model.safetensors").read_bytes()
+    # As if the original's proxy worst case were below every trial's (a study whose trials all failed to protect).
+    original = json.loads((out / "proxy_original.json").read_text())
+    best = resumed_study["summary"]["validation"]["worst_case_slc_auc"]
+    original["slc_auc"]["worst_case"]["slc_auc"] = best - 0.01
+    (out / "proxy_original.json").write_text(json.dumps(original))
+    with pytest.raises(InputError, match=f"No setting protected within the floor: .* {best - 0.01:+.3f}"):
+        run_tune(tiny_study(setup, out))
+    assert (out / "model" / "model.safetensors").read_bytes() == released  # the earlier result is left whole
+
+
+def test_a_guard_is_set_to_the_floor_unless_the_owner_sets_it(setup, tmp_path):
+    args = tiny_study(setup, tmp_path, method="sophon", max_source_drop=0.02, search_space=None, protect_config=None)
+    space = load_search_space(tune.default_search_space("sophon"), tune.PROTECTIONS["sophon"][0])
+    objective = tune.Objective(args, space, ["full"], original_accuracy=0.95)
+    assert objective.fixed_options == ["--guard_threshold", str(0.95 - 0.02)]
+    assert objective.protection_config(tmp_path / "trial", {}).guard_threshold == pytest.approx(0.93)
+    (tmp_path / "fixed.yaml").write_text("guard_threshold: 0.5\n")
+    args.protect_config = str(tmp_path / "fixed.yaml")
+    assert tune.Objective(args, space, ["full"], 0.95).protection_config(tmp_path, {}).guard_threshold == 0.5
+    # NTP has no guard: nothing is added.
+    assert (
+        tune.Objective(tiny_study(setup, tmp_path), space=[], proxy=["full"], original_accuracy=0.95).fixed_options
+        == []
+    )
 
 
 def test_an_interrupted_study_resumes_with_its_finished_trials_kept(resumed_study):

@@ -117,13 +117,16 @@ def plot_pair_heatmaps(
     plt.close(figure)
 
 
-def plot_trials(trials: list[dict], path: str | os.PathLike, floor: float, title: str) -> None:
+def plot_trials(
+    trials: list[dict], path: str | os.PathLike, floor: float, title: str, original: float | None = None
+) -> None:
     """A study's trials: source accuracy against the proxy's worst-case SLC-AUC, the Pareto front marked.
 
     Each trial is a `hf_ntl.tune.trial_summary`. Trials that kept the source floor are blue points (the chosen one
     a star, the Pareto front a line through them); finished trials below the floor (the defaults may be) are grey;
     trials pruned for the floor before their audit are grey crosses along the top edge. Good trials sit bottom
-    right: the owner keeps accuracy, the attacker gains least. The defaults are ringed.
+    right: the owner keeps accuracy, the attacker gains least. The defaults are ringed; `original` (the unprotected
+    model's proxy worst case, which a chosen trial must beat) is a dashed line.
     """
     audited = [t for t in trials if t["worst_case_slc_auc"] is not None]
     kept = [t for t in audited if t["feasible"]]
@@ -153,6 +156,8 @@ def plot_trials(trials: list[dict], path: str | os.PathLike, floor: float, title
         axis.scatter(accuracy, [top] * len(accuracy), marker="x", color="grey", label="pruned: below the floor")
     if floor > 0:
         axis.axvline(100 * floor, color="grey", linestyle=":", linewidth=1, label="source floor")
+    if original is not None:
+        axis.axhline(original, color="tab:green", linestyle="--", linewidth=1, label="unprotected original")
     axis.axhline(0, color="black", linewidth=0.6)
     axis.set_xlabel("source accuracy, validation (%)")
     axis.set_ylabel("proxy worst-case SLC-AUC, validation")
