@@ -187,6 +187,7 @@ class BenchArguments:
     diffusion_counts: list[int] = field(default_factory=lambda: [100, 500], metadata={"help": "Attacker images."})
     diffusion_attack_steps: int | None = field(default=None, metadata={"help": "Override the diffusion attacks."})
     diffusion_test_samples: int = field(default=200, metadata={"help": "Test images per domain for the MSE."})
+    diffusion_eval_timesteps: int = field(default=10, metadata={"help": "Timesteps of the denoising-MSE grid."})
     diffusion_validation_samples: int = field(
         default=100, metadata={"help": "Restricted train images held out to choose the strongest attack per n."}
     )
@@ -651,6 +652,7 @@ def diffusion(args: BenchArguments, runs: Path) -> dict[str, Any]:
         counts=args.diffusion_counts,
         steps=args.diffusion_attack_steps,
         test_samples=args.diffusion_test_samples,
+        eval_timesteps=args.diffusion_eval_timesteps,
         validation_samples=args.diffusion_validation_samples,
         sample_images=0,
         output_dir=str(audit_dir),

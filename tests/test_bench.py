@@ -74,6 +74,7 @@ def tiny_bench(tmp_path_factory):
             **small, "iterations": 2, "guard_every": 1, "inner_steps": 1, "environments": 1,
             "inner_batch_sizes": [10], "query_size": 4, "guard_samples": 8}),
         "--diffusion_counts", "4", "8", "--diffusion_attack_steps", "2", "--diffusion_test_samples", "8",
+        "--diffusion_eval_timesteps", "2",
         "--cost_models", "tiny-resnet", "--cost_steps", "2", "--cost_sophon_iterations", "1",
         "--cost_inner_steps", "1", "3",
     ]  # fmt: skip
