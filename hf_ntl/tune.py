@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 import yaml
 from datasets import DatasetDict
 from optuna.trial import FrozenTrial, Trial, TrialState
@@ -400,6 +401,7 @@ class Objective:
         guarded = "guard_threshold" in {f.name for f in fields(self.config_class)}
         unset = "guard_threshold" not in {p.name for p in space} and "--guard_threshold" not in fixed
         self.fixed_options = ["--guard_threshold", str(max(self.floor, 0.0))] if guarded and unset else []
+        self.original_weights: dict[str, torch.Tensor] | None = None
 
     def protection_config(self, folder: Path, values: dict[str, Any]) -> Any:
         options = ["--output_dir", str(folder), "--model_name_or_path", self.args.model_name_or_path]
@@ -431,7 +433,20 @@ class Objective:
         if accuracy < self.floor - FLOOR_TOLERANCE and not trial.user_attrs.get("defaults"):
             trial.set_user_attr("pruned_by", "source floor")
             raise optuna.TrialPruned(f"source accuracy {accuracy:.4f} is below the floor {self.floor:.4f}")
+        if self.is_original(folder / MODEL_SUBDIR):
+            # A guard restored the starting weights: the proxy would repeat the original's runs, seed for seed.
+            trial.set_user_attr("unchanged", True)
+            return self.original_proxy()["slc_auc"]["worst_case"]["slc_auc"]
         return self.proxy_audit(trial, folder)
+
+    def is_original(self, model_path: Path) -> bool:
+        """Whether the model at `model_path` has exactly the original's weights."""
+        if self.original_weights is None:
+            self.original_weights = load_classifier(self.args.model_name_or_path).state_dict()
+        weights = load_classifier(model_path).state_dict()
+        return weights.keys() == self.original_weights.keys() and all(
+            torch.equal(weights[name], self.original_weights[name]) for name in weights
+        )
 
     def proxy_audit(self, trial: Trial, folder: Path) -> float:
         """Attack the trial's model with the proxy; after each attack the worst case so far is reported to the
@@ -539,6 +554,8 @@ def trial_line(study: optuna.Study, trial: FrozenTrial, total: int) -> str:
         line += f"  source {100 * source:.1f}%"
     if trial.state == TrialState.COMPLETE:
         line += f"  proxy worst-case SLC-AUC {trial.value:+.3f}" + ("" if feasible(trial) else " (below the floor)")
+        if trial.user_attrs.get("unchanged"):
+            line += " (the original's weights: a guard restored them)"
     elif trial.state == TrialState.PRUNED:
         line += f"  pruned ({trial.user_attrs.get('pruned_by', 'pruner')})"
     else:
@@ -765,6 +782,7 @@ def trial_summary(trial: FrozenTrial) -> dict[str, Any]:
         "worst_case_slc_auc": trial.value if trial.state == TrialState.COMPLETE else None,
         "feasible": feasible(trial),
         "pruned_by": trial.user_attrs.get("pruned_by"),
+        "unchanged": bool(trial.user_attrs.get("unchanged")),
     }
 
 

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -170,6 +171,28 @@ def test_a_study_whose_best_trial_does_not_beat_the_original_releases_nothing(se
     with pytest.raises(InputError, match=f"No setting protected within the floor: .* {best - 0.01:+.3f}"):
         run_tune(tiny_study(setup, out))
     assert (out / "model" / "model.safetensors").read_bytes() == released  # the earlier result is left whole
+
+
+def test_a_trial_that_kept_the_original_weights_is_not_audited_and_not_released(setup, tmp_path):
+    config_class, protect = tune.PROTECTIONS["ntp"]
+    original = setup / "source" / "model" / "model.safetensors"
+
+    def restored_protect(config):  # what a guard that restored the starting weights leaves
+        record = protect(config)
+        shutil.copyfile(original, Path(config.output_dir) / "model" / "model.safetensors")
+        return record
+
+    args = tiny_study(setup, tmp_path / "study", trials=1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(tune.PROTECTIONS, "ntp", (config_class, restored_protect))
+        with pytest.raises(InputError, match="No setting protected within the floor"):
+            run_tune(args)
+    study = optuna.load_study(study_name="hf-ntl-tune", storage=f"sqlite:///{tmp_path / 'study' / 'study.db'}")
+    (trial,) = study.trials
+    original_proxy = json.loads((tmp_path / "study" / "proxy_original.json").read_text())
+    assert trial.user_attrs["unchanged"] and trial.value == original_proxy["slc_auc"]["worst_case"]["slc_auc"]
+    assert not (tmp_path / "study" / "trials" / "0000" / "proxy_report.json").exists()  # no audit was run for it
+    assert not (tmp_path / "study" / "model").exists()
 
 
 def test_a_guard_is_set_to_the_floor_unless_the_owner_sets_it(setup, tmp_path):
