@@ -32,23 +32,13 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import datasets
-from diffusers.utils import logging as diffusers_logging
 from rich.table import Table
-from transformers.utils import logging as transformers_logging
 
-from .artifacts import finished_run, run_identity
-from .cards import push_to_hub, write_card
 from .errors import InputError
-from .evaluation import EvaluateArguments, dry_run, read_report, report_tables, run_evaluation
-from .evaluation_diffusion import DiffusionEvaluateArguments, denoising_tables, run_evaluation_diffusion
 from .options import parse, stage_config
-from .protect import PROTECTIONS, run_ntp, run_sophon, run_sophon_diffusion
-from .source import MODEL_SUBDIR, SourceConfig, run_source
-from .source_diffusion import DiffusionSourceConfig, run_diffusion_source
-from .terminal import format_duration, print_tables, say, set_verbose, stop_displays
-from .trainers import NTPConfig, SophonConfig, SophonDiffusionConfig
-from .tune import TuneArguments, run_tune, tuning_tables
+
+# Each command imports what it runs when it runs: `hf-ntl --help`, `--version` and a mistyped command answer at
+# once rather than after the ~12 s that torch, transformers and diffusers take to import.
 
 
 @dataclass
@@ -84,6 +74,8 @@ class DemoArguments:
     )
 
     def __post_init__(self) -> None:
+        from .protect import PROTECTIONS
+
         if self.method not in PROTECTIONS:
             raise InputError(f"method must be one of {list(PROTECTIONS)}, got {self.method!r}.")
 
@@ -110,12 +102,20 @@ class PushArguments:
 
 
 def fit_source_command(argv: Sequence[str]) -> None:
+    from .source import MODEL_SUBDIR, SourceConfig, run_source
+    from .terminal import say
+
     (config,) = parse([SourceConfig], argv, "hf-ntl fit-source")
     record = run_source(config)
     say(f"source model: {Path(config.output_dir) / MODEL_SUBDIR}  test accuracy {100 * record['test_accuracy']:.2f}%")
 
 
 def protect_ntp_command(argv: Sequence[str]) -> None:
+    from .protect import run_ntp
+    from .source import MODEL_SUBDIR
+    from .terminal import say
+    from .trainers import NTPConfig
+
     (config,) = parse([NTPConfig], argv, "hf-ntl protect-ntp")
     record = run_ntp(config)
     say(
@@ -130,6 +130,11 @@ def _guard_note(record: dict[str, Any]) -> str:
 
 
 def protect_sophon_command(argv: Sequence[str]) -> None:
+    from .protect import run_sophon
+    from .source import MODEL_SUBDIR
+    from .terminal import say
+    from .trainers import SophonConfig
+
     (config,) = parse([SophonConfig], argv, "hf-ntl protect-sophon")
     record = run_sophon(config)
     say(
@@ -140,6 +145,9 @@ def protect_sophon_command(argv: Sequence[str]) -> None:
 
 
 def evaluate_command(argv: Sequence[str]) -> None:
+    from .evaluation import EvaluateArguments, dry_run, report_tables, run_evaluation
+    from .terminal import print_tables
+
     (args,) = parse([EvaluateArguments], argv, "hf-ntl evaluate")
     if args.dry_run:
         print_tables([plan_table(dry_run(args))])
@@ -149,6 +157,8 @@ def evaluate_command(argv: Sequence[str]) -> None:
 
 def plan_table(plan: dict[str, Any]) -> Table:
     """`hf-ntl evaluate --dry_run`'s output: what the audit would run, and for about how long."""
+    from .terminal import format_duration
+
     rows = Table(
         title="Audit plan (nothing trained, nothing written)", title_justify="left", box=None, show_header=False
     )
@@ -179,6 +189,10 @@ def plan_table(plan: dict[str, Any]) -> Table:
 
 
 def tune_command(argv: Sequence[str]) -> None:
+    from .source import MODEL_SUBDIR
+    from .terminal import print_tables, say
+    from .tune import TuneArguments, run_tune, tuning_tables
+
     (args,) = parse([TuneArguments], argv, "hf-ntl tune")
     summary = run_tune(args)
     say(f"best settings: {summary['params']}  model and card: {Path(args.output_dir) / MODEL_SUBDIR}")
@@ -186,6 +200,10 @@ def tune_command(argv: Sequence[str]) -> None:
 
 
 def fit_ddpm_command(argv: Sequence[str]) -> None:
+    from .source import MODEL_SUBDIR
+    from .source_diffusion import DiffusionSourceConfig, run_diffusion_source
+    from .terminal import say
+
     (config,) = parse([DiffusionSourceConfig], argv, "hf-ntl fit-ddpm")
     record = run_diffusion_source(config)
     say(
@@ -195,6 +213,11 @@ def fit_ddpm_command(argv: Sequence[str]) -> None:
 
 
 def protect_sophon_diffusion_command(argv: Sequence[str]) -> None:
+    from .protect import run_sophon_diffusion
+    from .source import MODEL_SUBDIR
+    from .terminal import say
+    from .trainers import SophonDiffusionConfig
+
     (config,) = parse([SophonDiffusionConfig], argv, "hf-ntl protect-sophon-diffusion")
     record = run_sophon_diffusion(config)
     before, after = record["denoising_mse_before"], record["denoising_mse_after"]
@@ -206,23 +229,39 @@ def protect_sophon_diffusion_command(argv: Sequence[str]) -> None:
 
 
 def evaluate_diffusion_command(argv: Sequence[str]) -> None:
+    from .evaluation_diffusion import DiffusionEvaluateArguments, denoising_tables, run_evaluation_diffusion
+    from .terminal import print_tables
+
     (args,) = parse([DiffusionEvaluateArguments], argv, "hf-ntl evaluate-diffusion")
     print_tables(denoising_tables(run_evaluation_diffusion(args)))
 
 
 def card_command(argv: Sequence[str]) -> None:
+    from .cards import write_card
+    from .terminal import say
+
     (args,) = parse([CardArguments], argv, "hf-ntl card")
     write_card(args.model_dir, args.report_dir, args.model_name)
     say(f"model card: {Path(args.model_dir) / 'README.md'}")
 
 
 def push_command(argv: Sequence[str]) -> None:
+    from .cards import push_to_hub
+    from .terminal import say
+
     (args,) = parse([PushArguments], argv, "hf-ntl push")
     url = push_to_hub(args.model_dir, args.repo_id, private=not args.public, token=args.token)
     say(f"pushed {args.model_dir} to {args.repo_id}: {url}")
 
 
 def demo_command(argv: Sequence[str]) -> None:
+    from .artifacts import finished_run, run_identity
+    from .cards import write_card
+    from .evaluation import EvaluateArguments, read_report, report_tables, run_evaluation
+    from .protect import PROTECTIONS
+    from .source import MODEL_SUBDIR, SourceConfig, run_source
+    from .terminal import print_tables, say
+
     (args,) = parse([DemoArguments], argv, "hf-ntl demo")
     start = time.perf_counter()
     out = Path(args.output_dir)
@@ -355,6 +394,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if name not in COMMANDS:
         print(f"hf-ntl: error: unknown command {name!r}; `hf-ntl --help` lists them.", file=sys.stderr)
         raise SystemExit(2)
+    import datasets
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    from .terminal import set_verbose, stop_displays
+
     set_verbose(verbose)
     # Weights load in milliseconds and data sets map in seconds here; the libraries' own bars for them
     # would bury the stage's progress. `--verbose` keeps them.

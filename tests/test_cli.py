@@ -27,9 +27,14 @@ def test_every_subcommand_has_help(command, capsys):
     assert "--config" in capsys.readouterr().out
 
 
-def test_console_script_is_installed():
+def test_console_script_is_installed_and_help_answers_without_loading_the_libraries():
     done = subprocess.run([sys.executable, "-m", "hf_ntl.cli", "--help"], capture_output=True, text=True, check=True)
     assert "fit-source" in done.stdout
+    # Commands import torch, transformers and diffusers when they run; `--help` needs none of them.
+    check = "import sys; from hf_ntl.cli import main; main(['--help']); "
+    check += "print(sorted({'torch', 'diffusers'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_yaml_config_with_command_line_overrides(tmp_path):
