@@ -195,7 +195,7 @@ def tune_command(argv: Sequence[str]) -> None:
 
     (args,) = parse([TuneArguments], argv, "hf-ntl tune")
     summary = run_tune(args)
-    say(f"best settings: {summary['params']}  model and card: {Path(args.output_dir) / MODEL_SUBDIR}")
+    say(f"model and card: {Path(args.output_dir) / MODEL_SUBDIR}")
     print_tables(tuning_tables(summary))
 
 

@@ -539,9 +539,14 @@ class Objective:
         return [CurvePoint(**values) for values in json.loads(path.read_text())]
 
 
+def format_value(value: Any) -> str:
+    """A setting as a person reads it: floats to three significant digits."""
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
 def format_settings(params: dict[str, Any], separator: str = "  ") -> str:
-    """A trial's settings on one line, floats to three significant digits."""
-    return separator.join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    """A trial's settings on one line."""
+    return separator.join(f"{name}={format_value(value)}" for name, value in params.items())
 
 
 def trial_line(study: optuna.Study, trial: FrozenTrial, total: int) -> str:
@@ -787,21 +792,21 @@ def trial_summary(trial: FrozenTrial) -> dict[str, Any]:
 
 
 def tuning_tables(summary: dict[str, Any]) -> list[RenderableType]:
-    """The search on a terminal: the best and the defaults side by side, then the final audit's tables."""
-    rows = table(["", "trial", "source acc. (validation)", "proxy worst case (validation)", "settings"])
+    """The search on a terminal: the best trial, the defaults and the original side by side, their settings, then
+    the final audit's tables."""
+    rows = table(["", "trial", "source acc. (validation)", "proxy worst case (validation)"])
     trials = {t["number"]: t for t in summary["trials"]}
-    for label, number in (("best", summary["best_trial"]), ("defaults", summary["defaults_trial"])):
-        if number is None:
-            continue
-        trial = trials[number]
-        settings = format_settings(trial["params"], ", ")
+    numbers = {"best": summary["best_trial"], "defaults": summary["defaults_trial"]}
+    shown = {label: trials[number] for label, number in numbers.items() if number is not None}
+    for label, trial in shown.items():
         value = trial["worst_case_slc_auc"]
         source = f"{100 * trial['source_accuracy']:.2f}%" + ("" if trial["feasible"] else " (below the floor)")
-        rows.add_row(label, str(number), source, signed(value, f"{value:+.3f}"), settings)
+        source += " (the original's weights)" if trial["unchanged"] else ""
+        rows.add_row(label, str(trial["number"]), source, signed(value, f"{value:+.3f}"))
     validation = summary["validation"]
     original = validation["worst_case_slc_auc_original"]
     accuracy = f"{100 * validation['source_accuracy_original']:.2f}%"
-    rows.add_row("unprotected original", "", accuracy, signed(original, f"{original:+.3f}"), "")
+    rows.add_row("unprotected original", "", accuracy, signed(original, f"{original:+.3f}"))
     states = [t["state"] for t in summary["trials"]]
     test = summary["test"]
     title = (
@@ -809,4 +814,8 @@ def tuning_tables(summary: dict[str, Any]) -> list[RenderableType]:
         f"worst case {test['worst_case_slc_auc']:+.3f} (full suite), source accuracy "
         f"{100 * test['source_accuracy']:.2f}% (original {100 * test['source_accuracy_original']:.2f}%)"
     )
-    return [titled(title, rows), *report_tables(summary["report"])]
+    # One row per searched option: a settings column would wrap into an unreadable block.
+    settings = table(["option", *(f"{label} (trial {trial['number']})" for label, trial in shown.items())])
+    for name in summary["search_space"]:
+        settings.add_row(name, *(format_value(trial["params"][name]) for trial in shown.values()))
+    return [titled(title, rows), titled("Settings", settings), *report_tables(summary["report"])]
