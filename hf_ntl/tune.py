@@ -386,6 +386,21 @@ def exclusive(lock_file: Path) -> Iterator[None]:
 # One trial: protect, check the floor, audit with the proxy attack by attack
 
 
+def guard_at_floor(args: TuneArguments, space: list[Parameter], floor: float) -> dict[str, float]:
+    """`{"guard_threshold": floor}` for a protection with a guard (SOPHON's) that neither the space nor the fixed
+    options set, else nothing.
+
+    A guard restores the last state above its threshold; at SOPHON's default (80%) it let trials fall below the floor
+    and be pruned, when a state they passed through above the floor was a candidate. (The guard reads its own
+    held-out source train samples, the floor the source validation split.)
+    """
+    config_class, _ = PROTECTIONS[args.method]
+    fixed = yaml_to_argv(args.protect_config) if args.protect_config else []
+    guarded = "guard_threshold" in {f.name for f in fields(config_class)}
+    unset = "guard_threshold" not in {p.name for p in space} and "--guard_threshold" not in fixed
+    return {"guard_threshold": max(floor, 0.0)} if guarded and unset else {}
+
+
 class Objective:
     """A trial of the study: protect with the trial's settings, then audit with the proxy on validation."""
 
@@ -394,20 +409,14 @@ class Objective:
         self.floor = original_accuracy - args.max_source_drop
         self.output = Path(args.output_dir)
         self.config_class, self.protect = PROTECTIONS[args.method]
-        # A guard that restores the last state above an accuracy (SOPHON's) is set to the floor unless the owner set
-        # it: at its default (80%) it let a trial fall below the floor and be pruned, when the state it passed
-        # through above the floor was a candidate. (The guard reads its own held-out source train samples.)
-        fixed = yaml_to_argv(args.protect_config) if args.protect_config else []
-        guarded = "guard_threshold" in {f.name for f in fields(self.config_class)}
-        unset = "guard_threshold" not in {p.name for p in space} and "--guard_threshold" not in fixed
-        self.fixed_options = ["--guard_threshold", str(max(self.floor, 0.0))] if guarded and unset else []
+        self.guard_option = guard_at_floor(args, space, self.floor)
         self.original_weights: dict[str, torch.Tensor] | None = None
 
     def protection_config(self, folder: Path, values: dict[str, Any]) -> Any:
         options = ["--output_dir", str(folder), "--model_name_or_path", self.args.model_name_or_path]
         options += ["--source_dataset", str(self.output / "data" / "source")]
         options += ["--target_dataset", str(self.output / "data" / "target"), "--logging_strategy", "no"]
-        options += self.fixed_options
+        options += [f"--{name}={value}" for name, value in self.guard_option.items()]
         for name, value in values.items():
             options += [f"--{name}", str(value)]
         return stage_config(self.config_class, self.args.protect_config, options, f"protect-{self.args.method}")
@@ -722,12 +731,17 @@ def final_audit(
         label: predict_accuracy(load_classifier(path), test.pixel_values, test.labels)
         for label, path in (("model", folder / MODEL_SUBDIR), ("original", args.model_name_or_path))
     }
+    floor = original_accuracy - args.max_source_drop
+    fixed = (yaml.safe_load(Path(args.protect_config).read_text()) or {}) if args.protect_config else {}
     summary: dict[str, Any] = {
         "method": args.method,
         "model": args.model_name_or_path,
         "source_dataset": args.source_dataset,
         "target_dataset": args.target_dataset,
         "search_space": {p.name: p.describe() for p in space},
+        # What every trial shared beyond the method's defaults: the owner's `--protect_config`, and the guard.
+        "fixed_options": fixed | guard_at_floor(args, space, floor),
+        "guard_at_floor": bool(guard_at_floor(args, space, floor)),
         "max_source_drop": args.max_source_drop,
         "validation_samples": {"source": args.source_validation_samples, "target": args.target_validation_samples},
         "proxy": {"attacks": proxy, "counts": args.proxy_counts, "seeds": args.proxy_seeds, "suite": args.suite},
@@ -765,7 +779,6 @@ def final_audit(
     with replacing_directory(output / MODEL_SUBDIR) as staging:
         shutil.copytree(folder / MODEL_SUBDIR, staging, dirs_exist_ok=True)
         write_record(staging, record)
-        floor = original_accuracy - args.max_source_drop
         title = f"hf-ntl tune --method {args.method}"
         plot_trials(summary["trials"], staging / TRIALS_PLOT, floor, title, original_proxy)
         write_card(staging, folder / "audit", model_name=output.name)

@@ -1,5 +1,6 @@
 """`hf-ntl tune`: a tiny study end to end, resuming, two workers on one study, the floor, bad search spaces."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -150,6 +151,9 @@ def test_a_study_chooses_on_validation_and_reads_the_test_split_only_for_the_fin
     assert record["dataset"] == SOURCE and record["source_accuracy_after"] == summary["test"]["source_accuracy"]
     card = ModelCard.load(out / "model" / "README.md")
     assert "How the settings were chosen" in card.text and "hf-ntl tune --method ntp" in card.text
+    # The options every trial shared (the owner's --protect_config; NTP has no guard to set) are recorded.
+    assert summary["fixed_options"]["admm_rounds"] == 1 and not summary["guard_at_floor"]
+    assert "Fixed for every trial: `admm_rounds` 1;" in card.text and "`steps_per_round` 4." in card.text
     assert (out / "model" / "trials.png").stat().st_size > 1000
     assert not list((out / "trials").glob("*/checkpoint-*"))  # finished trials keep their model only
     # The unprotected original was audited with the same proxy (no masked attack: it is not pruned), and beaten.
@@ -198,17 +202,17 @@ def test_a_trial_that_kept_the_original_weights_is_not_audited_and_not_released(
 def test_a_guard_is_set_to_the_floor_unless_the_owner_sets_it(setup, tmp_path):
     args = tiny_study(setup, tmp_path, method="sophon", max_source_drop=0.02, search_space=None, protect_config=None)
     space = load_search_space(tune.default_search_space("sophon"), tune.PROTECTIONS["sophon"][0])
+    assert tune.guard_at_floor(args, space, floor=0.93) == {"guard_threshold": 0.93}
     objective = tune.Objective(args, space, ["full"], original_accuracy=0.95)
-    assert objective.fixed_options == ["--guard_threshold", str(0.95 - 0.02)]
     assert objective.protection_config(tmp_path / "trial", {}).guard_threshold == pytest.approx(0.93)
+    # The owner's fixed options, or the search space, decide instead; NTP has no guard.
     (tmp_path / "fixed.yaml").write_text("guard_threshold: 0.5\n")
-    args.protect_config = str(tmp_path / "fixed.yaml")
-    assert tune.Objective(args, space, ["full"], 0.95).protection_config(tmp_path, {}).guard_threshold == 0.5
-    # NTP has no guard: nothing is added.
-    assert (
-        tune.Objective(tiny_study(setup, tmp_path), space=[], proxy=["full"], original_accuracy=0.95).fixed_options
-        == []
-    )
+    fixed = dataclasses.replace(args, protect_config=str(tmp_path / "fixed.yaml"))
+    assert tune.guard_at_floor(fixed, space, floor=0.93) == {}
+    assert tune.Objective(fixed, space, ["full"], 0.95).protection_config(tmp_path, {}).guard_threshold == 0.5
+    searched = [*space, tune.Parameter("guard_threshold", low=0.5, high=0.9)]
+    assert tune.guard_at_floor(args, searched, floor=0.93) == {}
+    assert tune.guard_at_floor(tiny_study(setup, tmp_path), [], floor=0.93) == {}
 
 
 def test_an_interrupted_study_resumes_with_its_finished_trials_kept(resumed_study):
