@@ -37,8 +37,8 @@ from rich.table import Table
 from .errors import InputError
 from .options import parse, stage_config
 
-# Each command imports what it runs when it runs: `hf-ntl --help`, `--version` and a mistyped command answer at
-# once rather than after the ~12 s that torch, transformers and diffusers take to import.
+# Each command imports what it runs when it runs: `hf-ntl --help`, `--version` and a mistyped command answer in
+# a second rather than after the ~12 s that torch, diffusers and the rest of transformers take to import.
 
 
 @dataclass

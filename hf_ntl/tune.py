@@ -267,6 +267,7 @@ def tune_identity(args: TuneArguments, space: list[Parameter]) -> dict[str, Any]
     settings = {f.name: getattr(args, f.name) for f in fields(args) if f.name not in kept}
     settings["search_space"] = [vars(parameter) | {"choices": parameter.choices} for parameter in space]
     settings["protect_config"] = protect_options
+    settings["guard"] = guard_at_floor(args, space)  # trials run with a guard at the floor are another study
     return json.loads(json.dumps(settings, default=str))
 
 
@@ -386,19 +387,23 @@ def exclusive(lock_file: Path) -> Iterator[None]:
 # One trial: protect, check the floor, audit with the proxy attack by attack
 
 
-def guard_at_floor(args: TuneArguments, space: list[Parameter], floor: float) -> dict[str, float]:
-    """`{"guard_threshold": floor}` for a protection with a guard (SOPHON's) that neither the space nor the fixed
-    options set, else nothing.
+def guard_at_floor(args: TuneArguments, space: list[Parameter]) -> dict[str, float]:
+    """The guard options that make a protection's guard (SOPHON's) keep the owner's floor, unless the search space
+    or the fixed options set the guard; nothing for a method without one.
 
-    A guard restores the last state above its threshold; at SOPHON's default (80%) it let trials fall below the floor
-    and be pruned, when a state they passed through above the floor was a candidate. (The guard reads its own
-    held-out source train samples, the floor the source validation split.)
+    The guard restores the last state that passed it. At SOPHON's default (80%) it let trials fall below the floor
+    and be pruned, when a state they passed through above the floor was a candidate. The floor is relative (at most
+    `max_source_drop` below the original), and so is the guard set here (`guard_max_drop`, on its own held-out source
+    train samples); its absolute threshold is lifted, so that a model below 80% can be tuned too.
     """
     config_class, _ = PROTECTIONS[args.method]
+    guard_options = {"guard_max_drop", "guard_threshold"}
     fixed = yaml_to_argv(args.protect_config) if args.protect_config else []
-    guarded = "guard_threshold" in {f.name for f in fields(config_class)}
-    unset = "guard_threshold" not in {p.name for p in space} and "--guard_threshold" not in fixed
-    return {"guard_threshold": max(floor, 0.0)} if guarded and unset else {}
+    if not guard_options <= {f.name for f in fields(config_class)}:
+        return {}
+    if guard_options & ({p.name for p in space} | {option.removeprefix("--") for option in fixed}):
+        return {}
+    return {"guard_max_drop": args.max_source_drop, "guard_threshold": 0.0}
 
 
 class Objective:
@@ -409,14 +414,14 @@ class Objective:
         self.floor = original_accuracy - args.max_source_drop
         self.output = Path(args.output_dir)
         self.config_class, self.protect = PROTECTIONS[args.method]
-        self.guard_option = guard_at_floor(args, space, self.floor)
+        self.guard_options = guard_at_floor(args, space)
         self.original_weights: dict[str, torch.Tensor] | None = None
 
     def protection_config(self, folder: Path, values: dict[str, Any]) -> Any:
         options = ["--output_dir", str(folder), "--model_name_or_path", self.args.model_name_or_path]
         options += ["--source_dataset", str(self.output / "data" / "source")]
         options += ["--target_dataset", str(self.output / "data" / "target"), "--logging_strategy", "no"]
-        options += [f"--{name}={value}" for name, value in self.guard_option.items()]
+        options += [f"--{name}={value}" for name, value in self.guard_options.items()]
         for name, value in values.items():
             options += [f"--{name}", str(value)]
         return stage_config(self.config_class, self.args.protect_config, options, f"protect-{self.args.method}")
@@ -443,9 +448,13 @@ class Objective:
             trial.set_user_attr("pruned_by", "source floor")
             raise optuna.TrialPruned(f"source accuracy {accuracy:.4f} is below the floor {self.floor:.4f}")
         if self.is_original(folder / MODEL_SUBDIR):
-            # A guard restored the starting weights: the proxy would repeat the original's runs, seed for seed.
+            # A guard restored the starting weights: the proxy would repeat the original's runs, seed for seed. Its
+            # running worst case is reported as an audit would, so that the median pruner counts it fully.
             trial.set_user_attr("unchanged", True)
-            return self.original_proxy()["slc_auc"]["worst_case"]["slc_auc"]
+            original = self.original_proxy()
+            for step, worst_case in enumerate(original["worst_case_by_attack"]):
+                trial.report(worst_case, step)
+            return original["slc_auc"]["worst_case"]["slc_auc"]
         return self.proxy_audit(trial, folder)
 
     def is_original(self, model_path: Path) -> bool:
@@ -509,14 +518,16 @@ class Objective:
         validation = EncodedSplit.from_dataset(plan.splits["validation"], plan.preprocessor)
         scored = EncodedSplit.from_dataset(plan.splits["test"], plan.preprocessor)  # the target validation split
         points: list[CurvePoint] = []
+        worst_cases: list[float] = []  # after each attack
         for step, spec in enumerate(track(suite, description, len(suite), unit="attacks")):
             points += self.scratch_points(spec, model, train, validation, scored)
             points += run_attacks(
                 {"model": model}, train, validation, scored, [spec], plan.counts, plan.seeds, False, with_scratch=False
             )
             summary = summarise(points, suite[: step + 1], ["model"])
+            worst_cases.append(summary["slc_auc"]["model"]["worst_case"]["slc_auc"])
             if after_attack is not None:
-                after_attack(step, spec.name, summary["slc_auc"]["model"]["worst_case"]["slc_auc"])
+                after_attack(step, spec.name, worst_cases[-1])
         return {
             "model": str(model_path),
             "attacks": [spec.name for spec in suite],
@@ -524,6 +535,7 @@ class Objective:
             "seeds": plan.seeds,
             "slc_auc": summary["slc_auc"]["model"],
             "worst_case_attacks": summary["worst_case_attacks"]["model"],
+            "worst_case_by_attack": worst_cases,
             "points": [p.to_dict() for p in points],
         }
 
@@ -705,7 +717,7 @@ def final_audit(
             f"No setting protected within the floor: the best of {len(candidates)} trials that kept it (trial "
             f"{best.number}: {format_settings(best.params, ', ')}) lets the proxy's attackers gain {best.value:+.3f}, "
             f"no less than the unprotected original's {original_proxy:+.3f}. Run more trials (--trials), loosen "
-            "--max_source_drop, or widen the search space; nothing was released."
+            "--max_source_drop, or widen the search space; no model was released."
         )
     defaults = next((t for t in completed if t.user_attrs.get("defaults")), None)
     folder = trial_folder(output, best)
@@ -740,8 +752,8 @@ def final_audit(
         "target_dataset": args.target_dataset,
         "search_space": {p.name: p.describe() for p in space},
         # What every trial shared beyond the method's defaults: the owner's `--protect_config`, and the guard.
-        "fixed_options": fixed | guard_at_floor(args, space, floor),
-        "guard_at_floor": bool(guard_at_floor(args, space, floor)),
+        "fixed_options": fixed | guard_at_floor(args, space),
+        "guard_at_floor": bool(guard_at_floor(args, space)),
         "max_source_drop": args.max_source_drop,
         "validation_samples": {"source": args.source_validation_samples, "target": args.target_validation_samples},
         "proxy": {"attacks": proxy, "counts": args.proxy_counts, "seeds": args.proxy_seeds, "suite": args.suite},

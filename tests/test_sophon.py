@@ -230,6 +230,20 @@ def test_guard_restores_the_last_good_state_and_stops(tmp_path, data, monkeypatc
     assert all(torch.equal(p, at_step_2[n]) for n, p in at_step_4.items())
 
 
+def test_a_relative_guard_trips_on_a_drop_from_the_model_own_start(tmp_path, data, monkeypatch):
+    # guard_max_drop: the floor is the start's accuracy less the drop (0.6 - 0.2), whatever guard_threshold allows.
+    args = config(tmp_path, iterations=6, guard_max_drop=0.2, save_total_limit=None)
+    trainer = make_trainer(args, data)
+    monkeypatch.setattr(sophon_trainer, "predict_accuracy", lambda *args, **kwargs: 0.6)
+    accuracies = iter([0.4, 0.35])  # exactly the allowed drop passes; a little more trips
+    trainer.compute_metrics = lambda prediction: {"accuracy": next(accuracies)}
+    trainer.train()
+    assert trainer.guard_log["initial"] == 0.6 and trainer.guard_log["tripped_at"] == 4
+    assert trainer.guard_log["last_good_step"] == 2
+    with pytest.raises(ValueError, match="guard_max_drop is an accuracy difference"):
+        config(tmp_path, guard_max_drop=1.5)
+
+
 def test_resume_restores_method_state_and_reaches_the_same_result(tmp_path, data):
     straight = make_trainer(config(tmp_path / "a", save_total_limit=None), data)
     straight.train()

@@ -156,11 +156,11 @@ def test_a_study_chooses_on_validation_and_reads_the_test_split_only_for_the_fin
     assert "Fixed for every trial: `admm_rounds` 1;" in card.text and "`steps_per_round` 4." in card.text
     assert (out / "model" / "trials.png").stat().st_size > 1000
     assert not list((out / "trials").glob("*/checkpoint-*"))  # finished trials keep their model only
-    # The unprotected original was audited with the same proxy (no masked attack: it is not pruned), and beaten.
+    # The unprotected original was audited with the same proxy; its figure is the bar the chosen trial cleared.
     original = json.loads((out / "proxy_original.json").read_text())
     assert original["model"] == str(setup / "source" / "model") and original["attacks"] == ["full", "sgdm"]
     assert summary["validation"]["worst_case_slc_auc_original"] == original["slc_auc"]["worst_case"]["slc_auc"]
-    assert summary["validation"]["worst_case_slc_auc"] < summary["validation"]["worst_case_slc_auc_original"]
+    assert original["worst_case_by_attack"][-1] == original["slc_auc"]["worst_case"]["slc_auc"]
 
 
 def test_a_study_whose_best_trial_does_not_beat_the_original_releases_nothing(setup, resumed_study, tmp_path):
@@ -195,6 +195,8 @@ def test_a_trial_that_kept_the_original_weights_is_not_audited_and_not_released(
     (trial,) = study.trials
     original_proxy = json.loads((tmp_path / "study" / "proxy_original.json").read_text())
     assert trial.user_attrs["unchanged"] and trial.value == original_proxy["slc_auc"]["worst_case"]["slc_auc"]
+    # The pruner sees it as it would an audited trial: the original's running worst case, attack by attack.
+    assert list(trial.intermediate_values.values()) == original_proxy["worst_case_by_attack"]
     assert not (tmp_path / "study" / "trials" / "0000" / "proxy_report.json").exists()  # no audit was run for it
     assert not (tmp_path / "study" / "model").exists()
 
@@ -202,17 +204,24 @@ def test_a_trial_that_kept_the_original_weights_is_not_audited_and_not_released(
 def test_a_guard_is_set_to_the_floor_unless_the_owner_sets_it(setup, tmp_path):
     args = tiny_study(setup, tmp_path, method="sophon", max_source_drop=0.02, search_space=None, protect_config=None)
     space = load_search_space(tune.default_search_space("sophon"), tune.PROTECTIONS["sophon"][0])
-    assert tune.guard_at_floor(args, space, floor=0.93) == {"guard_threshold": 0.93}
-    objective = tune.Objective(args, space, ["full"], original_accuracy=0.95)
-    assert objective.protection_config(tmp_path / "trial", {}).guard_threshold == pytest.approx(0.93)
+    at_floor = {"guard_max_drop": 0.02, "guard_threshold": 0.0}
+    assert tune.guard_at_floor(args, space) == at_floor and tune.tune_identity(args, space)["guard"] == at_floor
+    config = tune.Objective(args, space, ["full"], original_accuracy=0.95).protection_config(tmp_path / "trial", {})
+    assert (config.guard_max_drop, config.guard_threshold) == (0.02, 0.0)
     # The owner's fixed options, or the search space, decide instead; NTP has no guard.
     (tmp_path / "fixed.yaml").write_text("guard_threshold: 0.5\n")
     fixed = dataclasses.replace(args, protect_config=str(tmp_path / "fixed.yaml"))
-    assert tune.guard_at_floor(fixed, space, floor=0.93) == {}
-    assert tune.Objective(fixed, space, ["full"], 0.95).protection_config(tmp_path, {}).guard_threshold == 0.5
-    searched = [*space, tune.Parameter("guard_threshold", low=0.5, high=0.9)]
-    assert tune.guard_at_floor(args, searched, floor=0.93) == {}
-    assert tune.guard_at_floor(tiny_study(setup, tmp_path), [], floor=0.93) == {}
+    assert tune.guard_at_floor(fixed, space) == {}
+    config = tune.Objective(fixed, space, ["full"], 0.95).protection_config(tmp_path, {})
+    assert (config.guard_max_drop, config.guard_threshold) == (None, 0.5)
+    assert tune.guard_at_floor(args, [*space, tune.Parameter("guard_max_drop", low=0.01, high=0.05)]) == {}
+    assert tune.guard_at_floor(tiny_study(setup, tmp_path), []) == {}
+
+
+def test_a_proxy_without_an_attack_for_the_unpruned_original_is_refused(setup, tmp_path):
+    args = tiny_study(setup, tmp_path, suite="default", proxy_attacks=["full-masked"])
+    with pytest.raises(InputError, match="no attack for an unpruned model"):
+        tune.proxy_attacks(args)
 
 
 def test_an_interrupted_study_resumes_with_its_finished_trials_kept(resumed_study):

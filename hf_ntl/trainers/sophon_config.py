@@ -144,6 +144,13 @@ class SophonConfig(SophonConfigBase):
     guard_threshold: float = field(
         default=0.8, metadata={"help": "Minimum original-domain accuracy; below it the last good state is restored."}
     )
+    guard_max_drop: float | None = field(
+        default=None,
+        metadata={
+            "help": "Also restore the last good state when original-domain accuracy falls more than this below the "
+            "model's own at the start (0.02 = 2 points), on the same guard samples: a floor relative to the model."
+        },
+    )
 
     def validation_checks(self) -> list[tuple[bool, str]]:
         return [
@@ -154,4 +161,8 @@ class SophonConfig(SophonConfigBase):
             ),
             (0 <= self.head_reinit_probability <= 1, "head_reinit_probability must lie in [0, 1]."),
             (0 <= self.guard_threshold <= 1, "guard_threshold is an accuracy and must lie in [0, 1]."),
+            (
+                self.guard_max_drop is None or 0 <= self.guard_max_drop <= 1,
+                f"guard_max_drop is an accuracy difference and must lie in [0, 1], got {self.guard_max_drop}.",
+            ),
         ]

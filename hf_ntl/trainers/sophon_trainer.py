@@ -133,7 +133,12 @@ class SophonTrainer(SophonBaseTrainer):
         return predict_accuracy(self.model, self.guard_set.pixel_values, self.guard_set.labels)
 
     def guard_passes(self, value: float) -> bool:
-        return value >= self.args.guard_threshold
+        # `initial` is the model's own accuracy before any step (kept in checkpoints, so a resumed run has it). A drop
+        # of exactly guard_max_drop passes: accuracies are fractions, and the subtraction must not round it out.
+        relative = (
+            self.args.guard_max_drop is None or value >= self.guard_log["initial"] - self.args.guard_max_drop - 1e-9
+        )
+        return value >= self.args.guard_threshold and relative
 
     def check_start(self, value: float) -> None:
         if not self.guard_passes(value):
