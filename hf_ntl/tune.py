@@ -744,7 +744,7 @@ def final_audit(
         for label, path in (("model", folder / MODEL_SUBDIR), ("original", args.model_name_or_path))
     }
     floor = original_accuracy - args.max_source_drop
-    fixed = (yaml.safe_load(Path(args.protect_config).read_text()) or {}) if args.protect_config else {}
+    identity = study.user_attrs["identity"]  # holds the owner's fixed options and the guard, as the trials ran
     summary: dict[str, Any] = {
         "method": args.method,
         "model": args.model_name_or_path,
@@ -752,8 +752,8 @@ def final_audit(
         "target_dataset": args.target_dataset,
         "search_space": {p.name: p.describe() for p in space},
         # What every trial shared beyond the method's defaults: the owner's `--protect_config`, and the guard.
-        "fixed_options": fixed | guard_at_floor(args, space),
-        "guard_at_floor": bool(guard_at_floor(args, space)),
+        "fixed_options": (identity["protect_config"] or {}) | identity["guard"],
+        "guard_at_floor": bool(identity["guard"]),
         "max_source_drop": args.max_source_drop,
         "validation_samples": {"source": args.source_validation_samples, "target": args.target_validation_samples},
         "proxy": {"attacks": proxy, "counts": args.proxy_counts, "seeds": args.proxy_seeds, "suite": args.suite},
