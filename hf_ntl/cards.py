@@ -11,6 +11,7 @@ numbers, and what the threat model does not cover.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -24,7 +25,9 @@ from .errors import InputError
 from .evaluation import SCRATCH, read_report
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
+DIFFUSION_TEMPLATE = Path(__file__).parent / "templates" / "model_card_diffusion.md"
 PLOT = "learning_curves.png"
+DIFFUSION_PLOTS = ("denoising_curves.png", "samples.png")  # written by `hf-ntl evaluate-diffusion`
 TRIALS_PLOT = "trials.png"  # written by `hf-ntl tune` into the model folder it chose
 EMBEDDED_DOMAINS_NOTE = "embedded hf_ntl domain (generated locally, not on the Hub)"
 # Class names a card lists when the labels were encoded from strings; config.json's id2label has them all.
@@ -130,17 +133,11 @@ def build_card(
         license: the card's license tag.
     """
     model_dir, report_dir = Path(model_dir), Path(report_dir)
-    if not (report_dir / "report.json").is_file():
-        raise InputError(f"No report.json in {report_dir}: run `hf-ntl evaluate --output_dir {report_dir}`.")
-    record = read_record(model_dir)
-    if not record:
-        raise InputError(f"No hf_ntl.json in {model_dir}: cards are written for folders hf_ntl produced.")
+    if is_pipeline(model_dir):
+        return build_diffusion_card(model_dir, report_dir, model_name, license)
+    record = _checked_record(model_dir, report_dir, "evaluate")
     report = read_report(report_dir / "report.json")
-    # `hf-ntl tune` audits the chosen trial's folder, then releases a copy of it whose record says so.
-    audited_as = record.get("tuning", {}).get("audited_as")
-    same = Path(report["model"]).resolve() in {model_dir.resolve(), Path(audited_as or model_dir).resolve()}
-    if not same and report.get("source", {}) != record:
-        raise InputError(f"{report_dir}/report.json evaluates {report['model']}, not {model_dir}.")
+    _check_report_is_of(report, record, model_dir, report_dir)
     method = record.get("method", "none")
     name = model_name or model_dir.name
     base = record.get("base_model")
@@ -184,6 +181,109 @@ def build_card(
     )
 
 
+def is_pipeline(model_dir: Path) -> bool:
+    """Whether `model_dir` holds a diffusers pipeline (written by `fit-ddpm` or `protect-sophon-diffusion`)."""
+    return (model_dir / "model_index.json").is_file()
+
+
+def _checked_record(model_dir: Path, report_dir: Path, command: str) -> dict[str, Any]:
+    """The model's record, once its folder and the report's are known to be hf_ntl's."""
+    if not (report_dir / "report.json").is_file():
+        raise InputError(f"No report.json in {report_dir}: run `hf-ntl {command} --output_dir {report_dir}`.")
+    record = read_record(model_dir)
+    if not record:
+        raise InputError(f"No hf_ntl.json in {model_dir}: cards are written for folders hf_ntl produced.")
+    return record
+
+
+def _check_report_is_of(report: dict[str, Any], record: dict[str, Any], model_dir: Path, report_dir: Path) -> None:
+    # `hf-ntl tune` audits the chosen trial's folder, then releases a copy of it whose record says so.
+    audited_as = record.get("tuning", {}).get("audited_as")
+    same = Path(report["model"]).resolve() in {model_dir.resolve(), Path(audited_as or model_dir).resolve()}
+    if not same and report.get("source", {}) != record:
+        raise InputError(f"{report_dir}/report.json evaluates {report['model']}, not {model_dir}.")
+
+
+def build_diffusion_card(
+    model_dir: Path, report_dir: Path, model_name: str | None = None, license: str = "apache-2.0"
+) -> ModelCard:
+    """`build_card` for a diffusion pipeline, from its record and an `hf-ntl evaluate-diffusion` report."""
+    # Imported here: diffusers loads only for pipelines, not for every classifier's card.
+    from .attacks.diffusion import describe_attack
+    from .evaluation_diffusion import read_report_diffusion
+
+    record = _checked_record(model_dir, report_dir, "evaluate-diffusion")
+    if "worst_case_restricted_mse" not in json.loads((report_dir / "report.json").read_text()):
+        raise InputError(f"{report_dir}/report.json audits a classifier; {model_dir} is a diffusion pipeline.")
+    report = read_report_diffusion(report_dir / "report.json")
+    _check_report_is_of(report, record, model_dir, report_dir)
+    method = record.get("method", "none")
+    name = model_name or model_dir.name
+    base = record.get("base_model")
+    source_dataset = report["source_dataset"]
+    scores = report["slc_auc"]["model"]
+
+    def result(dataset: str, metric_type: str, value: float, metric_name: str) -> EvalResult:
+        return EvalResult(
+            task_type="unconditional-image-generation",
+            task_name="Unconditional image generation",
+            dataset_type=dataset,
+            dataset_name=dataset,
+            dataset_split="test",
+            metric_type=metric_type,
+            metric_value=float(value),
+            metric_name=metric_name,
+        )
+
+    results = [
+        result(report["target"], "slc_auc", scores["slc_auc"], "Worst-case denoising SLC-AUC over the suite (raw)"),
+        result(
+            report["target"],
+            "slc_auc_normalized",
+            scores["slc_auc_normalized"],
+            "Worst-case denoising SLC-AUC (normalised: mean ln of scratch's MSE over this model's)",
+        ),
+        result(source_dataset, "mse", report["mse_before_attack"]["model"]["original"], "Source denoising MSE"),
+    ]
+    card_data = ModelCardData(
+        model_name=name,
+        license=license,
+        library_name="diffusers",
+        pipeline_tag="unconditional-image-generation",
+        tags=["hf-ntl", "non-transferable-learning", "diffusers", "unconditional-image-generation"]
+        + ([method] if method != "none" else []),
+        base_model=base if _is_hub_id(base) else None,
+        datasets=[d for d in (source_dataset, report["target"]) if _is_hub_id(d)] or None,
+        metrics=["mse", "slc_auc"],
+        eval_results=results,
+    )
+    worst, chosen = report["worst_case_restricted_mse"], report["strongest_attack"]
+    labels = [label for label in worst if label != SCRATCH]
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(DIFFUSION_TEMPLATE),
+        model_name=name,
+        method=method,
+        record=record,
+        report=report,
+        labels=labels,
+        source_dataset=source_dataset,
+        mse_rows=[
+            {"n": n, **{label: f"{worst[label][n]:.4f} ({chosen[label][n]})" for label in worst}}
+            for n in report["counts"]
+        ],
+        describe=describe_attack,
+        max_steps=max(spec["steps"] for spec in report["suite"]),
+        leakage_note=_leakage_note(report["test_overlap"]),
+        scratch=SCRATCH,
+        embedded_note=EMBEDDED_DOMAINS_NOTE,
+        has_plot=(report_dir / DIFFUSION_PLOTS[0]).is_file(),
+        has_samples=(report_dir / DIFFUSION_PLOTS[1]).is_file(),
+        has_trials_plot=(model_dir / TRIALS_PLOT).is_file(),
+        config_items=sorted(record.get("config", {}).items()),
+    )
+
+
 def _label_encoding_note(encoding: dict[str, Any] | None) -> str | None:
     """The line saying which class id each name got, when the record says the labels were strings."""
     if not encoding:
@@ -220,8 +320,9 @@ def write_card(model_dir: str | os.PathLike, report_dir: str | os.PathLike, mode
     """Write `README.md` (the card) and the learning-curve plot into `model_dir`, ready to push."""
     card = build_card(model_dir, report_dir, model_name)
     model_dir, report_dir = Path(model_dir), Path(report_dir)
-    if (report_dir / PLOT).is_file() and report_dir.resolve() != model_dir.resolve():
-        shutil.copyfile(report_dir / PLOT, model_dir / PLOT)
+    for plot in DIFFUSION_PLOTS if is_pipeline(model_dir) else (PLOT,):
+        if (report_dir / plot).is_file() and report_dir.resolve() != model_dir.resolve():
+            shutil.copyfile(report_dir / plot, model_dir / plot)
     # Written beside, then renamed: an interrupted write never leaves a half card in place.
     staging = model_dir / ".README.md.partial"
     card.save(staging)
@@ -242,7 +343,9 @@ def push_to_hub(
     commit URL.
     """
     folder = Path(model_dir)
-    missing = [f for f in ("model.safetensors", "config.json", "README.md") if not (folder / f).is_file()]
+    # A pipeline keeps its weights in per-component folders (unet/, scheduler/), indexed by model_index.json.
+    needed = ("model_index.json",) if is_pipeline(folder) else ("model.safetensors", "config.json")
+    missing = [f for f in (*needed, "README.md") if not (folder / f).is_file()]
     if missing:
         hint = " (write the card with `hf-ntl card` first)" if "README.md" in missing else ""
         raise InputError(f"{folder} lacks {', '.join(missing)}{hint}.")

@@ -22,11 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate.utils import gather_object
-from diffusers import UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
 from rich.console import RenderableType
 
 from .artifacts import claim_output_dir, read_record, run_identity
 from .attacks.diffusion import DIFFUSION_SUITE, DiffusionAttackSpec, finetune_unet
+from .attacks.suite import suite_from_yaml
 from .data import encode_diffusion_split, load_image_classification_dataset, stratified_order
 from .data.fingerprint import SampleSet
 from .data.loading import SPLIT_SEED, stratified_subset, validation_split
@@ -36,6 +37,7 @@ from .leakage import check_test_overlap, test_hashes_by_size
 from .metrics.denoising import generate_samples, mean_denoising_mse, timestep_grid
 from .metrics.learning_curve import check_counts
 from .metrics.plots import plot_denoising_curves, plot_sample_grid
+from .metrics.slc_auc import slc_auc
 from .models import load_ddpm, requested_mixed_precision
 from .terminal import table, titled, track
 
@@ -52,8 +54,18 @@ class DiffusionEvaluateArguments:
     source_dataset: str | None = field(
         default=None, metadata={"help": "The original domain (default: the one in the model's record)."}
     )
+    suite: str = field(
+        default="default",
+        metadata={
+            "help": "`default` (the attacks below) or a YAML list of attacks (`DiffusionAttackSpec` fields: name, "
+            "trainable, optimizer, learning_rate, steps, ...)."
+        },
+    )
     attacks: list[str] | None = field(
-        default=None, metadata={"help": f"Attacks to run (default all: {[s.name for s in DIFFUSION_SUITE]})."}
+        default=None,
+        metadata={
+            "help": f"Run only these of the suite's attacks (default: all; {[s.name for s in DIFFUSION_SUITE]})."
+        },
     )
     steps: int | None = field(default=None, metadata={"help": "Override every attack's number of steps."})
     counts: list[int] = field(
@@ -93,12 +105,21 @@ class DiffusionEvaluateArguments:
         if self.probes < 1 or self.test_samples < 1 or self.eval_timesteps < 1 or self.validation_samples < 1:
             raise InputError("probes, test_samples, validation_samples and eval_timesteps must be >= 1.")
 
-    def suite(self) -> list[DiffusionAttackSpec]:
-        known = {spec.name: spec for spec in DIFFUSION_SUITE}
+    def attack_suite(self) -> list[DiffusionAttackSpec]:
+        """The suite's attacks (only those named in `attacks`, with `steps` when given)."""
+        if self.suite == "default":
+            suite = list(DIFFUSION_SUITE)
+        elif Path(self.suite).is_file():
+            suite = suite_from_yaml(Path(self.suite), DiffusionAttackSpec)
+        else:
+            raise InputError(f"Unknown diffusion suite {self.suite!r}: not `default` and not a YAML file.")
+        known = {spec.name: spec for spec in suite}
+        if len(known) != len(suite):
+            raise InputError(f"Attack names must be unique within a suite: {[spec.name for spec in suite]}.")
         unknown = sorted(set(self.attacks or []) - set(known))
         if unknown:
             raise InputError(f"Unknown diffusion attacks {unknown}; choose from {sorted(known)}.")
-        chosen = [known[name] for name in self.attacks] if self.attacks else list(DIFFUSION_SUITE)
+        chosen = [known[name] for name in self.attacks] if self.attacks else suite
         if self.steps is not None:
             chosen = [DiffusionAttackSpec(**{**spec.to_dict(), "steps": self.steps}) for spec in chosen]
         return chosen
@@ -130,14 +151,38 @@ def scratch_unet(reference: UNet2DModel, seed: int) -> UNet2DModel:
         return UNet2DModel.from_config(reference.config)
 
 
-def run_evaluation_diffusion(args: DiffusionEvaluateArguments, progress: bool = True) -> dict[str, Any]:
-    """Load, attack, score; write `report.json`, `denoising_curves.png` and `samples.png` to `output_dir`."""
-    start = time.perf_counter()
-    if args.output_dir:
-        with process_state().main_process_first():
-            identity = run_identity("evaluate-diffusion", args)
-            claim_output_dir(args.output_dir, identity, args.overwrite, finished="report.json")
-    suite = args.suite()
+@dataclass
+class DiffusionPlan:
+    """What an audit of diffusion pipelines attacks, with what, and how it scores: loaded and encoded once.
+
+    `train` is the restricted train pool (less the validation images), `orders[seed]` each seed's order of it (an
+    attacker with n images gets the first n); `tests` the scored restricted and original test images.
+    """
+
+    args: DiffusionEvaluateArguments
+    suite: list[DiffusionAttackSpec]
+    record: dict[str, Any]
+    source_dataset: str
+    models: dict[str, UNet2DModel]
+    scheduler: DDPMScheduler
+    counts: list[int]
+    train: torch.Tensor
+    validation: torch.Tensor
+    tests: dict[str, torch.Tensor]
+    orders: dict[int, torch.Tensor]
+    grid: list[int]
+    samples: dict[str, Any]
+    test_overlap: dict[str, Any]
+
+    def mse(self, model: torch.nn.Module, domain: str) -> float:
+        """Denoising MSE of `model` on `validation`, or on the `restricted` or `original` test images."""
+        images = self.validation if domain == "validation" else self.tests[domain]
+        return mean_denoising_mse(model, self.scheduler, images, self.grid, mixed_precision=self.args.mixed_precision)
+
+
+def plan_evaluation_diffusion(args: DiffusionEvaluateArguments) -> DiffusionPlan:
+    """Load the pipelines and data, split and encode them, and run the leakage guard; nothing is trained yet."""
+    suite = args.attack_suite()
     record = read_record(args.model_name_or_path) if Path(args.model_name_or_path).is_dir() else {}
     source_dataset = args.source_dataset or record.get("dataset")
     if not source_dataset:
@@ -168,9 +213,6 @@ def run_evaluation_diffusion(args: DiffusionEvaluateArguments, progress: bool = 
     )
     test_overlap = check_test_overlap(paths, hashes, allow_overlap=args.allow_test_overlap)
 
-    def encode(split):
-        return encode_diffusion_split(split, size, channels)
-
     def scored(split):  # a stratified subset fixed by the data set when the split is larger than test_samples
         return stratified_subset(split, args.test_samples, seed=SPLIT_SEED) if len(split) > args.test_samples else split
 
@@ -181,69 +223,108 @@ def run_evaluation_diffusion(args: DiffusionEvaluateArguments, progress: bool = 
         "original test": (scored(source["test"]), source_dataset, "test"),
     }
     samples = {role: SampleSet.of(split, name, which, size).summary() for role, (split, name, which) in splits.items()}
-    train, validation, *scored_tests = (encode(split) for split, _, _ in splits.values())
-    tests = dict(zip(("restricted", "original"), scored_tests, strict=True))
-    grid = timestep_grid(scheduler, args.eval_timesteps)
-
-    def mse(model: torch.nn.Module, domain: str) -> float:
-        images = validation if domain == "validation" else tests[domain]
-        return mean_denoising_mse(model, scheduler, images, grid, mixed_precision=args.mixed_precision)
-
-    before = {label: {domain: mse(m, domain) for domain in tests} for label, m in models.items()}
+    train, validation, *scored_tests = (
+        encode_diffusion_split(split, size, channels) for split, _, _ in splits.values()
+    )
     pool_labels = np.asarray(target["train"]["label"])[pool_indices]
-    orders = {seed: torch.from_numpy(stratified_order(pool_labels, seed)) for seed in args.seeds}
-    labels = [*models, SCRATCH]
-    runs = [(label, spec, seed, n) for spec in suite for label in labels for seed in args.seeds for n in counts]
+    return DiffusionPlan(
+        args=args,
+        suite=suite,
+        record=record,
+        source_dataset=source_dataset,
+        models=models,
+        scheduler=scheduler,
+        counts=counts,
+        train=train,
+        validation=validation,
+        tests=dict(zip(("restricted", "original"), scored_tests, strict=True)),
+        orders={seed: torch.from_numpy(stratified_order(pool_labels, seed)) for seed in args.seeds},
+        grid=timestep_grid(scheduler, args.eval_timesteps),
+        samples=samples,
+        test_overlap=test_overlap,
+    )
+
+
+def run_denoising_attacks(
+    plan: DiffusionPlan,
+    labels: list[str],
+    suite: list[DiffusionAttackSpec],
+    description: str = "audit",
+    progress: bool = True,
+) -> list[DenoisingPoint]:
+    """Every run of `suite` on the models `labels` (keys of `plan.models`, or `SCRATCH`) for each seed and count.
+
+    Under `accelerate launch` each process takes its share; every process gets all points back.
+    """
+    reference = plan.models["model"]
+    runs = [
+        (label, spec, seed, n) for spec in suite for label in labels for seed in plan.args.seeds for n in plan.counts
+    ]
     state = process_state()
     mine = []
     with state.split_between_processes(runs) as share:
-        description = "audit" if state.num_processes == 1 else f"audit (rank 0's share of {len(runs)} runs)"
+        if state.num_processes > 1:
+            description = f"{description} (rank 0's share of {len(runs)} runs)"
         for label, spec, seed, n in track(share, description, len(share), show=progress and state.is_main_process):
-            model = scratch_unet(unet, seed) if label == SCRATCH else models[label]
+            model = scratch_unet(reference, seed) if label == SCRATCH else plan.models[label]
             began = time.perf_counter()
             attacked, by_step = finetune_unet(
                 model.to(state.device),
-                scheduler,
-                train[orders[seed][:n]],
+                plan.scheduler,
+                plan.train[plan.orders[seed][:n]],
                 spec,
                 seed,
-                probe=lambda m: mse(m, "restricted"),
-                probe_every=max(1, spec.steps // args.probes),
-                mixed_precision=args.mixed_precision,
+                probe=lambda m: plan.mse(m, "restricted"),
+                probe_every=max(1, spec.steps // plan.args.probes),
+                mixed_precision=plan.args.mixed_precision,
             )
             final, seconds = by_step[spec.steps], time.perf_counter() - began
-            validation_mse, original_mse = mse(attacked, "validation"), mse(attacked, "original")
+            validation_mse, original_mse = plan.mse(attacked, "validation"), plan.mse(attacked, "original")
             mine.append(
                 DenoisingPoint(label, spec.name, n, seed, final, validation_mse, original_mse, by_step, seconds)
             )
-    points = gather_object(mine) if state.num_processes > 1 else mine
+    return gather_object(mine) if state.num_processes > 1 else mine
+
+
+def run_evaluation_diffusion(args: DiffusionEvaluateArguments, progress: bool = True) -> dict[str, Any]:
+    """Load, attack, score; write `report.json`, `denoising_curves.png` and `samples.png` to `output_dir`."""
+    start = time.perf_counter()
+    if args.output_dir:
+        with process_state().main_process_first():
+            identity = run_identity("evaluate-diffusion", args)
+            claim_output_dir(args.output_dir, identity, args.overwrite, finished="report.json")
+    plan = plan_evaluation_diffusion(args)
+    models, tests = plan.models, plan.tests
+    before = {label: {domain: plan.mse(m, domain) for domain in tests} for label, m in models.items()}
+    labels = [*models, SCRATCH]
+    points = run_denoising_attacks(plan, labels, plan.suite, progress=progress)
     report: dict[str, Any] = {
         "model": args.model_name_or_path,
         "original": args.original_model_name_or_path,
-        "source": record,
-        "source_dataset": source_dataset,
+        "source": plan.record,
+        "source_dataset": plan.source_dataset,
         "target": args.target_dataset,
-        "counts": counts,
+        "counts": plan.counts,
         "seeds": list(args.seeds),
-        "timestep_grid": grid,
+        "timestep_grid": plan.grid,
         "test_samples": {domain: len(images) for domain, images in tests.items()},
-        "validation_samples": len(validation),
-        "samples": samples,
-        "test_overlap": test_overlap,
+        "validation_samples": len(plan.validation),
+        "samples": plan.samples,
+        "test_overlap": plan.test_overlap,
         "mixed_precision": args.mixed_precision,
-        "suite": [spec.to_dict() for spec in suite],
+        "suite": [spec.to_dict() for spec in plan.suite],
         "mse_before_attack": before,
-        **summarise_denoising(points, suite, labels, counts),
+        **summarise_denoising(points, plan.suite, labels, plan.counts),
         "points": [p.to_dict() for p in points],
     }
-    if args.output_dir and state.is_main_process:
+    if args.output_dir and process_state().is_main_process:
         folder = Path(args.output_dir)
         folder.mkdir(parents=True, exist_ok=True)
         if args.sample_images:
-            rows = sample_rows(models, scheduler, train, orders, report, suite, args)
+            rows = sample_rows(models, plan.scheduler, plan.train, plan.orders, report, plan.suite, args)
             plot_sample_grid(rows, folder / "samples.png", title=_title(report))
     report["wall_time_s"] = round(time.perf_counter() - start, 1)
-    if args.output_dir and state.is_main_process:
+    if args.output_dir and process_state().is_main_process:
         write_report(report, folder)
     return report
 
@@ -251,10 +332,14 @@ def run_evaluation_diffusion(args: DiffusionEvaluateArguments, progress: bool = 
 def summarise_denoising(
     points: list[DenoisingPoint], suite: list[DiffusionAttackSpec], labels: list[str], counts: list[int]
 ) -> dict[str, Any]:
-    """Mean MSE per model, attack and n; the worst case and its attack.
+    """Mean MSE per model, attack and n; the worst case and its attack; the worst case's denoising SLC-AUC.
 
     The worst case at each n is the attack with the lowest restricted *validation* MSE (what an attacker
-    can measure), reported with its restricted *test* MSE.
+    can measure), reported with its restricted *test* MSE. The denoising SLC-AUC of a model (given two
+    counts or more) is SLC-AUC with -ln(MSE) in place of accuracy: the area between its worst-case curve
+    and scratch's over ln n; normalised, the mean over ln n of ln(scratch's MSE / the model's). Positive:
+    after the attack the model denoises the restricted domain better than scratch does (a head start);
+    negative: it is a worse start than random weights. A ratio, so it does not depend on the MSE's scale.
     """
 
     def runs(label: str, attack: str, n: int) -> list[DenoisingPoint]:
@@ -281,7 +366,15 @@ def summarise_denoising(
     for label in labels:
         histories = [p.restricted_mse_by_step for p in runs(label, strongest[label][largest], largest)]
         by_step[label] = {step: float(np.mean([h[step] for h in histories])) for step in histories[0]}
+    scores = {}
+    if len(counts) > 1 and SCRATCH in labels:
+
+        def log_curve(label: str) -> list[float]:
+            return [-float(np.log(worst[label][n])) for n in counts]
+
+        scores = {label: slc_auc(counts, log_curve(label), log_curve(SCRATCH)) for label in labels if label != SCRATCH}
     return {
+        "slc_auc": scores,
         "restricted_mse": restricted,
         "restricted_validation_mse": validation,
         "original_mse_after_attack": original,
@@ -320,6 +413,18 @@ def write_report(report: dict[str, Any], folder: Path) -> None:
     (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
+def read_report_diffusion(path: str | Path) -> dict[str, Any]:
+    """Load an `evaluate-diffusion` `report.json`, turning the sample counts JSON made into strings back into ints."""
+    report = json.loads(Path(path).read_text())
+    if "slc_auc" not in report:
+        raise InputError(
+            f"{path} was written by an older hf_ntl, before the denoising SLC-AUC: rerun `hf-ntl evaluate-diffusion`."
+        )
+    for key in ("worst_case_restricted_mse", "strongest_attack"):
+        report[key] = {label: {int(n): v for n, v in curve.items()} for label, curve in report[key].items()}
+    return report
+
+
 def _title(report: dict[str, Any]) -> str:
     source = report["source"]
     name = Path(report["model"]).name
@@ -339,6 +444,11 @@ def denoising_tables(report: dict[str, Any]) -> list[RenderableType]:
                 f"{report['worst_case_restricted_mse'][label][n]:.4f} ({report['strongest_attack'][label][n]})"
                 for label in labels
             ],
+        )
+    if report.get("slc_auc"):
+        scores = report["slc_auc"]
+        after.add_row(
+            "denoising SLC-AUC", *[f"{scores[label]['slc_auc']:+.3f}" if label in scores else "" for label in labels]
         )
     before = table(["", *report["mse_before_attack"]])
     for domain in ("restricted", "original"):

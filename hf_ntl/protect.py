@@ -18,7 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from datasets import Dataset, DatasetDict
+from diffusers import UNet2DModel
 from transformers import PreTrainedModel, Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -184,6 +186,16 @@ def run_sophon(config: SophonConfig) -> dict[str, Any]:
     return _protect(config, "sophon", make_trainer)
 
 
+def diffusion_test_images(split: Dataset, unet: UNet2DModel) -> torch.Tensor:
+    """The test images a diffusion protection's record scores, encoded for `unet`.
+
+    A split larger than `DIFFUSION_TEST_IMAGES` gives a stratified subset fixed by the data set (`SPLIT_SEED`), not by
+    the run: the same images in every stage.
+    """
+    size, channels = unet.config.sample_size, unet.config.in_channels
+    return encode_diffusion_split(split, size, channels, limit=DIFFUSION_TEST_IMAGES, seed=SPLIT_SEED)
+
+
 def run_sophon_diffusion(config: SophonDiffusionConfig) -> dict[str, Any]:
     """Protect the DDPM pipeline `config.model_name_or_path` with SOPHON (DoS); returns the protection record.
 
@@ -211,9 +223,8 @@ def run_sophon_diffusion(config: SophonDiffusionConfig) -> dict[str, Any]:
             f"guard_samples ({config.guard_samples}) must be smaller than the {len(train)} source train samples."
         )
 
-    def encode(dataset: Dataset, limit: int | None = None):
-        # A limited test subset is the data set's (SPLIT_SEED), not the run's: the same images as the audit's.
-        return encode_diffusion_split(dataset, size, channels, limit=limit, seed=SPLIT_SEED)
+    def encode(dataset: Dataset) -> torch.Tensor:
+        return encode_diffusion_split(dataset, size, channels)
 
     used = {
         "guard": stratified_subset(train, config.guard_samples, seed=config.seed),
@@ -222,8 +233,9 @@ def run_sophon_diffusion(config: SophonDiffusionConfig) -> dict[str, Any]:
     }
     samples = _sample_sets(used, config, size)
     guard, source_train, target_train = (encode(used[role]) for role in ("guard", "source train", "target train"))
-    tests = {"source": encode(source["test"], DIFFUSION_TEST_IMAGES)}
-    tests["target"] = encode(target["test"], DIFFUSION_TEST_IMAGES)
+    tests = {
+        domain: diffusion_test_images(data["test"], unet) for domain, data in (("source", source), ("target", target))
+    }
     trainer = SophonDiffusionTrainer(unet, config, scheduler, source_train, target_train, guard)
     grid = timestep_grid(scheduler, config.guard_timesteps)
 
@@ -270,4 +282,8 @@ def run_sophon_diffusion(config: SophonDiffusionConfig) -> dict[str, Any]:
 PROTECTIONS: dict[str, tuple[type, Callable[..., dict[str, Any]]]] = {
     "ntp": (NTPConfig, run_ntp),
     "sophon": (SophonConfig, run_sophon),
+}
+# The same for diffusion pipelines (searchable by `hf-ntl tune`, audited with `evaluate-diffusion`).
+DIFFUSION_PROTECTIONS: dict[str, tuple[type, Callable[..., dict[str, Any]]]] = {
+    "sophon-diffusion": (SophonDiffusionConfig, run_sophon_diffusion),
 }

@@ -5,8 +5,13 @@ on another. `run_tune` runs an Optuna study in which every trial protects the mo
 the method's search space (`hf_ntl/search_spaces/METHOD.yaml`, or the user's) and audits it with a cheap,
 declared proxy of the suite (its strongest attacks, fewer seeds and counts). The objective is the proxy's
 worst-case SLC-AUC (lower is better); the owner's accuracy is a hard floor, and a trial below it is pruned. A
-protection with a guard (`guard_threshold`, SOPHON's) guards the floor itself unless the space or the fixed options
-set it. The chosen trial must beat the unprotected original under the same proxy, or nothing is released.
+protection with a guard (SOPHON's) guards the floor itself unless the space or the fixed options set it. The chosen
+trial must beat the unprotected original under the same proxy, or nothing is released.
+
+Diffusion pipelines (`--method sophon-diffusion`) are searched the same way, with their own audit
+(`evaluate-diffusion`): the objective is the proxy's worst-case *denoising* SLC-AUC (SLC-AUC with -ln of the restricted
+denoising MSE in place of accuracy), and the floor is on the source denoising MSE (`--max_source_mse_ratio` times the
+original's at most).
 
 Honest by construction: trials never see a test split. Before the study, the source and target train splits
 are each divided once (fixed by the data set, `validation_split`) into what trials train on and a validation
@@ -62,6 +67,7 @@ from .data import ImagePreprocessor, load_image_classification_dataset
 from .data.loading import validation_split
 from .errors import InputError
 from .evaluation import (
+    SCRATCH,
     EvaluateArguments,
     plan_evaluation,
     read_report,
@@ -70,12 +76,24 @@ from .evaluation import (
     run_evaluation,
     summarise,
 )
+from .evaluation_diffusion import (
+    DenoisingPoint,
+    DiffusionEvaluateArguments,
+    DiffusionPlan,
+    denoising_tables,
+    plan_evaluation_diffusion,
+    read_report_diffusion,
+    run_denoising_attacks,
+    run_evaluation_diffusion,
+    summarise_denoising,
+)
 from .metrics import predict_accuracy
+from .metrics.denoising import mean_denoising_mse, timestep_grid
 from .metrics.learning_curve import CurvePoint
 from .metrics.plots import plot_trials
-from .models import load_classifier
+from .models import load_classifier, load_ddpm
 from .options import stage_config, yaml_to_argv
-from .protect import PROTECTIONS
+from .protect import DIFFUSION_PROTECTIONS, PROTECTIONS, diffusion_test_images
 from .source import MODEL_SUBDIR
 from .terminal import is_verbose, say, signed, table, titled, track
 
@@ -95,7 +113,10 @@ class TuneArguments:
     """Which model to protect against which target, what to search, and how to judge a trial."""
 
     model_name_or_path: str = field(metadata={"help": "The source model to protect: folder or Hub id."})
-    method: str = field(default="ntp", metadata={"help": f"Protection to tune: one of {list(PROTECTIONS)}."})
+    method: str = field(
+        default="ntp",
+        metadata={"help": f"Protection to tune: one of {[*PROTECTIONS, *DIFFUSION_PROTECTIONS]}."},
+    )
     source_dataset: str = field(default="font-digits", metadata={"help": "The owner's domain."})
     target_dataset: str = field(default="uci-digits", metadata={"help": "The unauthorised domain."})
     trials: int = field(
@@ -111,6 +132,13 @@ class TuneArguments:
         default=0.02,
         metadata={
             "help": "Floor: a trial losing more source validation accuracy than this (0.02 = 2 points) is pruned."
+        },
+    )
+    max_source_mse_ratio: float = field(
+        default=1.1,
+        metadata={
+            "help": "Floor of a diffusion protection: a trial whose source validation denoising MSE exceeds this "
+            "multiple of the original's (1.1: a tenth more) is pruned."
         },
     )
     source_validation_samples: int = field(
@@ -144,15 +172,37 @@ class TuneArguments:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.method in PROTECTIONS, f"method must be one of {list(PROTECTIONS)}, got {self.method!r}."),
+            (
+                self.method in PROTECTIONS or self.method in DIFFUSION_PROTECTIONS,
+                f"method must be one of {[*PROTECTIONS, *DIFFUSION_PROTECTIONS]}, got {self.method!r}.",
+            ),
             (self.trials >= 1, f"trials must be at least 1, got {self.trials}."),
             (0 <= self.max_source_drop <= 1, f"max_source_drop is an accuracy in [0, 1], got {self.max_source_drop}."),
+            (self.max_source_mse_ratio >= 1, f"max_source_mse_ratio must be >= 1, got {self.max_source_mse_ratio}."),
+            (
+                len(set(self.proxy_counts)) > 1 and len(set(self.counts)) > 1,
+                "SLC-AUC needs two sample counts or more: give at least two --proxy_counts and --counts.",
+            ),
             (self.pruner in ("median", "none"), f"pruner must be 'median' or 'none', got {self.pruner!r}."),
             (self.proxy_seeds and self.seeds, "give at least one seed for the proxy and for the final audit."),
         ]
         for ok, message in checks:
             if not ok:
                 raise InputError(message)
+
+    @property
+    def diffusion(self) -> bool:
+        """Whether the method protects a diffusion pipeline (else a classifier)."""
+        return self.method in DIFFUSION_PROTECTIONS
+
+    @property
+    def source_key(self) -> str:
+        """The trials' source figure, as records and summaries name it."""
+        return "source_denoising_mse" if self.diffusion else "source_accuracy"
+
+    def protection(self) -> tuple[type, Callable[..., dict[str, Any]]]:
+        """The method's configuration class and the function that runs it."""
+        return {**PROTECTIONS, **DIFFUSION_PROTECTIONS}[self.method]
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,6 +314,7 @@ def tune_identity(args: TuneArguments, space: list[Parameter]) -> dict[str, Any]
     # Not part of it: how many trials, where the study is kept, how it samples and prunes, the final audit's grid.
     kept = ("trials", "storage", "study_name", "output_dir", "sampler_seed", "pruner", "pruner_startup_trials")
     kept += ("counts", "seeds")
+    kept += ("max_source_drop",) if args.diffusion else ("max_source_mse_ratio",)  # the other kind's floor
     settings = {f.name: getattr(args, f.name) for f in fields(args) if f.name not in kept}
     settings["search_space"] = [vars(parameter) | {"choices": parameter.choices} for parameter in space]
     settings["protect_config"] = protect_options
@@ -394,26 +445,30 @@ def guard_at_floor(args: TuneArguments, space: list[Parameter]) -> dict[str, flo
     The guard restores the last state that passed it. At SOPHON's default (80%) it let trials fall below the floor
     and be pruned, when a state they passed through above the floor was a candidate. The floor is relative (at most
     `max_source_drop` below the original), and so is the guard set here (`guard_max_drop`, on its own held-out source
-    train samples); its absolute threshold is lifted, so that a model below 80% can be tuned too.
+    train samples); its absolute threshold is lifted, so that a model below 80% can be tuned too. A diffusion
+    protection's guard is relative already: `guard_max_mse_ratio` takes `max_source_mse_ratio`.
     """
-    config_class, _ = PROTECTIONS[args.method]
-    guard_options = {"guard_max_drop", "guard_threshold"}
+    config_class, _ = args.protection()
+    if args.diffusion:
+        guard = {"guard_max_mse_ratio": args.max_source_mse_ratio}
+    else:
+        guard = {"guard_max_drop": args.max_source_drop, "guard_threshold": 0.0}
     fixed = yaml_to_argv(args.protect_config) if args.protect_config else []
-    if not guard_options <= {f.name for f in fields(config_class)}:
+    if not set(guard) <= {f.name for f in fields(config_class)}:
         return {}
-    if guard_options & ({p.name for p in space} | {option.removeprefix("--") for option in fixed}):
+    if set(guard) & ({p.name for p in space} | {option.removeprefix("--") for option in fixed}):
         return {}
-    return {"guard_max_drop": args.max_source_drop, "guard_threshold": 0.0}
+    return guard
 
 
 class Objective:
     """A trial of the study: protect with the trial's settings, then audit with the proxy on validation."""
 
-    def __init__(self, args: TuneArguments, space: list[Parameter], proxy: list[str], original_accuracy: float) -> None:
+    def __init__(self, args: TuneArguments, space: list[Parameter], proxy: list[str], original_source: float) -> None:
         self.args, self.space, self.proxy = args, space, proxy
-        self.floor = original_accuracy - args.max_source_drop
+        self.floor = source_floor(args, original_source)
         self.output = Path(args.output_dir)
-        self.config_class, self.protect = PROTECTIONS[args.method]
+        self.config_class, self.protect = args.protection()
         self.guard_options = guard_at_floor(args, space)
         self.original_weights: dict[str, torch.Tensor] | None = None
 
@@ -439,14 +494,14 @@ class Objective:
         for checkpoint in folder.glob("checkpoint-*"):
             shutil.rmtree(checkpoint)
         # Measured by the protection on its source data's `test` split: the source validation split.
-        accuracy = record["source_accuracy_after"]
-        trial.set_user_attr("source_accuracy", accuracy)
-        trial.set_constraint("source_floor", self.floor - accuracy)  # feasible when <= 0 (`feasible`)
+        figure, shortfall = self.source_figure(record)
+        trial.set_user_attr(self.args.source_key, figure)
+        trial.set_constraint("source_floor", shortfall)  # feasible when <= 0 (`feasible`)
         # A trial below the floor can never be chosen: its audit is skipped, except the defaults', which the
         # search is measured against.
-        if accuracy < self.floor - FLOOR_TOLERANCE and not trial.user_attrs.get("defaults"):
+        if shortfall > FLOOR_TOLERANCE and not trial.user_attrs.get("defaults"):
             trial.set_user_attr("pruned_by", "source floor")
-            raise optuna.TrialPruned(f"source accuracy {accuracy:.4f} is below the floor {self.floor:.4f}")
+            raise optuna.TrialPruned(f"source figure {figure:.4f} is beyond the floor {self.floor:.4f}")
         if self.is_original(folder / MODEL_SUBDIR):
             # A guard restored the starting weights: the proxy would repeat the original's runs, seed for seed. Its
             # running worst case is reported as an audit would, so that the median pruner counts it fully.
@@ -457,11 +512,25 @@ class Objective:
             return original["slc_auc"]["worst_case"]["slc_auc"]
         return self.proxy_audit(trial, folder)
 
+    def source_figure(self, record: dict[str, Any]) -> tuple[float, float]:
+        """A protection record's source figure (a classifier's accuracy, a pipeline's denoising MSE) and how far it
+        is beyond the floor (<= 0: it kept it)."""
+        if self.args.diffusion:
+            # Against the original's MSE as this trial's protection measured it: the same images, noise and grid.
+            mse = record["denoising_mse_after"]["source"]
+            return mse, mse - self.args.max_source_mse_ratio * record["denoising_mse_before"]["source"]
+        accuracy = record["source_accuracy_after"]
+        return accuracy, self.floor - accuracy
+
+    def weights(self, model_path: str | Path) -> dict[str, torch.Tensor]:
+        model = load_ddpm(model_path)[0] if self.args.diffusion else load_classifier(model_path)
+        return model.state_dict()
+
     def is_original(self, model_path: Path) -> bool:
         """Whether the model at `model_path` has exactly the original's weights."""
         if self.original_weights is None:
-            self.original_weights = load_classifier(self.args.model_name_or_path).state_dict()
-        weights = load_classifier(model_path).state_dict()
+            self.original_weights = self.weights(self.args.model_name_or_path)
+        weights = self.weights(model_path)
         return weights.keys() == self.original_weights.keys() and all(
             torch.equal(weights[name], self.original_weights[name]) for name in weights
         )
@@ -503,6 +572,8 @@ class Objective:
         """Audit `model_path` with the proxy on the target folder (scored on its `test`, the target validation
         split), one attack at a time, calling `after_attack(step, attack, worst case so far)` after each.
         Scratch's runs are the same for every model and are shared."""
+        if self.args.diffusion:
+            return self.run_proxy_diffusion(model_path, description, after_attack)
         args = self.args
         audit = EvaluateArguments(
             model_name_or_path=str(model_path),
@@ -559,6 +630,72 @@ class Objective:
             os.replace(staging, path)
         return [CurvePoint(**values) for values in json.loads(path.read_text())]
 
+    def run_proxy_diffusion(
+        self, model_path: Path, description: str, after_attack: Callable[[int, str, float], None] | None = None
+    ) -> dict[str, Any]:
+        """`run_proxy` for a diffusion pipeline: its worst case is the denoising SLC-AUC (`summarise_denoising`)."""
+        args = self.args
+        audit = DiffusionEvaluateArguments(
+            model_name_or_path=str(model_path),
+            target_dataset=str(self.output / "data" / "target"),
+            source_dataset=str(self.output / "data" / "source"),
+            suite=args.suite,
+            attacks=self.proxy,
+            counts=args.proxy_counts,
+            seeds=args.proxy_seeds,
+            sample_images=0,
+        )
+        plan = plan_evaluation_diffusion(audit)
+        points: list[DenoisingPoint] = []
+        worst_cases: list[float] = []
+        for step, spec in enumerate(track(plan.suite, description, len(plan.suite), unit="attacks")):
+            points += self.diffusion_scratch_points(plan, spec.name)
+            points += run_denoising_attacks(plan, ["model"], [spec], progress=False)
+            summary = summarise_denoising(points, plan.suite[: step + 1], ["model", SCRATCH], plan.counts)
+            worst_cases.append(summary["slc_auc"]["model"]["slc_auc"])
+            if after_attack is not None:
+                after_attack(step, spec.name, worst_cases[-1])
+        return {
+            "model": str(model_path),
+            "attacks": [spec.name for spec in plan.suite],
+            "counts": plan.counts,
+            "seeds": list(args.proxy_seeds),
+            "slc_auc": {"worst_case": summary["slc_auc"]["model"]},
+            "worst_case_attacks": summary["strongest_attack"]["model"],
+            "worst_case_by_attack": worst_cases,
+            "samples": plan.samples,  # the trials' data folders, never a test split
+            "points": [p.to_dict() for p in points],
+        }
+
+    def diffusion_scratch_points(self, plan: DiffusionPlan, attack: str) -> list[DenoisingPoint]:
+        """Scratch's proxy runs under `attack`, computed by the first trial that needs them and kept on disk."""
+        path = self.output / "proxy_scratch" / f"{attack}.json"
+        if not path.is_file():
+            spec = next(spec for spec in plan.suite if spec.name == attack)
+            points = run_denoising_attacks(plan, [SCRATCH], [spec], progress=False)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            staging = path.with_suffix(f".{socket.gethostname()}-{os.getpid()}.partial")
+            staging.write_text(json.dumps([p.to_dict() for p in points]))
+            os.replace(staging, path)
+        points = json.loads(path.read_text())
+        # JSON made the step numbers strings.
+        for values in points:
+            values["restricted_mse_by_step"] = {int(k): v for k, v in values["restricted_mse_by_step"].items()}
+        return [DenoisingPoint(**values) for values in points]
+
+
+def source_floor(args: TuneArguments, original_source: float) -> float:
+    """The floor on the source figure, for display: the lowest accuracy, or the highest denoising MSE, a trial
+    may reach (a diffusion trial is judged against the original's MSE as its own protection measured it)."""
+    if args.diffusion:
+        return args.max_source_mse_ratio * original_source
+    return original_source - args.max_source_drop
+
+
+def format_source(args: TuneArguments, value: float) -> str:
+    """A source figure as a person reads it."""
+    return f"source MSE {value:.4f}" if args.diffusion else f"source {100 * value:.1f}%"
+
 
 def format_value(value: Any) -> str:
     """A setting as a person reads it: floats to three significant digits."""
@@ -570,14 +707,14 @@ def format_settings(params: dict[str, Any], separator: str = "  ") -> str:
     return separator.join(f"{name}={format_value(value)}" for name, value in params.items())
 
 
-def trial_line(study: optuna.Study, trial: FrozenTrial, total: int) -> str:
+def trial_line(args: TuneArguments, study: optuna.Study, trial: FrozenTrial) -> str:
     """One line per finished trial: its settings, its figures, the best so far."""
     settings = format_settings(trial.params)
-    source = trial.user_attrs.get("source_accuracy")
-    label = f"trial {trial.number} ({len(finished_trials(study))}/{total})"
+    source = trial.user_attrs.get(args.source_key)
+    label = f"trial {trial.number} ({len(finished_trials(study))}/{args.trials})"
     line = f"{label}{' defaults' if trial.user_attrs.get('defaults') else ''}  {settings}"
     if source is not None:
-        line += f"  source {100 * source:.1f}%"
+        line += f"  {format_source(args, source)}"
     if trial.state == TrialState.COMPLETE:
         line += f"  proxy worst-case SLC-AUC {trial.value:+.3f}" + ("" if feasible(trial) else " (below the floor)")
         if trial.user_attrs.get("unchanged"):
@@ -598,7 +735,13 @@ def trial_line(study: optuna.Study, trial: FrozenTrial, total: int) -> str:
 
 
 def proxy_attacks(args: TuneArguments) -> list[str]:
-    """The proxy's attack names, checked against the suite before any trial runs."""
+    """The proxy's attack names, checked against the suite before any trial runs.
+
+    A diffusion pipeline's proxy defaults to its whole suite: it has few attacks, none of them dominated.
+    """
+    if args.diffusion:
+        suite = DiffusionEvaluateArguments(model_name_or_path="", suite=args.suite, attacks=args.proxy_attacks)
+        return [spec.name for spec in suite.attack_suite()]  # an unknown name is an error now
     if args.proxy_attacks:
         load_suite(args.suite, pruned=True, only=args.proxy_attacks)  # an unknown name is an error now
         if not {spec.name for spec in load_suite(args.suite)} & set(args.proxy_attacks):
@@ -633,7 +776,7 @@ def run_tune(args: TuneArguments) -> dict[str, Any]:
 
     Returns the search summary written to `tuning.json`.
     """
-    config_class, _ = PROTECTIONS[args.method]
+    config_class, _ = args.protection()
     space = load_search_space(args.search_space or default_search_space(args.method), config_class)
     proxy = proxy_attacks(args)
     # Fixed options and every value of the space are checked now, not at the first trial that meets them.
@@ -641,10 +784,14 @@ def run_tune(args: TuneArguments) -> dict[str, Any]:
     check_space_values(space, config_class, args.protect_config, args.method)
     output = Path(args.output_dir)
     identity = tune_identity(args, space)
-    preprocessor = ImagePreprocessor.from_pretrained(args.model_name_or_path)
+    if args.diffusion:
+        unet, scheduler = load_ddpm(args.model_name_or_path)
+        image_size = unet.config.sample_size
+    else:
+        image_size = ImagePreprocessor.from_pretrained(args.model_name_or_path).image_size
     # Both data sets load and split before the folder is claimed: a mistyped name must not lock it to a study.
     data = {
-        role: trial_data(name, held_out, preprocessor.image_size)
+        role: trial_data(name, held_out, image_size)
         for role, name, held_out in (
             ("source", args.source_dataset, args.source_validation_samples),
             ("target", args.target_dataset, args.target_validation_samples),
@@ -656,8 +803,16 @@ def run_tune(args: TuneArguments) -> dict[str, Any]:
             if not (output / "data" / role / "dataset_dict.json").is_file():  # written once, by the first worker
                 with replacing_directory(output / "data" / role) as staging:
                     dataset.save_to_disk(str(staging))
-    encoded = EncodedSplit.from_dataset(data["source"]["test"], preprocessor)  # the source validation split
-    original_accuracy = predict_accuracy(load_classifier(args.model_name_or_path), encoded.pixel_values, encoded.labels)
+    # The original's source figure on the source validation split, measured as a trial's protection measures its own.
+    if args.diffusion:
+        images = diffusion_test_images(data["source"]["test"], unet)
+        grid = timestep_grid(scheduler, defaults.guard_timesteps)
+        original_source = mean_denoising_mse(unet, scheduler, images, grid, seed=defaults.seed)
+    else:
+        preprocessor = ImagePreprocessor.from_pretrained(args.model_name_or_path)
+        encoded = EncodedSplit.from_dataset(data["source"]["test"], preprocessor)
+        model = load_classifier(args.model_name_or_path)
+        original_source = predict_accuracy(model, encoded.pixel_values, encoded.labels)
 
     if not is_verbose():
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -666,25 +821,26 @@ def run_tune(args: TuneArguments) -> dict[str, Any]:
         study = open_study(args, identity)
         enqueue_defaults(study, space, defaults)
         requeue_failed(study)
-    objective = Objective(args, space, proxy, original_accuracy)
+    objective = Objective(args, space, proxy, original_source)
     original = objective.original_proxy()["slc_auc"]["worst_case"]["slc_auc"]
     remaining = args.trials - len(finished_trials(study))
     if remaining > 0:
         where = args.storage or output / "study.db"
+        floor = format_source(args, objective.floor).removeprefix("source ")
         say(
             f"tuning {args.method}: {remaining} of {args.trials} trials to run; study in {where}; the unprotected "
-            f"original: source {100 * original_accuracy:.1f}% (floor {100 * objective.floor:.1f}%), proxy worst-case "
+            f"original: {format_source(args, original_source)} (floor {floor}), proxy worst-case "
             f"SLC-AUC {original:+.3f} (to beat)"
         )
         study.optimize(
             objective,
             callbacks=[
                 optuna.study.MaxTrialsCallback(args.trials, states=(TrialState.COMPLETE, TrialState.PRUNED)),
-                lambda study, trial: say(trial_line(study, trial, args.trials)),
+                lambda study, trial: say(trial_line(args, study, trial)),
             ],
         )
     with exclusive(output / ".final.lock"):
-        return final_audit(args, study, space, proxy, original_accuracy, original)
+        return final_audit(args, study, space, proxy, original_source, original)
 
 
 def final_audit(
@@ -692,7 +848,7 @@ def final_audit(
     study: optuna.Study,
     space: list[Parameter],
     proxy: list[str],
-    original_accuracy: float,
+    original_source: float,
     original_proxy: float,
 ) -> dict[str, Any]:
     """Audit the best trial's model with the full suite on the real test split; card it; write `tuning.json`.
@@ -707,9 +863,14 @@ def final_audit(
     completed = [t for t in finished if t.state == TrialState.COMPLETE]
     candidates = [t for t in completed if feasible(t)]
     if not candidates:
+        floor = (
+            f"with a source denoising MSE at most {args.max_source_mse_ratio:g} times the original's: loosen "
+            "--max_source_mse_ratio"
+            if args.diffusion
+            else f"within {args.max_source_drop:.2%} of the original's source accuracy: loosen --max_source_drop"
+        )
         raise InputError(
-            f"No trial of {len(finished)} finished within {args.max_source_drop:.2%} of the original's source "
-            "accuracy: loosen --max_source_drop, or narrow the search space towards gentler settings."
+            f"No trial of {len(finished)} finished {floor}, or narrow the search space towards gentler settings."
         )
     best = min(candidates, key=lambda t: t.value)
     if best.value >= original_proxy:
@@ -717,33 +878,12 @@ def final_audit(
             f"No setting protected within the floor: the best of {len(candidates)} trials that kept it (trial "
             f"{best.number}: {format_settings(best.params, ', ')}) lets the proxy's attackers gain {best.value:+.3f}, "
             f"no less than the unprotected original's {original_proxy:+.3f}. Run more trials (--trials), loosen "
-            "--max_source_drop, or widen the search space; no model was released."
+            "the floor, or widen the search space; no model was released."
         )
     defaults = next((t for t in completed if t.user_attrs.get("defaults")), None)
     folder = trial_folder(output, best)
-    audit = EvaluateArguments(
-        model_name_or_path=str(folder / MODEL_SUBDIR),
-        original_model_name_or_path=args.model_name_or_path,
-        target_dataset=args.target_dataset,
-        suite=args.suite,
-        counts=args.counts,
-        seeds=args.seeds,
-        output_dir=str(folder / "audit"),
-    )
-    if finished_run(folder / "audit", run_identity("evaluate", audit), "report.json"):
-        report = read_report(folder / "audit" / "report.json")
-    else:
-        say(f"auditing trial {best.number}'s model with the full suite on {args.target_dataset}'s test split")
-        report = run_evaluation(replace(audit, overwrite=True))
-    # Trials measured source accuracy on the validation split; the released figures are the test split's.
-    preprocessor = ImagePreprocessor.from_pretrained(folder / MODEL_SUBDIR)
-    source = load_image_classification_dataset(args.source_dataset, image_size=preprocessor.image_size)["test"]
-    test = EncodedSplit.from_dataset(source, preprocessor)
-    source_test = {
-        label: predict_accuracy(load_classifier(path), test.pixel_values, test.labels)
-        for label, path in (("model", folder / MODEL_SUBDIR), ("original", args.model_name_or_path))
-    }
-    floor = original_accuracy - args.max_source_drop
+    report, source_test = full_audit(args, folder, best.number)
+    worst_case = report["slc_auc"]["model"] if args.diffusion else report["slc_auc"]["model"]["worst_case"]
     identity = study.user_attrs["identity"]  # holds the owner's fixed options and the guard, as the trials ran
     summary: dict[str, Any] = {
         "method": args.method,
@@ -754,10 +894,11 @@ def final_audit(
         # What every trial shared beyond the method's defaults: the owner's `--protect_config`, and the guard.
         "fixed_options": (identity["protect_config"] or {}) | identity["guard"],
         "guard_at_floor": bool(identity["guard"]),
-        "max_source_drop": args.max_source_drop,
+        **({"max_source_mse_ratio": args.max_source_mse_ratio} if args.diffusion else {}),
+        **({} if args.diffusion else {"max_source_drop": args.max_source_drop}),
         "validation_samples": {"source": args.source_validation_samples, "target": args.target_validation_samples},
         "proxy": {"attacks": proxy, "counts": args.proxy_counts, "seeds": args.proxy_seeds, "suite": args.suite},
-        "trials": [trial_summary(t) for t in study.trials],
+        "trials": [trial_summary(t, args.source_key) for t in study.trials],
         "finished_trials": len(finished),
         "best_trial": best.number,
         "params": best.params,
@@ -765,34 +906,46 @@ def final_audit(
         "validation": {
             "worst_case_slc_auc": best.value,
             "worst_case_slc_auc_original": original_proxy,
-            "source_accuracy": best.user_attrs["source_accuracy"],
-            "source_accuracy_original": original_accuracy,
+            args.source_key: best.user_attrs[args.source_key],
+            f"{args.source_key}_original": original_source,
         },
         "test": {
-            "worst_case_slc_auc": report["slc_auc"]["model"]["worst_case"]["slc_auc"],
-            "worst_case_slc_auc_normalized": report["slc_auc"]["model"]["worst_case"]["slc_auc_normalized"],
-            "source_accuracy": source_test["model"],
-            "source_accuracy_original": source_test["original"],
+            "worst_case_slc_auc": worst_case["slc_auc"],
+            "worst_case_slc_auc_normalized": worst_case["slc_auc_normalized"],
+            args.source_key: source_test["model"],
+            f"{args.source_key}_original": source_test["original"],
         },
         "audit": str(folder / "audit"),
+        "source_figure": args.source_key,  # what the trials' source figure is: accuracy, or denoising MSE
         # Compute spent on trials (all workers), unlike a wall clock it does not change when the study is reopened.
         "trial_seconds": round(sum((t.datetime_complete - t.datetime_start).total_seconds() for t in finished), 1),
     }
     record = read_record(folder / MODEL_SUBDIR)
-    # The record names the real data sets and their test-split accuracies (the trials' folders are in `samples`
-    # and `config`), and says where the model was audited: a byte-identical copy of this folder.
-    record |= {
-        "dataset": args.source_dataset,
-        "target_dataset": args.target_dataset,
-        "source_accuracy_before": source_test["original"],
-        "source_accuracy_after": source_test["model"],
-        "tuning": {k: v for k, v in summary.items() if k != "trials"} | {"audited_as": audit.model_name_or_path},
-    }
+    # The record names the real data sets and their test-split figures (the trials' folders are in `samples` and
+    # `config`), and says where the model was audited: a byte-identical copy of this folder.
+    record |= {"dataset": args.source_dataset, "target_dataset": args.target_dataset}
+    if args.diffusion:
+        # The audit's MSE before attack, on both domains' test images (its grid, its test subsets).
+        before = report["mse_before_attack"]
+        record["denoising_mse_before"] = {
+            "source": before["original"]["original"],
+            "target": before["original"]["restricted"],
+        }
+        record["denoising_mse_after"] = {"source": before["model"]["original"], "target": before["model"]["restricted"]}
+        record["timestep_grid"] = report["timestep_grid"]
+        record["data"]["test_samples"] = {
+            "source": report["test_samples"]["original"],
+            "target": report["test_samples"]["restricted"],
+        }
+    else:
+        record |= {"source_accuracy_before": source_test["original"], "source_accuracy_after": source_test["model"]}
+    record["tuning"] = {k: v for k, v in summary.items() if k != "trials"} | {"audited_as": str(folder / MODEL_SUBDIR)}
     with replacing_directory(output / MODEL_SUBDIR) as staging:
         shutil.copytree(folder / MODEL_SUBDIR, staging, dirs_exist_ok=True)
         write_record(staging, record)
         title = f"hf-ntl tune --method {args.method}"
-        plot_trials(summary["trials"], staging / TRIALS_PLOT, floor, title, original_proxy)
+        floor = source_floor(args, original_source)
+        plot_trials(summary["trials"], staging / TRIALS_PLOT, floor, title, original_proxy, args.source_key)
         write_card(staging, folder / "audit", model_name=output.name)
     staging_json = output / ".tuning.json.partial"
     staging_json.write_text(json.dumps(summary, indent=2) + "\n")
@@ -801,14 +954,49 @@ def final_audit(
     return summary
 
 
-def trial_summary(trial: FrozenTrial) -> dict[str, Any]:
+def full_audit(args: TuneArguments, folder: Path, number: int) -> tuple[dict[str, Any], dict[str, float]]:
+    """The chosen trial's audit with the full suite on the real test split (`folder/audit`, reused when finished),
+    and the source figure on the real source test split of its model and of the original."""
+    model = folder / MODEL_SUBDIR
+    common = dict(
+        model_name_or_path=str(model),
+        original_model_name_or_path=args.model_name_or_path,
+        target_dataset=args.target_dataset,
+        suite=args.suite,
+        counts=args.counts,
+        seeds=args.seeds,
+        output_dir=str(folder / "audit"),
+    )
+    if args.diffusion:
+        audit = DiffusionEvaluateArguments(**common, source_dataset=args.source_dataset)
+        run, read, command = run_evaluation_diffusion, read_report_diffusion, "evaluate-diffusion"
+    else:
+        audit, run, read, command = EvaluateArguments(**common), run_evaluation, read_report, "evaluate"
+    if finished_run(folder / "audit", run_identity(command, audit), "report.json"):
+        report = read(folder / "audit" / "report.json")
+    else:
+        say(f"auditing trial {number}'s model with the full suite on {args.target_dataset}'s test split")
+        report = run(replace(audit, overwrite=True))
+    # Trials measured the source figure on the validation split; the released figures are the test split's.
+    if args.diffusion:  # the audit measured both pipelines on the source test images before attacking them
+        return report, {label: report["mse_before_attack"][label]["original"] for label in ("model", "original")}
+    preprocessor = ImagePreprocessor.from_pretrained(model)
+    source = load_image_classification_dataset(args.source_dataset, image_size=preprocessor.image_size)["test"]
+    test = EncodedSplit.from_dataset(source, preprocessor)
+    return report, {
+        label: predict_accuracy(load_classifier(path), test.pixel_values, test.labels)
+        for label, path in (("model", model), ("original", args.model_name_or_path))
+    }
+
+
+def trial_summary(trial: FrozenTrial, source_key: str) -> dict[str, Any]:
     return {
         "number": trial.number,
         "folder": str(trial_folder(Path(), trial)),
         "state": trial.state.name.lower(),
         "params": trial.params,
         "defaults": bool(trial.user_attrs.get("defaults")),
-        "source_accuracy": trial.user_attrs.get("source_accuracy"),
+        source_key: trial.user_attrs.get(source_key),
         "worst_case_slc_auc": trial.value if trial.state == TrialState.COMPLETE else None,
         "feasible": feasible(trial),
         "pruned_by": trial.user_attrs.get("pruned_by"),
@@ -819,28 +1007,36 @@ def trial_summary(trial: FrozenTrial) -> dict[str, Any]:
 def tuning_tables(summary: dict[str, Any]) -> list[RenderableType]:
     """The search on a terminal: the best trial, the defaults and the original side by side, their settings, then
     the final audit's tables."""
-    rows = table(["", "trial", "source acc. (validation)", "proxy worst case (validation)"])
+    key = summary["source_figure"]
+    diffusion = key == "source_denoising_mse"
+
+    def source(value: float) -> str:
+        return f"{value:.4f}" if diffusion else f"{100 * value:.2f}%"
+
+    figure_name = "MSE" if diffusion else "accuracy"
+    rows = table(["", "trial", f"source {figure_name} (validation)", "proxy worst case (validation)"])
     trials = {t["number"]: t for t in summary["trials"]}
     numbers = {"best": summary["best_trial"], "defaults": summary["defaults_trial"]}
     shown = {label: trials[number] for label, number in numbers.items() if number is not None}
     for label, trial in shown.items():
         value = trial["worst_case_slc_auc"]
-        source = f"{100 * trial['source_accuracy']:.2f}%" + ("" if trial["feasible"] else " (below the floor)")
-        source += " (the original's weights)" if trial["unchanged"] else ""
-        rows.add_row(label, str(trial["number"]), source, signed(value, f"{value:+.3f}"))
+        figure = source(trial[key]) + ("" if trial["feasible"] else " (below the floor)")
+        figure += " (the original's weights)" if trial["unchanged"] else ""
+        rows.add_row(label, str(trial["number"]), figure, signed(value, f"{value:+.3f}"))
     validation = summary["validation"]
     original = validation["worst_case_slc_auc_original"]
-    accuracy = f"{100 * validation['source_accuracy_original']:.2f}%"
-    rows.add_row("unprotected original", "", accuracy, signed(original, f"{original:+.3f}"))
+    original_source = source(validation[f"{key}_original"])
+    rows.add_row("unprotected original", "", original_source, signed(original, f"{original:+.3f}"))
     states = [t["state"] for t in summary["trials"]]
     test = summary["test"]
     title = (
         f"Search: {states.count('complete')} trials finished, {states.count('pruned')} pruned; the best on test: "
-        f"worst case {test['worst_case_slc_auc']:+.3f} (full suite), source accuracy "
-        f"{100 * test['source_accuracy']:.2f}% (original {100 * test['source_accuracy_original']:.2f}%)"
+        f"worst case {test['worst_case_slc_auc']:+.3f} (full suite), source {figure_name} "
+        f"{source(test[key])} (original {source(test[f'{key}_original'])})"
     )
     # One row per searched option: a settings column would wrap into an unreadable block.
     settings = table(["option", *(f"{label} (trial {trial['number']})" for label, trial in shown.items())])
     for name in summary["search_space"]:
         settings.add_row(name, *(format_value(trial["params"][name]) for trial in shown.values()))
-    return [titled(title, rows), titled("Settings", settings), *report_tables(summary["report"])]
+    audit = denoising_tables(summary["report"]) if diffusion else report_tables(summary["report"])
+    return [titled(title, rows), titled("Settings", settings), *audit]

@@ -9,13 +9,16 @@ import pytest
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_from_disk
 from diffusers import DDPMPipeline
+from huggingface_hub import ModelCard
 from PIL import Image as PILImage
 
 from hf_ntl.artifacts import write_record, write_samples
 from hf_ntl.attacks import DiffusionAttackSpec, finetune_unet, unet_lora_target_modules, with_lora
+from hf_ntl.cards import build_card
 from hf_ntl.cli import main
 from hf_ntl.data import check_diffusion_images, encode_diffusion_images
 from hf_ntl.data.fingerprint import SampleSet
+from hf_ntl.errors import InputError
 from hf_ntl.evaluation_diffusion import DiffusionEvaluateArguments, denoising_tables, run_evaluation_diffusion
 from hf_ntl.leakage import TestOverlapError
 from hf_ntl.losses import denial_of_service_loss, predict_noise
@@ -24,6 +27,7 @@ from hf_ntl.models import ModelLoadError, build_tiny_classifier, build_tiny_ddpm
 from hf_ntl.terminal import tables_text
 from hf_ntl.trainers import SophonDiffusionConfig, SophonDiffusionTrainer
 from hf_ntl.trainers.sophon_base import STATE_JSON, STATE_TENSORS
+from hf_ntl.tune import Objective, TuneArguments, run_tune, source_floor, tuning_tables
 
 SIZE = 8
 
@@ -383,7 +387,29 @@ def test_protect_and_evaluate_stages_write_a_loadable_pipeline_report_and_pictur
     worst, chosen = report["worst_case_restricted_mse"]["model"][8], report["strongest_attack"]["model"][8]
     assert f"{worst:.4f} ({chosen})" in printed
     with pytest.raises(ValueError, match="Unknown diffusion attacks"):
-        DiffusionEvaluateArguments(model_name_or_path="x", attacks=["nope"]).suite()
+        DiffusionEvaluateArguments(model_name_or_path="x", attacks=["nope"]).attack_suite()
+
+    # The denoising SLC-AUC: SLC-AUC of -ln(worst-case MSE) against scratch's; with two counts, normalised, the mean of
+    # ln(scratch's MSE / the model's): positive when the model denoises better than scratch after the attack.
+    scratch = report["worst_case_restricted_mse"]["scratch"]
+    for label in ("model", "original"):
+        worst_mse = report["worst_case_restricted_mse"][label]
+        by_hand = np.mean([np.log(scratch[n] / worst_mse[n]) for n in (4, 8)])
+        assert report["slc_auc"][label]["slc_auc_normalized"] == pytest.approx(by_hand)
+        assert report["slc_auc"][label]["slc_auc"] == pytest.approx(by_hand * np.log(2))
+    assert f"{report['slc_auc']['model']['slc_auc']:+.3f}" in printed
+
+    # Its card: a diffusers pipeline card whose model-index holds the denoising SLC-AUC; the plots beside it.
+    main(["card", "--model_dir", str(protected), "--report_dir", str(tmp_path / "audit")])
+    card = ModelCard.load(protected / "README.md")
+    assert (card.data.library_name, card.data.pipeline_tag) == ("diffusers", "unconditional-image-generation")
+    results = {result.metric_name: result.metric_value for result in card.data.eval_results}
+    raw = results["Worst-case denoising SLC-AUC over the suite (raw)"]
+    assert raw == pytest.approx(report["slc_auc"]["model"]["slc_auc"])
+    assert f"{worst:.4f} ({chosen})" in card.text and "DDPMPipeline.from_pretrained" in card.text
+    assert (protected / "denoising_curves.png").is_file() and (protected / "samples.png").is_file()
+    with pytest.raises(InputError, match="run `hf-ntl evaluate-diffusion"):
+        build_card(protected, tmp_path / "no-audit")
 
     # A pipeline whose records say it was fitted on restricted test images is refused before any attack.
     leaky = tmp_path / "leaky"
@@ -393,3 +419,93 @@ def test_protect_and_evaluate_stages_write_a_loadable_pipeline_report_and_pictur
     leaky_args = dataclasses.replace(args, model_name_or_path=str(leaky), output_dir=None)
     with pytest.raises(TestOverlapError, match="2 test image"):
         run_evaluation_diffusion(leaky_args, progress=False)
+
+
+def test_tune_searches_a_diffusion_protection_and_cards_the_chosen_pipeline(tmp_path):
+    """`hf-ntl tune --method sophon-diffusion`: trials judged by the proxy's denoising SLC-AUC on validation, a floor on
+    the source denoising MSE, the chosen pipeline audited on test and carded."""
+    source, target = tiny_domain(tmp_path / "source-data", 0, 96), tiny_domain(tmp_path / "target-data", 1, 160)
+    main([
+        "fit-ddpm", "--dataset_name", source, "--image_size", str(SIZE), "--output_dir", str(tmp_path / "ddpm"),
+        "--num_train_epochs", "3", "--per_device_train_batch_size", "16", "--eval_samples", "16",
+        "--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true",
+    ])  # fmt: skip
+    (tmp_path / "protect.yaml").write_text(
+        "iterations: 3\nguard_every: 1\ninner_steps: 1\nenvironments: 1\ninner_batch_sizes: [10]\nquery_size: 4\n"
+        "guard_samples: 8\nper_device_train_batch_size: 8\nuse_cpu: true\n"
+    )
+    (tmp_path / "space.yaml").write_text("suppression_learning_rate: {choices: [5.0e-4, 3.0e-2]}\n")
+    (tmp_path / "suite.yaml").write_text(
+        "- {name: full, trainable: all, optimizer: adamw, learning_rate: 1.0e-3, steps: 2, batch_size: 8}\n"
+        "- {name: lora, trainable: lora, optimizer: adamw, learning_rate: 1.0e-3, steps: 2, lora_rank: 2}\n"
+    )
+    args = TuneArguments(
+        model_name_or_path=str(tmp_path / "ddpm" / "model"),
+        method="sophon-diffusion",
+        source_dataset=source,
+        target_dataset=target,
+        trials=2,
+        search_space=str(tmp_path / "space.yaml"),
+        protect_config=str(tmp_path / "protect.yaml"),
+        max_source_mse_ratio=100.0,
+        source_validation_samples=16,
+        target_validation_samples=20,
+        proxy_counts=[4, 8],
+        suite=str(tmp_path / "suite.yaml"),
+        counts=[4, 8],
+        seeds=[0],
+        pruner="none",
+        sampler_seed=0,
+        output_dir=str(tmp_path / "tune"),
+    )
+    summary = run_tune(args)
+    out = tmp_path / "tune"
+    trials = {t["params"]["suppression_learning_rate"]: t for t in summary["trials"]}
+    assert set(trials) == {5e-4, 3e-2} and trials[5e-4]["defaults"]
+    assert summary["source_figure"] == "source_denoising_mse"
+    # Hammering the restricted denoiser (alpha 3e-2) made it a worse start than scratch; the defaults did not. Only a
+    # setting that beats the unprotected original under the same proxy may be chosen.
+    validation = summary["validation"]
+    assert summary["best_trial"] == trials[3e-2]["number"] and validation["worst_case_slc_auc"] < 0
+    original = validation["worst_case_slc_auc_original"]
+    assert validation["worst_case_slc_auc"] < original < trials[5e-4]["worst_case_slc_auc"]
+    for trial in summary["trials"]:
+        folder = out / trial["folder"]
+        record = json.loads((folder / "model" / "hf_ntl.json").read_text())
+        assert record["config"]["guard_max_mse_ratio"] == 100.0  # the guard at the floor
+        assert trial["source_denoising_mse"] == record["denoising_mse_after"]["source"]
+        proxy = json.loads((folder / "proxy_report.json").read_text())
+        assert proxy["slc_auc"]["worst_case"]["slc_auc"] == trial["worst_case_slc_auc"]
+        # Trials see the validation splits held out in the study's data folders, never a test split.
+        assert {role: s["dataset"] for role, s in proxy["samples"].items()} == {
+            "restricted train pool": str(out / "data" / "target"),
+            "restricted validation": str(out / "data" / "target"),
+            "restricted test": str(out / "data" / "target"),
+            "original test": str(out / "data" / "source"),
+        }
+    # Scratch's proxy runs were made once and shared by every trial and the original.
+    assert sorted(p.name for p in (out / "proxy_scratch").iterdir()) == ["full.json", "lora.json"]
+    assert len(json.loads((out / "proxy_scratch" / "full.json").read_text())) == 2  # one seed x two counts
+
+    # The chosen pipeline, audited with the full suite on the real test splits, released with its card.
+    report, released = summary["report"], out / "model"
+    assert report["target"] == target and report["source_dataset"] == source
+    assert summary["test"]["worst_case_slc_auc"] == report["slc_auc"]["model"]["slc_auc"]
+    record = json.loads((released / "hf_ntl.json").read_text())
+    assert record["dataset"] == source and record["tuning"]["best_trial"] == summary["best_trial"]
+    assert record["denoising_mse_after"]["source"] == summary["test"]["source_denoising_mse"]
+    DDPMPipeline.from_pretrained(released, use_safetensors=True)
+    card = ModelCard.load(released / "README.md")
+    assert card.data.library_name == "diffusers" and "How the settings were chosen" in card.text
+    assert f"{validation['worst_case_slc_auc']:+.3f} ({validation['worst_case_slc_auc_original']:+.3f})" in card.text
+    for name in ("trials.png", "denoising_curves.png", "samples.png"):
+        assert (released / name).is_file(), name
+    printed = tables_text(tuning_tables(summary))
+    assert "source MSE (validation)" in printed and f"{validation['source_denoising_mse']:.4f}" in printed
+
+    # The floor: a trial's source MSE against the original's, as its own protection measured both.
+    strict = dataclasses.replace(args, max_source_mse_ratio=2.0)
+    objective = Objective(strict, [], ["full"], original_source=0.5)
+    measured = {"denoising_mse_before": {"source": 0.5}, "denoising_mse_after": {"source": 1.5}}
+    assert objective.source_figure(measured) == (1.5, pytest.approx(0.5))  # 0.5 beyond the floor of 2 x 0.5
+    assert source_floor(strict, 0.5) == 1.0

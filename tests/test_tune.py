@@ -207,7 +207,7 @@ def test_a_guard_is_set_to_the_floor_unless_the_owner_sets_it(setup, tmp_path):
     space = load_search_space(tune.default_search_space("sophon"), tune.PROTECTIONS["sophon"][0])
     at_floor = {"guard_max_drop": 0.02, "guard_threshold": 0.0}
     assert tune.guard_at_floor(args, space) == at_floor and tune.tune_identity(args, space)["guard"] == at_floor
-    config = tune.Objective(args, space, ["full"], original_accuracy=0.95).protection_config(tmp_path / "trial", {})
+    config = tune.Objective(args, space, ["full"], original_source=0.95).protection_config(tmp_path / "trial", {})
     assert (config.guard_max_drop, config.guard_threshold) == (0.02, 0.0)
     # The owner's fixed options, or the search space, decide instead; NTP has no guard.
     (tmp_path / "fixed.yaml").write_text("guard_threshold: 0.5\n")
@@ -274,8 +274,10 @@ def test_a_killed_worker_trial_is_taken_up_again_once_its_heartbeat_is_stale(set
     running = []
     while worker.poll() is None and not running:
         time.sleep(0.5)
-        if (out / "study.db").exists():
-            with contextlib.suppress(KeyError):  # the file exists before the study is written into it
+        # A trial's folder appears once the study is in the database: reading it sooner would race the worker's
+        # creation of its tables (both would create them).
+        if (out / "trials").exists():
+            with contextlib.suppress(KeyError):
                 study = optuna.load_study(study_name="hf-ntl-tune", storage=storage)
                 running = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     worker.kill()
@@ -336,9 +338,9 @@ def test_a_bad_search_space_is_a_clear_error(tmp_path, space, error):
 
 
 def test_the_shipped_search_spaces_are_valid_and_hold_the_defaults():
-    from hf_ntl.protect import PROTECTIONS
+    from hf_ntl.protect import DIFFUSION_PROTECTIONS, PROTECTIONS
 
-    for method, (config_class, _) in PROTECTIONS.items():
+    for method, (config_class, _) in (PROTECTIONS | DIFFUSION_PROTECTIONS).items():
         space = load_search_space(tune.default_search_space(method), config_class)
         defaults = config_class(output_dir="unused", report_to="none")
         assert all(parameter.contains(getattr(defaults, parameter.name)) for parameter in space), method

@@ -64,6 +64,12 @@ class DiffusionAttackSpec:
         return asdict(self)
 
 
+def describe_attack(spec: dict[str, Any]) -> str:
+    """A `DiffusionAttackSpec.to_dict()` in a few words, as cards list it."""
+    trained = "all weights" if spec["trainable"] == "all" else f"LoRA r={spec['lora_rank']}"
+    return f"{trained}, {spec['optimizer']} lr {spec['learning_rate']:g}, {spec['steps']} steps of {spec['batch_size']}"
+
+
 DIFFUSION_SUITE = (
     DiffusionAttackSpec("full-adamw-1e-4", learning_rate=1e-4),
     DiffusionAttackSpec("full-adamw-1e-3", learning_rate=1e-3),

@@ -77,7 +77,7 @@ def load_suite(
             budget = {name: getattr(suite[0], name) for name in _BUDGET_FIELDS}
             suite.append(dataclasses.replace(MASKED_ATTACK, **budget))
     elif Path(name_or_path).is_file():
-        suite = _suite_from_yaml(Path(name_or_path))
+        suite = suite_from_yaml(Path(name_or_path))
     else:
         raise InputError(f"Unknown suite {name_or_path!r}: not one of {sorted(SUITES)} and not a YAML file.")
     if only:
@@ -93,12 +93,13 @@ def load_suite(
     return suite
 
 
-def _suite_from_yaml(path: Path) -> list[AttackSpec]:
+def suite_from_yaml(path: Path, spec_class: type = AttackSpec) -> list:
+    """The attacks of a YAML suite file, each a `spec_class` (`AttackSpec`, or `DiffusionAttackSpec` for UNets)."""
     content = yaml.safe_load(path.read_text())
     entries = content.get("attacks") if isinstance(content, dict) else content
     if not isinstance(entries, list) or not entries:
         raise InputError(f"{path}: expected a non-empty list of attacks (or a mapping with an `attacks:` list).")
-    known = {field.name for field in dataclasses.fields(AttackSpec)}
+    known = {field.name for field in dataclasses.fields(spec_class)}
     suite = []
     for position, entry in enumerate(entries, start=1):
         if not isinstance(entry, dict) or "name" not in entry:
@@ -106,5 +107,5 @@ def _suite_from_yaml(path: Path) -> list[AttackSpec]:
         unknown = sorted(set(entry) - known)
         if unknown:
             raise InputError(f"{path}: attack {entry['name']!r} has unknown keys {unknown}; known: {sorted(known)}.")
-        suite.append(AttackSpec(**entry))
+        suite.append(spec_class(**entry))
     return suite

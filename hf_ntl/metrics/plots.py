@@ -118,31 +118,45 @@ def plot_pair_heatmaps(
 
 
 def plot_trials(
-    trials: list[dict], path: str | os.PathLike, floor: float, title: str, original: float | None = None
+    trials: list[dict],
+    path: str | os.PathLike,
+    floor: float,
+    title: str,
+    original: float | None = None,
+    source_key: str = "source_accuracy",
 ) -> None:
-    """A study's trials: source accuracy against the proxy's worst-case SLC-AUC, the Pareto front marked.
+    """A study's trials: the source figure against the proxy's worst-case SLC-AUC, the Pareto front marked.
 
-    Each trial is a `hf_ntl.tune.trial_summary`. Trials that kept the source floor are blue points (the chosen one
-    a star, the Pareto front a line through them); finished trials below the floor (the defaults may be) are grey;
-    trials pruned for the floor before their audit are grey crosses along the top edge. Good trials sit bottom
-    right: the owner keeps accuracy, the attacker gains least. The defaults are ringed; `original` (the unprotected
-    model's proxy worst case, which a chosen trial must beat) is a dashed line.
+    Each trial is a `hf_ntl.tune.trial_summary`; `source_key` names its source figure: `source_accuracy` (a
+    classifier's, in %) or `source_denoising_mse` (a pipeline's, lower is better: that axis is reversed). Trials that
+    kept the source floor are blue points (the chosen one a star, the Pareto front a line through them); finished
+    trials below the floor (the defaults may be) are grey; trials pruned for the floor before their audit are grey
+    crosses along the top edge. Good trials sit bottom right: the owner keeps the source task, the attacker gains
+    least. The defaults are ringed; `original` (the unprotected model's proxy worst case, which a chosen trial must
+    beat) is a dashed line; `floor` (the source figure's limit) a dotted one.
     """
+    accuracy = source_key == "source_accuracy"
+    scale = 100 if accuracy else 1
+    better = 1 if accuracy else -1  # the direction of a better source figure
     audited = [t for t in trials if t["worst_case_slc_auc"] is not None]
     kept = [t for t in audited if t["feasible"]]
     below = [t for t in audited if not t["feasible"]]
     pruned_below = [t for t in trials if t["pruned_by"] == "source floor"]
 
     def xy(group: list[dict]) -> tuple[list[float], list[float]]:
-        return [100 * t["source_accuracy"] for t in group], [t["worst_case_slc_auc"] for t in group]
+        return [scale * t[source_key] for t in group], [t["worst_case_slc_auc"] for t in group]
 
     figure, axis = plt.subplots(figsize=(5.5, 3.8), dpi=120)
     axis.scatter(*xy(kept), color="tab:blue", s=18, label="trial (kept the floor)")
     if below:
         axis.scatter(*xy(below), color="grey", s=18, label="trial below the floor")
-    # The Pareto front of the trials that kept the floor: none other has both higher accuracy and a lower worst case.
+    # The Pareto front of the trials that kept the floor: none other has both a better source figure and a lower
+    # worst case.
     points = list(zip(*xy(kept), strict=True))
-    front = sorted(p for p in points if not any(q[0] >= p[0] and q[1] <= p[1] and q != p for q in points))
+    front = sorted(
+        (p for p in points if not any(better * q[0] >= better * p[0] and q[1] <= p[1] and q != p for q in points)),
+        key=lambda p: better * p[0],
+    )
     if front:
         axis.plot(*zip(*front, strict=True), color="tab:orange", drawstyle="steps-post", label="Pareto front")
         best = min(kept, key=lambda t: t["worst_case_slc_auc"])
@@ -152,15 +166,20 @@ def plot_trials(
         axis.scatter(*xy(defaults), facecolors="none", edgecolors="black", s=90, zorder=3, label="defaults")
     if pruned_below:
         top = max((t["worst_case_slc_auc"] for t in audited), default=0.0)
-        accuracy = [100 * t["source_accuracy"] for t in pruned_below]
-        axis.scatter(accuracy, [top] * len(accuracy), marker="x", color="grey", label="pruned: below the floor")
+        figures = [scale * t[source_key] for t in pruned_below]
+        axis.scatter(figures, [top] * len(figures), marker="x", color="grey", label="pruned: below the floor")
     if floor > 0:
-        axis.axvline(100 * floor, color="grey", linestyle=":", linewidth=1, label="source floor")
+        axis.axvline(scale * floor, color="grey", linestyle=":", linewidth=1, label="source floor")
     if original is not None:
         axis.axhline(original, color="tab:green", linestyle="--", linewidth=1, label="unprotected original")
     axis.axhline(0, color="black", linewidth=0.6)
-    axis.set_xlabel("source accuracy, validation (%)")
-    axis.set_ylabel("proxy worst-case SLC-AUC, validation")
+    if accuracy:
+        axis.set_xlabel("source accuracy, validation (%)")
+        axis.set_ylabel("proxy worst-case SLC-AUC, validation")
+    else:
+        axis.invert_xaxis()
+        axis.set_xlabel("source denoising MSE, validation (reversed: better to the right)")
+        axis.set_ylabel("proxy worst-case denoising SLC-AUC")
     axis.set_title(title, fontsize=10)
     axis.grid(True, alpha=0.3)
     axis.legend(fontsize=7)
