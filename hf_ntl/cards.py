@@ -217,6 +217,11 @@ def build_diffusion_card(
         raise InputError(f"{report_dir}/report.json audits a classifier; {model_dir} is a diffusion pipeline.")
     report = read_report_diffusion(report_dir / "report.json")
     _check_report_is_of(report, record, model_dir, report_dir)
+    if not report["slc_auc"]:
+        raise InputError(
+            f"{report_dir}/report.json was measured at one sample count; the card's denoising SLC-AUC needs two or "
+            "more: rerun `hf-ntl evaluate-diffusion` with e.g. --counts 20 100 500."
+        )
     method = record.get("method", "none")
     name = model_name or model_dir.name
     base = record.get("base_model")

@@ -420,8 +420,13 @@ def read_report_diffusion(path: str | Path) -> dict[str, Any]:
         raise InputError(
             f"{path} was written by an older hf_ntl, before the denoising SLC-AUC: rerun `hf-ntl evaluate-diffusion`."
         )
-    for key in ("worst_case_restricted_mse", "strongest_attack"):
+    for key in ("worst_case_restricted_mse", "strongest_attack", "worst_case_restricted_mse_by_step"):
         report[key] = {label: {int(n): v for n, v in curve.items()} for label, curve in report[key].items()}
+    for key in ("restricted_mse", "restricted_validation_mse", "original_mse_after_attack"):
+        report[key] = {
+            label: {attack: {int(n): v for n, v in curve.items()} for attack, curve in attacks.items()}
+            for label, attacks in report[key].items()
+        }
     return report
 
 

@@ -782,6 +782,14 @@ def run_tune(args: TuneArguments) -> dict[str, Any]:
     # Fixed options and every value of the space are checked now, not at the first trial that meets them.
     defaults = stage_config(config_class, args.protect_config, [], f"protect-{args.method}")
     check_space_values(space, config_class, args.protect_config, args.method)
+    # A pipeline's source MSE is measured with fixed noise (`seed`) on a grid (`guard_timesteps`): trials drawing
+    # their own would each be measured on other terms than the original's figure shown beside them.
+    measuring = sorted({"seed", "guard_timesteps"} & {p.name for p in space}) if args.diffusion else []
+    if measuring:
+        raise InputError(
+            f"search space: {measuring} set how source denoising MSE is measured and cannot be searched; fix them "
+            "in --protect_config instead."
+        )
     output = Path(args.output_dir)
     identity = tune_identity(args, space)
     if args.diffusion:

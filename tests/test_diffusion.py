@@ -410,6 +410,10 @@ def test_protect_and_evaluate_stages_write_a_loadable_pipeline_report_and_pictur
     assert (protected / "denoising_curves.png").is_file() and (protected / "samples.png").is_file()
     with pytest.raises(InputError, match="run `hf-ntl evaluate-diffusion"):
         build_card(protected, tmp_path / "no-audit")
+    one_count = dataclasses.replace(args, counts=[8], sample_images=0, output_dir=str(tmp_path / "audit-one-count"))
+    run_evaluation_diffusion(one_count, progress=False)
+    with pytest.raises(InputError, match="one sample count"):
+        build_card(protected, tmp_path / "audit-one-count")
 
     # A pipeline whose records say it was fitted on restricted test images is refused before any attack.
     leaky = tmp_path / "leaky"
@@ -509,3 +513,8 @@ def test_tune_searches_a_diffusion_protection_and_cards_the_chosen_pipeline(tmp_
     measured = {"denoising_mse_before": {"source": 0.5}, "denoising_mse_after": {"source": 1.5}}
     assert objective.source_figure(measured) == (1.5, pytest.approx(0.5))  # 0.5 beyond the floor of 2 x 0.5
     assert source_floor(strict, 0.5) == 1.0
+    # What measures the floor cannot be searched: the trials would be measured on other terms than the original.
+    (tmp_path / "seeded.yaml").write_text("seed: {low: 0, high: 9}\n")
+    seeded = dataclasses.replace(args, search_space=str(tmp_path / "seeded.yaml"), output_dir=str(tmp_path / "t2"))
+    with pytest.raises(InputError, match="set how source denoising MSE is measured"):
+        run_tune(seeded)
