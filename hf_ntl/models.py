@@ -68,10 +68,10 @@ def _tiny_vit(image_size: int) -> PretrainedConfig:
     return ViTConfig(
         image_size=image_size,
         patch_size=max(2, image_size // 8),
-        hidden_size=64,
-        num_hidden_layers=2,
+        hidden_size=128,
+        num_hidden_layers=4,
         num_attention_heads=4,
-        intermediate_size=128,
+        intermediate_size=256,
         initializer_range=0.1,  # attention that is not uniform from the start (see above)
         attn_implementation="eager",
     )

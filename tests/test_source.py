@@ -107,8 +107,9 @@ def test_each_preset_takes_its_own_recipe_unless_told_otherwise(tmp_path):
     convnext = config(tmp_path, model_name_or_path="tiny-convnext", num_train_epochs=None)
     assert (convnext.learning_rate, convnext.num_train_epochs) == (3e-3, 10.0)
     vit = config(tmp_path, model_name_or_path="tiny-vit", num_train_epochs=None, learning_rate=5e-4)
-    assert (vit.learning_rate, vit.num_train_epochs) == (5e-4, 10.0)  # what the user gives wins
-    assert (vit.weight_decay, vit.warmup_steps) == (0.05, 0.1)
+    assert (vit.learning_rate, vit.num_train_epochs) == (5e-4, 40.0)  # what the user gives wins
+    assert (vit.weight_decay, vit.warmup_steps, vit.invert_probability) == (0.05, 0.1, 0.5)
+    assert convnext.invert_probability == 0.0  # colour inversion is ViT's alone
     checkpoint = config(tmp_path, model_name_or_path=str(tmp_path / "folder"), num_train_epochs=None)
     assert (checkpoint.learning_rate, checkpoint.num_train_epochs) == (3e-3, 5.0)  # tiny-resnet's
     (parsed,) = parse([SourceConfig], ["--model_name_or_path", "tiny-convnext", "--output_dir", str(tmp_path)], "x")
@@ -120,6 +121,8 @@ def test_config_validation(tmp_path):
         config(tmp_path, remove_unused_columns=True)
     with pytest.raises(ValueError, match="at least 8"):
         config(tmp_path, image_size=4)
+    with pytest.raises(ValueError, match="invert_probability must be in"):
+        config(tmp_path, invert_probability=1.5)
 
 
 def test_a_checkpoint_is_fitted_on_the_images_later_stages_render_for_it(tmp_path):

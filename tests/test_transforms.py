@@ -161,6 +161,26 @@ def test_light_augmentation_changes_pixels_reproducibly():
     assert not np.array_equal(first, np.asarray(image))
 
 
+def test_colour_inversion_is_opt_in_and_leaves_the_other_presets_streams_alone():
+    rng = np.random.default_rng(0)
+    image = PILImage.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    torch.manual_seed(3)
+    plain = np.asarray(light_augment(image)).astype(int)
+    next_draw = torch.rand(())
+    torch.manual_seed(3)
+    inverted = np.asarray(light_augment(image, invert_probability=1.0)).astype(int)
+    np.testing.assert_array_equal(inverted, 255 - plain)  # the same geometry and jitter, ink and background swapped
+    # Without inversion no extra number is drawn: a resnet fit's augmentation (and so its figures) is unchanged.
+    torch.manual_seed(3)
+    light_augment(image, invert_probability=0.0)
+    assert torch.rand(()) == next_draw
+    dark = PILImage.fromarray(rng.integers(0, 80, (32, 32, 3), dtype=np.uint8))
+    torch.manual_seed(0)
+    batch = transforms.augment_batch({"image": [dark] * 200, "label": [0] * 200}, invert_probability=0.5)
+    inverted_share = np.mean([np.asarray(augmented).mean() > 127.5 for augmented in batch["image"]])
+    assert 0.35 < inverted_share < 0.65, inverted_share
+
+
 def test_light_augmentation_fills_what_it_uncovers_with_the_background_colour():
     # A digit on a coloured background: rotation and shift used to uncover black wedges no test image has.
     image = PILImage.new("RGB", (32, 32), (200, 60, 90))
