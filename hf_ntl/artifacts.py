@@ -85,6 +85,9 @@ RECORDED_TRAINING_ARGUMENTS = (
 
 # Options that say how to treat a run (its folder, whether to run it at all), not what it computes.
 NOT_SETTINGS = ("overwrite", "dry_run")
+# Settings added after runs had been recorded without them, and the value that computes what those runs did: at
+# that value a setting is left out of the identity, so the demo and the bench still reuse the older runs.
+NEUTRAL_SETTINGS = {"invert_probability": 0.0}
 
 
 def run_settings(config: Any, extra: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -93,7 +96,9 @@ def run_settings(config: Any, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     base = {f.name for f in dataclasses.fields(TrainingArguments)}
     own = [f.name for f in dataclasses.fields(config) if f.name not in base and f.name not in NOT_SETTINGS]
     names = own + [name for name in (*RECORDED_TRAINING_ARGUMENTS, *extra) if name in base and hasattr(config, name)]
-    return json.loads(json.dumps({name: getattr(config, name) for name in names}, default=str))
+    settings = {name: getattr(config, name) for name in names}
+    settings = {name: value for name, value in settings.items() if NEUTRAL_SETTINGS.get(name, object()) != value}
+    return json.loads(json.dumps(settings, default=str))
 
 
 def run_identity(stage: str, config: Any, method: str | None = None) -> dict[str, Any]:

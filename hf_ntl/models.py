@@ -60,7 +60,8 @@ def _tiny_resnet(image_size: int) -> PretrainedConfig:
 # 93% of tiny-vit's feature variance, 83% of tiny-convnext's, 49% of tiny-resnet's), and on coloured backgrounds
 # such as font-digits' the label is not in the colour. ViT's class-token attention is then exactly uniform (an
 # average of the patches); ConvNeXt's blocks are switched off by layer scale 1e-6, leaving a near-linear stack of
-# convolutions and LayerNorms whose features collapse to one vector at lr 3e-3. Both sat at chance for 5 epochs.
+# convolutions and LayerNorms whose features collapse to one vector at lr 3e-3. Both sat at chance for 5 epochs
+# (measured on the first ViT preset, 64 wide and 2 layers deep).
 
 
 def _tiny_vit(image_size: int) -> PretrainedConfig:

@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset, DatasetDict
 from PIL import Image as PILImage
 
-from hf_ntl.artifacts import OutputDirError, read_samples
+from hf_ntl.artifacts import OutputDirError, read_samples, run_identity
 from hf_ntl.cli import parse
 from hf_ntl.data import ImagePreprocessor, load_image_classification_dataset
 from hf_ntl.data.fingerprint import image_hashes
@@ -111,9 +111,28 @@ def test_each_preset_takes_its_own_recipe_unless_told_otherwise(tmp_path):
     assert (vit.weight_decay, vit.warmup_steps, vit.invert_probability) == (0.05, 0.1, 0.5)
     assert convnext.invert_probability == 0.0  # colour inversion is ViT's alone
     checkpoint = config(tmp_path, model_name_or_path=str(tmp_path / "folder"), num_train_epochs=None)
-    assert (checkpoint.learning_rate, checkpoint.num_train_epochs) == (3e-3, 5.0)  # tiny-resnet's
+    tiny_resnets = (3e-3, 5.0, 0.0)
+    assert (checkpoint.learning_rate, checkpoint.num_train_epochs, checkpoint.invert_probability) == tiny_resnets
     (parsed,) = parse([SourceConfig], ["--model_name_or_path", "tiny-convnext", "--output_dir", str(tmp_path)], "x")
     assert parsed.num_train_epochs == 10.0  # on the command line too
+
+
+def test_the_configs_colour_inversion_reaches_the_train_images(tmp_path):
+    dataset = load_image_classification_dataset("font-digits", num_train=20, num_test=10)
+    first_images = {}
+    for probability in (0.0, 1.0):
+        fit = config(tmp_path / str(probability), invert_probability=probability, max_steps=1, save_strategy="no")
+        trainer, _ = fit_source_model(build_tiny_classifier("tiny-resnet", 10), ImagePreprocessor(), dataset, fit)
+        torch.manual_seed(0)
+        first_images[probability] = np.asarray(trainer.train_dataset[0]["image"]).astype(int)
+    np.testing.assert_array_equal(first_images[1.0], 255 - first_images[0.0])
+
+
+def test_a_run_recorded_before_colour_inversion_existed_is_still_the_same_run(tmp_path):
+    # Without inversion the identity is what it was before the setting existed: older demo/bench runs are reused.
+    assert "invert_probability" not in run_identity("source", config(tmp_path))
+    vit = run_identity("source", config(tmp_path, model_name_or_path="tiny-vit", num_train_epochs=None))
+    assert vit["invert_probability"] == 0.5 and vit["num_train_epochs"] == 40.0
 
 
 def test_config_validation(tmp_path):
@@ -121,8 +140,9 @@ def test_config_validation(tmp_path):
         config(tmp_path, remove_unused_columns=True)
     with pytest.raises(ValueError, match="at least 8"):
         config(tmp_path, image_size=4)
-    with pytest.raises(ValueError, match="invert_probability must be in"):
-        config(tmp_path, invert_probability=1.5)
+    for probability in (1.5, -0.1):
+        with pytest.raises(ValueError, match="invert_probability must be in"):
+            config(tmp_path, invert_probability=probability)
 
 
 def test_a_checkpoint_is_fitted_on_the_images_later_stages_render_for_it(tmp_path):

@@ -211,7 +211,8 @@ def _centre_fit(image: PILImage.Image, width: int, height: int) -> PILImage.Imag
 
 
 def augment_batch(batch: dict[str, list], invert_probability: float = 0.0) -> dict[str, list]:
-    """`Dataset.with_transform` function applying `light_augment` to the `image` column."""
+    """`Dataset.with_transform` function applying `light_augment` (with `invert_probability`) to the `image`
+    column; bind the probability with `functools.partial`."""
     return {**batch, "image": [light_augment(image, invert_probability) for image in batch["image"]]}
 
 
