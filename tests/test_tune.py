@@ -3,6 +3,7 @@
 import contextlib
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -36,12 +37,17 @@ TINY_SPACE = "sparsity: {choices: [0.9, 0.5]}\nalpha: {low: 0.5, high: 2.0, log:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """A source model fitted for one epoch, a small target data set folder, and the YAML files of a tiny study."""
+    """A source model fitted for four epochs, a small target data set folder, and the YAML files of a tiny study.
+
+    The target is uci-digits' handwriting on textures, to which the source model transfers well: the original is a
+    clear head start (proxy worst case about +0.2 here) that NTP's defaults remove, so that the study releases a
+    model whatever the machine's rounding. (On textured shapes both sat within 0.03 of scratch, and which one won
+    changed with the CPU.)"""
     folder = tmp_path_factory.mktemp("tune")
-    config = SourceConfig(output_dir=str(folder / "source"), dataset_name=SOURCE, num_train_epochs=1, report_to="none")
+    config = SourceConfig(output_dir=str(folder / "source"), dataset_name=SOURCE, num_train_epochs=4, report_to="none")
     run_source(config)
-    shapes = load_image_classification_dataset("textured-shapes", image_size=32)
-    target = DatasetDict(train=shapes["train"].select(range(400)), test=shapes["test"].select(range(100)))
+    textured = load_image_classification_dataset("textured-digits", image_size=32)
+    target = DatasetDict(train=textured["train"].select(range(400)), test=textured["test"].select(range(100)))
     target.save_to_disk(str(folder / "target"))
     for name, text in (("ntp.yaml", TINY_NTP), ("suite.yaml", TINY_SUITE), ("space.yaml", TINY_SPACE)):
         (folder / name).write_text(text)
@@ -173,7 +179,8 @@ def test_a_study_whose_best_trial_does_not_beat_the_original_releases_nothing(se
     best = resumed_study["summary"]["validation"]["worst_case_slc_auc"]
     original["slc_auc"]["worst_case"]["slc_auc"] = best - 0.01
     (out / "proxy_original.json").write_text(json.dumps(original))
-    with pytest.raises(InputError, match=f"No setting protected within the floor: .* {best - 0.01:+.3f}"):
+    bar = re.escape(f"{best - 0.01:+.3f}")  # a sign is a regex quantifier
+    with pytest.raises(InputError, match=f"No setting protected within the floor: .* {bar}"):
         run_tune(tiny_study(setup, out))
     assert (out / "model" / "model.safetensors").read_bytes() == released  # the earlier result is left whole
 
