@@ -1,16 +1,22 @@
+import copy
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
+from torch.func import functional_call
 
+from hf_ntl.attacks import AttackSpec
+from hf_ntl.attacks.finetune import _prepare
 from hf_ntl.data import ImagePreprocessor, load_image_classification_dataset, stratified_subset
 from hf_ntl.errors import InputError
 from hf_ntl.losses import inverse_cross_entropy, inverse_cross_entropy_neg_logits, kl_from_uniform
 from hf_ntl.metrics.memory import peak_memory
 from hf_ntl.models import build_tiny_classifier, head_linear, load_classifier
 from hf_ntl.protect import run_sophon
-from hf_ntl.trainers import SophonConfig, SophonTrainer, sophon_trainer
+from hf_ntl.trainers import SimulatedAttack, SophonConfig, SophonTrainer, sophon_trainer
+from hf_ntl.trainers.sophon_config import ATTACKER_FAMILIES
 from hf_ntl.trainers.sophon_trainer import STATE_JSON, STATE_TENSORS
 
 # ----------------------------------------------------------------------------- the losses
@@ -92,6 +98,11 @@ def config(tmp_path, **overrides):
     return SophonConfig(**{**values, **overrides})
 
 
+# Attackers that all do the same thing (full fine-tuning, plain SGD at 1e-3, on the whole restricted set): for tests
+# that compare two simulations of the same episodes.
+PLAIN_SGD = {"attacker_families": ["sgd"], "attacker_lr_ranges": ["sgd:1e-3:1e-3"], "small_data_probability": 0.0}
+
+
 def make_trainer(args, data, preset="tiny-resnet", target=None):
     source, target_train = data
     model = build_tiny_classifier(preset, 10, seed=0)
@@ -117,7 +128,7 @@ def suppression_after_simulation(trainer, iteration=0):
 
 def test_one_outer_step_lowers_the_suppression_loss_the_attackers_reach(tmp_path, data):
     # The same episodes (iteration 0) before and after one FTS step, with plain SGD attackers.
-    args = config(tmp_path, inner_optimizers=["sgd"], inner_lr_min=1e-3, inner_lr_max=1e-3)
+    args = config(tmp_path, **PLAIN_SGD)
     args.suppression_learning_rate = 1e-3
     trainer = make_trainer(args, data)
     before = suppression_after_simulation(trainer)
@@ -277,10 +288,16 @@ def test_bad_configurations_are_refused_early(tmp_path, data):
         config(tmp_path, inner_batch_sizes=[16, 32], query_size=16)
     with pytest.raises(ValueError, match="suppression_loss must be one of"):
         config(tmp_path, suppression_loss="ce")
-    with pytest.raises(ValueError, match="inner_optimizers"):
-        config(tmp_path, inner_optimizers=["lbfgs"])
-    with pytest.raises(ValueError, match="inner_lr_min <= inner_lr_max"):
-        config(tmp_path, inner_lr_min=1e-2, inner_lr_max=1e-3)
+    with pytest.raises(ValueError, match="attacker_families must be a non-empty subset"):
+        config(tmp_path, attacker_families=["lbfgs"])
+    with pytest.raises(ValueError, match="FAMILY:LOW:HIGH"):
+        config(tmp_path, attacker_lr_ranges=["sgd:fast:1e-1"])
+    with pytest.raises(ValueError, match="0 < LOW <= HIGH"):
+        config(tmp_path, attacker_lr_ranges=["sgd:1e-1:1e-3"])
+    with pytest.raises(ValueError, match="small_data_sizes"):
+        config(tmp_path, small_data_sizes=[50, 10])
+    with pytest.raises(ValueError, match="small-data attackers own at least 55"):
+        make_trainer(config(tmp_path, small_data_sizes=[55, 60]), data)
     with pytest.raises(ValueError, match="only 60 restricted samples"):
         make_trainer(config(tmp_path, inner_batch_sizes=[100]), data)
     with pytest.raises(ValueError, match="already below guard_threshold"):
@@ -309,14 +326,8 @@ def test_run_sophon_saves_a_protected_model_with_its_record(tmp_path):
 
 
 def test_bf16_autocasts_the_simulated_attackers_and_keeps_the_meta_gradient_fp32(tmp_path, data, matmul_dtypes):
-    args = config(tmp_path, inner_optimizers=["sgd"], inner_lr_min=1e-3, inner_lr_max=1e-3)
-    full = make_trainer(args, data)
-    half = make_trainer(
-        config(
-            tmp_path / "bf16", inner_optimizers=["sgd"], inner_lr_min=1e-3, inner_lr_max=1e-3, bf16=True, use_cpu=True
-        ),
-        data,
-    )
+    full = make_trainer(config(tmp_path, **PLAIN_SGD), data)
+    half = make_trainer(config(tmp_path / "bf16", **PLAIN_SGD, bf16=True, use_cpu=True), data)
     with matmul_dtypes(half.model) as dtypes:
         reached = suppression_after_simulation(half)
     assert dtypes == {torch.bfloat16}
@@ -333,3 +344,228 @@ def test_bf16_autocasts_the_simulated_attackers_and_keeps_the_meta_gradient_fp32
     assert half_gradient.dtype == torch.float32 and torch.isfinite(half_gradient).all()
     # bf16 keeps an 8-bit mantissa: through two inner steps the cosine measured 0.90-0.94 (it is ~0 when broken).
     assert torch.nn.functional.cosine_similarity(half_gradient, meta_gradient(full), dim=0) > 0.8
+
+
+# ----------------------------------------------------------------------------- attackers that span the suite
+
+
+def test_sampled_attackers_cover_every_family_within_its_ranges(tmp_path, data):
+    args = config(tmp_path, adversarial_temperature=0.0, attacker_lr_ranges=["sgd:1e-2:3e-1"])
+    trainer = make_trainer(args, data)
+    generator = torch.Generator().manual_seed(0)
+    attacks = [trainer.sample_attack(generator) for _ in range(600)]
+    assert {attack.family for attack in attacks} == set(ATTACKER_FAMILIES)
+    for attack in attacks:
+        family = args.family(attack.family)
+        assert family.lr_min <= attack.learning_rate <= family.lr_max
+        assert (attack.optimizer, attack.trainable) == (family.optimizer, family.trainable)
+        assert attack.lora_rank in ((4, 16) if attack.trainable == "lora" else (0,))
+        assert attack.reinit_head or attack.trainable != "head"  # a probe always fits a fresh head
+    assert max(a.learning_rate for a in attacks if a.family == "sgd") > 1e-1  # the override, not the family's own
+    assert max(a.learning_rate for a in attacks if a.family == "sgd-momentum") > 5e-2  # lr up to 1e-1, as the suite
+    pools = [attack.pool_size for attack in attacks if attack.pool_size is not None]
+    assert 0.18 < len(pools) / len(attacks) < 0.32 and min(pools) == 10 and max(pools) == 50
+    # With fewer restricted samples the largest pool leaves a query's worth (6) to score the attacker on.
+    small = make_trainer(config(tmp_path, small_data_probability=1.0), (data[0], data[1].select(range(40))))
+    assert max(small.sample_attack(generator).pool_size for _ in range(200)) == 34
+    fresh = [a.reinit_head for a in attacks if a.trainable == "all"]
+    assert 0.35 < sum(fresh) / len(fresh) < 0.65
+
+
+@pytest.mark.parametrize("trainable", ["lora", "head"])
+def test_lora_and_probe_attackers_leave_the_frozen_weights_bit_identical(tmp_path, data, trainable):
+    trainer = make_trainer(config(tmp_path, inner_steps=3), data)
+    attack = SimulatedAttack(
+        "any", "adam", 1e-2, batch_size=20, trainable=trainable, reinit_head=trainable == "head", lora_rank=4
+    )
+    meta = {name: torch.zeros_like(p) for name, p in trainer.model.named_parameters()}
+    state = trainer._simulate(attack, torch.Generator().manual_seed(0), meta)
+    model = dict(trainer.model.named_parameters())
+    frozen = {name: tensor for name, tensor in state.released.items() if name not in state.trainable}
+    assert set(frozen) == set(model) - trainer.head_names
+    for name, tensor in frozen.items():
+        assert torch.equal(tensor, model[name]), name  # what the attacker builds on, untouched
+    if trainable == "lora":  # adapters (and the kept head) trained
+        assert all(state.trainable[f"{name}.lora_B"].abs().sum() > 0 for name in trainer.lora_weights)
+        assert set(state.trainable) - {n for n in state.trainable if "lora_" in n} == trainer.head_names
+    else:
+        assert set(state.trainable) == trainer.head_names  # the probe is all it trains
+    # The suppression loss reaches the encoder through the adapters or the probe.
+    assert all(meta[name].abs().sum() > 0 for name in trainer.lora_weights)
+
+
+def test_the_simulated_lora_attacker_computes_what_peft_lora_does(tmp_path, data):
+    trainer = make_trainer(config(tmp_path), data)
+    attack = SimulatedAttack("lora", "adam", 1e-3, batch_size=20, trainable="lora", lora_rank=4)
+    state = trainer.attacker_copy(attack, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for name, tensor in state.trainable.items():
+            if name.endswith("lora_B"):
+                tensor.normal_(std=0.1)  # fresh B is zero: make the deltas visible
+    reference = _prepare(copy.deepcopy(trainer.model), AttackSpec("lora", trainable="lora", lora_rank=4)).eval()
+    peft_weights = dict(reference.named_parameters())
+    with torch.no_grad():
+        for name in trainer.lora_weights:
+            module = name.removesuffix(".weight")
+            for part in "AB":
+                target = peft_weights[f"base_model.model.{module}.lora_{part}.default.weight"]
+                target.copy_(state.trainable[f"{name}.lora_{part}"].view_as(target))
+    pixels = trainer.restricted.select(range(8)).pixel_values
+    trainer.model.eval()
+    simulated = functional_call(trainer.model, (state.parameters(), state.buffers), kwargs={"pixel_values": pixels})
+    torch.testing.assert_close(simulated.logits, reference(pixel_values=pixels).logits, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(simulated.logits, trainer.model(pixel_values=pixels).logits, atol=1e-3)
+
+
+def test_a_small_data_attacker_fine_tunes_on_its_own_samples_and_is_queried_on_others(tmp_path, data):
+    trainer = make_trainer(config(tmp_path), data)
+    attack = SimulatedAttack("sgd", "sgd", 1e-3, batch_size=20, pool_size=10)
+    generator = torch.Generator().manual_seed(0)
+    order = torch.randperm(trainer.restricted_size, generator=generator)
+    own = set(order[:10].tolist())
+    seen = set()
+    for _ in range(5):
+        query, support = trainer._episode_indices(attack, order, generator)
+        assert len(query) == 6 and len(support) == 10
+        assert set(support.tolist()) <= own and not set(query.tolist()) & own
+        seen |= set(support.tolist())
+    assert seen == own
+    query, support = trainer._episode_indices(replace(attack, pool_size=None), order, generator)
+    assert len(query) == 6 and len(support) == 14 and not set(query.tolist()) & set(support.tolist())
+
+
+def test_adversarial_sampling_shifts_towards_the_family_that_succeeds(tmp_path, data):
+    trainer = make_trainer(config(tmp_path, iterations=6, inner_steps=1, adversarial_floor=0.2), data)
+    uniform = 1 / len(ATTACKER_FAMILIES)
+    assert trainer.family_probabilities() == pytest.approx(dict.fromkeys(ATTACKER_FAMILIES, uniform))  # none seen yet
+    # A constructed case: attackers of one family reach every query sample, the others a tenth.
+    drawn = {}
+    copy_state, suppression = trainer.attacker_copy, trainer.suppression_loss
+
+    def attacker_copy(attack, generator):
+        drawn["family"] = attack.family
+        return copy_state(attack, generator)
+
+    def rigged(forward, batch, generator):
+        loss, _ = suppression(forward, batch, generator)
+        return loss, {"accuracy": 1.0 if drawn["family"] == "adamw" else 0.1}
+
+    trainer.attacker_copy, trainer.suppression_loss = attacker_copy, rigged
+    for iteration in range(12):
+        trainer.suppression_step(iteration)
+    probabilities = trainer.family_probabilities()
+    assert set(trainer.family_outcomes) == set(ATTACKER_FAMILIES)
+    assert max(probabilities, key=probabilities.get) == "adamw" and probabilities["adamw"] > 0.5
+    assert min(probabilities.values()) >= 0.2 * uniform - 1e-9  # the floor keeps every threat in play
+    assert sum(probabilities.values()) == pytest.approx(1.0)
+    generator = torch.Generator().manual_seed(0)
+    draws = [trainer.sample_attack(generator).family for _ in range(300)]
+    assert draws.count("adamw") > 0.4 * len(draws) and set(draws) == set(ATTACKER_FAMILIES)
+    trainer.args.adversarial_temperature = 0.0
+    assert trainer.family_probabilities() == pytest.approx(dict.fromkeys(ATTACKER_FAMILIES, uniform))
+
+
+# ----------------------------------------------------------------------------- persistent attackers
+
+
+def test_persistent_attackers_restart_on_schedule_and_are_carried_onto_the_new_weights(tmp_path, data):
+    args = config(tmp_path, inner_steps=2, attacker_horizon=6, attacker_families=["sgd-momentum", "probe"])
+    trainer = make_trainer(args, data)
+    starts = {0: [], 1: []}
+    seen = [None, None]
+    for iteration in range(8):
+        trainer.suppression_step(iteration)
+        for slot, attacker in enumerate(trainer.attackers):
+            if attacker is not seen[slot]:
+                starts[slot].append(iteration)
+                seen[slot] = attacker
+            assert attacker.steps_taken <= attacker.lifetime
+    # Environment 0's first attacker lives 6 steps (3 iterations); environment 1's, staggered, 2; then 6 each.
+    assert starts == {0: [0, 3, 6], 1: [0, 1, 4, 7]}
+    # Carried: the last FTS step moved the model; the next carry moves every attacker's released tensors by as
+    # much, keeping its own progress (a probe's frozen copies become the current weights).
+    generator = torch.Generator().manual_seed(0)
+    full = SimulatedAttack("sgd-momentum", "sgd-momentum", 1e-2, batch_size=20)
+    probe = SimulatedAttack("probe", "adam", 1e-2, batch_size=20, trainable="head", reinit_head=True)
+    trainer._carry_attackers()  # as a suppression step does before it starts attackers from the current weights
+    trainer.attackers = [trainer._start_attacker(attack, generator, lifetime=100) for attack in (full, probe)]
+    trainer.suppression_step(iteration=8)
+    attackers = trainer.attackers
+    before = {slot: {n: t.detach().clone() for n, t in a.state.released.items()} for slot, a in enumerate(attackers)}
+    previous, weights = dict(trainer.previous_weights), parameters(trainer.model)
+    assert any(not torch.equal(weights[name], previous[name]) for name in weights)
+    trainer._carry_attackers()
+    kinds = set()
+    for slot, attacker in enumerate(trainer.attackers):
+        kinds.add(attacker.attack.trainable)
+        for name, tensor in attacker.state.released.items():
+            expected = before[slot][name] + (weights[name] - previous[name])
+            torch.testing.assert_close(tensor, expected, rtol=0, atol=1e-6)
+            if attacker.attack.trainable == "head":
+                torch.testing.assert_close(tensor, weights[name], rtol=0, atol=1e-6)
+            else:
+                assert not torch.equal(tensor, weights[name])  # a full attacker's own progress is kept
+    assert kinds == {"all", "head"}  # both kinds of copy were carried (the draws are seeded)
+
+
+def test_persistent_attackers_resume_exactly_from_a_checkpoint(tmp_path, data):
+    values = {"save_total_limit": None, "inner_steps": 2, "attacker_horizon": 6}
+    straight = make_trainer(config(tmp_path / "a", **values), data)
+    straight.train()
+    checkpoint = tmp_path / "a" / "sophon" / "checkpoint-2"
+    assert (checkpoint / "sophon_attackers-0.safetensors").exists()
+    resumed = make_trainer(config(tmp_path / "b", **values), data)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    final = dict(straight.model.named_parameters())
+    for name, param in resumed.model.named_parameters():
+        torch.testing.assert_close(param, final[name], rtol=1e-5, atol=1e-6)
+    for mine, theirs in zip(resumed.attackers, straight.attackers, strict=True):
+        assert (mine.attack, mine.steps_taken) == (theirs.attack, theirs.steps_taken)
+        for (name, tensor), other in zip(mine.state.tensors().items(), theirs.state.tensors().values(), strict=True):
+            torch.testing.assert_close(tensor, other, rtol=1e-5, atol=1e-6, msg=name)
+    # Without the attackers' file a resumed run starts new attackers at iteration 2 and ends elsewhere.
+    (checkpoint / "sophon_attackers-0.safetensors").unlink()
+    forgetful = make_trainer(config(tmp_path / "c", **values), data)
+    forgetful.train(resume_from_checkpoint=str(checkpoint))
+    assert any(not torch.allclose(p, final[n], atol=1e-6) for n, p in forgetful.model.named_parameters())
+
+
+def test_peak_memory_does_not_grow_with_the_attacker_horizon(tmp_path, data):
+    peaks = {}
+    for horizon in (20, 200):
+        trainer = make_trainer(config(tmp_path / str(horizon), inner_steps=10, attacker_horizon=horizon), data)
+        for iteration in range(4):  # attackers and their optimiser states allocated outside the measurement
+            trainer.suppression_step(iteration)
+        with peak_memory() as peak:
+            trainer.suppression_step(iteration=4)
+        peaks[horizon] = peak.bytes
+        assert trainer.attackers[0].steps_taken > (20 if horizon == 200 else 0)
+    assert peaks[20] > 0
+    assert peaks[200] <= 1.2 * peaks[20], peaks
+
+
+# ----------------------------------------------------------------------------- composition with NTP
+
+
+def test_sophon_on_a_pruned_model_keeps_its_pruned_weights_exactly_zero(tmp_path, data):
+    def encoder_weights(model):
+        return {n: p for n, p in model.named_parameters() if p.ndim > 1 and not n.startswith("classifier")}
+
+    def pruned_trainer(folder, keep):
+        source, target = data
+        model = build_tiny_classifier("tiny-resnet", 10, seed=0)
+        with torch.no_grad():  # a pruned model: half of every encoder weight matrix/kernel exactly zero
+            for param in encoder_weights(model).values():
+                param.view(-1)[::2] = 0
+        args = config(tmp_path / folder, keep_pruning_mask=keep)
+        return SophonTrainer(model, args, source["train"], target, ImagePreprocessor(), guard_eval=source["test"])
+
+    with pytest.raises(InputError, match="holds no pruned"):
+        make_trainer(config(tmp_path, keep_pruning_mask=True), data)
+    for keep in (True, False):
+        trainer = pruned_trainer(str(keep), keep)
+        trainer.train()
+        saved = load_classifier(tmp_path / str(keep) / "sophon" / "checkpoint-4")
+        for model in (trainer.model, saved):
+            zeros = [bool((param.view(-1)[::2] == 0).all()) for param in encoder_weights(model).values()]
+            assert all(zeros) if keep else not any(zeros)  # without the mask, FTS and NTR regrow them

@@ -3,13 +3,14 @@
 One outer iteration:
 
 1. Fine-tuning suppression (FTS), at the start of every `ntr_steps`-th optimiser step: for each of
-   `environments` simulated attackers, sample a strategy (optimiser, learning rate, batch size and
-   whatever else the model kind adds, e.g. a fresh classifier head), copy the parameters and
-   buffers, and fine-tune the copy for K steps on restricted support batches with the attacker's
-   own loss; after each step, take the gradient of the suppression loss on a held-out query batch
-   w.r.t. the copy. First-order MAML: the mean of those gradients over steps, attackers and
-   processes is the meta-gradient of the real parameters, clipped and applied by a separate Adam
-   (lr alpha).
+   `environments` simulated attackers, draw a family (adversarially: the families that currently
+   reach most are drawn more often) and a strategy within it (optimiser, learning rate, batch size
+   and whatever else the model kind adds: a fresh classifier head, LoRA, a probe), maybe owning
+   only a few samples; copy the parameters and buffers, and fine-tune the copy for K steps on
+   restricted support batches with the attacker's own loss; after each step, take the gradient of
+   the suppression loss on a held-out query batch w.r.t. the released parameters as the copy
+   holds them. First-order MAML: the mean of those gradients over steps, attackers and processes
+   is the meta-gradient of the real parameters, clipped and applied by a separate Adam (lr alpha).
 2. Normal-training reinforcement (NTR): `ntr_steps` ordinary `Trainer` steps on the original
    domain (lr beta), so DDP, gradient accumulation and mixed precision apply as usual.
 3. Guard, at every evaluation (`guard_every` iterations): if the original-domain metric fails the
@@ -34,7 +35,7 @@ import logging
 import math
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,17 +63,70 @@ Forward = Callable[..., Any]
 
 @dataclass(frozen=True)
 class SimulatedAttack:
-    """One simulated attacker's fine-tuning strategy, sampled per environment."""
+    """One simulated attacker's fine-tuning strategy, sampled per environment.
 
+    Args:
+        family: the kind of threat it stands for (a name of the model kind's families).
+        optimizer / learning_rate: its optimiser.
+        batch_size: restricted samples per inner step, support and query together.
+        trainable: `"all"` (every weight), `"lora"` (low-rank deltas of the encoder's weights, and the
+            head) or `"head"` (a linear probe on frozen features).
+        reinit_head: starts from a fresh head instead of the released one.
+        lora_rank: rank of the LoRA deltas (`trainable="lora"`).
+        pool_size: a small-data attacker owns only this many restricted samples and draws its
+            support batches from them, repeatedly; its query comes from the other samples.
+    """
+
+    family: str
     optimizer: str
     learning_rate: float
     batch_size: int
+    trainable: str = "all"
     reinit_head: bool = False
+    lora_rank: int = 0
+    pool_size: int | None = None
 
-    @property
-    def family(self) -> str:
-        """The kind of threat this attacker stands for (its optimiser, and a fresh head if it has one)."""
-        return f"{self.optimizer}+fresh head" if self.reinit_head else self.optimizer
+
+@dataclass
+class AttackerState:
+    """A simulated attacker's copy of the model.
+
+    Args:
+        trainable: the tensors its optimiser updates.
+        released: copies of the released parameters, by name, at which the meta-gradient is taken
+            (for full fine-tuning, the attacker's current weights: first-order MAML; for LoRA and
+            probes, the frozen weights the attacker builds on, which stay bit-identical).
+        buffers: copies of the model's buffers (the attacker's running statistics).
+        parameters: the model's parameters as the copy uses them, by name (for `functional_call`).
+    """
+
+    trainable: dict[str, torch.Tensor]
+    released: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+    parameters: Callable[[], dict[str, torch.Tensor]]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the copy once, by role and name (full fine-tuning trains what it releases)."""
+        trained = {id(tensor) for tensor in self.trainable.values()}
+        frozen = {name: t for name, t in self.released.items() if id(t) not in trained}
+        return (
+            {f"trainable.{name}": t for name, t in self.trainable.items()}
+            | {f"released.{name}": t for name, t in frozen.items()}
+            | {f"buffers.{name}": t for name, t in self.buffers.items()}
+        )
+
+
+@dataclass
+class Attacker:
+    """A simulated attacker in progress: its strategy, its copy, its optimiser, its sample order, and how many
+    steps it has taken of the `lifetime` it is followed for."""
+
+    attack: SimulatedAttack
+    state: AttackerState
+    optimizer: torch.optim.Optimizer
+    order: torch.Tensor
+    lifetime: int
+    steps_taken: int = 0
 
 
 class _SophonSchedule(TrainerCallback):
@@ -92,8 +146,10 @@ class _SophonSchedule(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if checkpoint.is_dir() and state.is_world_process_zero:
-            self.trainer.save_method_state(checkpoint)
+        if checkpoint.is_dir():
+            self.trainer.save_attackers(checkpoint)  # every process its own
+            if state.is_world_process_zero:
+                self.trainer.save_method_state(checkpoint)
 
 
 class SophonBaseTrainer(Trainer):
@@ -122,8 +178,17 @@ class SophonBaseTrainer(Trainer):
                 f"inner_batch_sizes go up to {largest_batch} but only {restricted_size} restricted samples were "
                 "given; lower inner_batch_sizes or use more restricted data (target_fraction)."
             )
+        smallest_pool = min(args.small_data_sizes)
+        if args.small_data_probability > 0 and smallest_pool + args.query_size > restricted_size:
+            raise InputError(
+                f"small-data attackers own at least {smallest_pool} samples and query {args.query_size} others, but "
+                f"only {restricted_size} restricted samples were given; lower small_data_sizes (or set "
+                "small_data_probability=0) or use more restricted data."
+            )
         super().__init__(model=model, args=args, **kwargs)
         self.restricted_size = restricted_size
+        # A small-data attacker's own samples leave at least a query's worth to score it on.
+        self.largest_pool = min(max(args.small_data_sizes), restricted_size - args.query_size)
         self.suppression_optimizer = torch.optim.Adam(self.model.parameters(), lr=args.suppression_learning_rate)
         self.last_good: dict[str, torch.Tensor] = {}
         self.guard_log: dict[str, Any] = {"history": [], "last_good_step": None, "tripped_at": None}
@@ -132,6 +197,10 @@ class SophonBaseTrainer(Trainer):
         # What each attacker family reaches at the end of its simulated fine-tuning (the first metric
         # `suppression_loss` returns), as a moving average: shown while training, kept in the record.
         self.family_outcomes: dict[str, float] = {}
+        # Persistent simulated attackers (attacker_horizon > 0), one per environment, and the weights they were
+        # last carried onto.
+        self.attackers: list[Attacker | None] = [None] * args.environments
+        self.previous_weights: dict[str, torch.Tensor] = {}
         self.add_callback(_SophonSchedule(self))
         show_progress(self, "SOPHON", self._progress_status)
 
@@ -162,24 +231,79 @@ class SophonBaseTrainer(Trainer):
     def check_start(self, value: float) -> None:
         """Refuse to start from a model that fails the guard already (a clear error, before any training)."""
 
-    def sample_attack(self, generator: torch.Generator) -> SimulatedAttack:
-        """A simulated attacker's strategy: optimiser, log-uniform learning rate, batch size."""
-        config = self.args
-        low, high = math.log(config.inner_lr_min), math.log(config.inner_lr_max)
-        return SimulatedAttack(
-            optimizer=_pick(config.inner_optimizers, generator),
-            learning_rate=math.exp(low + (high - low) * float(torch.rand(1, generator=generator))),
-            batch_size=_pick(config.inner_batch_sizes, generator),
-        )
+    def attacker_families(self) -> list[str]:
+        """The kinds of simulated attacker this run samples from (model kind)."""
+        raise NotImplementedError
 
-    def attacker_copy(
-        self, attack: SimulatedAttack, generator: torch.Generator
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[str]]:
-        """The attacker's starting parameters and buffers (copies), and the names of the released
-        parameters it starts from (those the meta-gradient reaches)."""
+    def draw_attack(self, family: str, generator: torch.Generator) -> SimulatedAttack:
+        """A simulated attacker of `family`: its optimiser, learning rate, batch size, ... (model kind)."""
+        raise NotImplementedError
+
+    def attacker_copy(self, attack: SimulatedAttack, generator: torch.Generator) -> AttackerState:
+        """The attacker's starting state: a copy of every parameter and buffer, all fine-tuned (model kinds with
+        other kinds of attacker override this)."""
         fast = {name: p.detach().clone().requires_grad_(True) for name, p in self.model.named_parameters()}
         buffers = {name: b.detach().clone() for name, b in self.model.named_buffers()}
-        return fast, buffers, list(fast)
+        return AttackerState(trainable=fast, released=dict(fast), buffers=buffers, parameters=lambda: fast)
+
+    # ------------------------------------------------------------------ which attackers, and how often
+
+    def family_probabilities(self) -> dict[str, float]:
+        """How likely each attacker family is to be drawn next: adversarial sampling.
+
+        A family's score is its recent success (`family_outcomes`: the query accuracy it reaches, or
+        minus the denoising MSE), rescaled to [0, 1] across families so that the temperature means the
+        same for any metric; a family not yet drawn scores 1 (try every threat first). The draw is a
+        softmax of the scores at `adversarial_temperature`, mixed with a uniform share
+        `adversarial_floor`, so the meta-gradient goes mostly where the worst case is while every
+        threat stays covered.
+        """
+        families = self.attacker_families()
+        uniform = 1 / len(families)
+        temperature = self.args.adversarial_temperature
+        if temperature == 0:
+            return dict.fromkeys(families, uniform)
+        sign = 1 if self.higher_outcome_is_worse else -1
+        known = [sign * self.family_outcomes[family] for family in families if family in self.family_outcomes]
+        low, high = (min(known), max(known)) if known else (0.0, 0.0)
+        span = high - low
+        scores = [
+            (sign * self.family_outcomes[family] - low) / span if family in self.family_outcomes and span > 0 else 1.0
+            for family in families
+        ]
+        weights = [math.exp((score - 1) / temperature) for score in scores]
+        floor = self.args.adversarial_floor
+        return {
+            family: (1 - floor) * weight / sum(weights) + floor * uniform
+            for family, weight in zip(families, weights, strict=True)
+        }
+
+    def sample_attack(self, generator: torch.Generator) -> SimulatedAttack:
+        """A simulated attacker: a family drawn by `family_probabilities`, then its strategy; maybe a small-data one."""
+        probabilities = self.family_probabilities()
+        pick = int(torch.multinomial(torch.tensor(list(probabilities.values())), 1, generator=generator))
+        attack = self.draw_attack(list(probabilities)[pick], generator)
+        config = self.args
+        if float(torch.rand(1, generator=generator)) < config.small_data_probability:
+            pool_size = int(
+                torch.randint(min(config.small_data_sizes), self.largest_pool + 1, (1,), generator=generator)
+            )
+            attack = replace(attack, pool_size=pool_size)
+        return attack
+
+    def _episode_indices(
+        self, attack: SimulatedAttack, order: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (query, support) restricted indices of one inner step. `order` is a permutation of the restricted
+        samples drawn once per attacker: a small-data attacker's own samples are its first `pool_size`."""
+        query_size = self.args.query_size
+        if attack.pool_size is None:
+            chosen = order[torch.randperm(len(order), generator=generator)[: attack.batch_size]]
+            return chosen[:query_size], chosen[query_size:]
+        own, others = order[: attack.pool_size], order[attack.pool_size :]
+        support = own[torch.randperm(len(own), generator=generator)[: attack.batch_size - query_size]]
+        query = others[torch.randperm(len(others), generator=generator)[:query_size]]
+        return query, support
 
     # ------------------------------------------------------------------ the simulated attackers
 
@@ -188,40 +312,56 @@ class SophonBaseTrainer(Trainer):
         entropy = np.random.SeedSequence([self.args.seed, self.args.process_index, iteration]).generate_state(1)[0]
         return torch.Generator().manual_seed(int(entropy))
 
-    def _simulate(
-        self, attack: SimulatedAttack, generator: torch.Generator, meta_gradients: dict[str, torch.Tensor]
-    ) -> None:
-        """Fine-tune a copy as `attack` does; add each query's suppression gradient to `meta_gradients`."""
-        model, config = self.model, self.args
-        fast, buffers, released = self.attacker_copy(attack, generator)
+    def _start_attacker(self, attack: SimulatedAttack, generator: torch.Generator, lifetime: int) -> Attacker:
+        """A new simulated attacker from the current weights, followed for `lifetime` steps."""
+        state = self.attacker_copy(attack, generator)
         weight_decay = 1e-2 if attack.optimizer == "adamw" else 0.0  # torch's AdamW default; 0 elsewhere
-        optimizer = make_optimizer(attack.optimizer, list(fast.values()), attack.learning_rate, weight_decay)
+        optimizer = make_optimizer(attack.optimizer, list(state.trainable.values()), attack.learning_rate, weight_decay)
+        order = torch.randperm(self.restricted_size, generator=generator)
+        return Attacker(attack, state, optimizer, order, lifetime)
+
+    def _advance(
+        self, attacker: Attacker, generator: torch.Generator, meta_gradients: dict[str, torch.Tensor]
+    ) -> float:
+        """`inner_steps` steps of `attacker`; after each, the query's suppression gradient w.r.t. the released
+        parameters is added to `meta_gradients`, weighted. Returns the sum of the weights.
+
+        Without persistent attackers every step weighs 1 (the paper); with them, step t of an attacker's
+        lifetime L weighs 2 t / (L + 1), 1 on average over its life: the later points of a trajectory, where a long
+        fine-tuning run ends up, count more.
+        """
+        model, config = self.model, self.args
+        attack, state = attacker.attack, attacker.state
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             # Under `--bf16` / `--fp16` (or accelerate's --mixed_precision) the attackers run autocast like the
             # NTR step; their parameters, the optimiser state and the meta-gradient sum stay fp32.
             with self.accelerator.autocast():
-                return functional_call(model, (fast, buffers), args=args, kwargs=kwargs)
+                return functional_call(model, (state.parameters(), state.buffers), args=args, kwargs=kwargs)
 
+        total_weight = 0.0
         for _ in range(config.inner_steps):
-            indices = torch.randperm(self.restricted_size, generator=generator)[: attack.batch_size]
-            batch = self.restricted_batch(indices)
-            query = {key: value[: config.query_size] for key, value in batch.items()}
-            support = {key: value[config.query_size :] for key, value in batch.items()}
+            query_indices, support_indices = self._episode_indices(attack, attacker.order, generator)
+            query, support = self.restricted_batch(query_indices), self.restricted_batch(support_indices)
             model.train()
             loss = self.attacker_loss(forward, support, generator)
-            gradients = torch.autograd.grad(loss, list(fast.values()), allow_unused=True)
-            for tensor, gradient in zip(fast.values(), gradients, strict=True):
+            gradients = torch.autograd.grad(loss, list(state.trainable.values()), allow_unused=True)
+            for tensor, gradient in zip(state.trainable.values(), gradients, strict=True):
                 tensor.grad = gradient
-            optimizer.step()
+            attacker.optimizer.step()
             # The query is scored as the attacker would measure the model: in eval mode, with the
             # running statistics the attacker's own fine-tuning has accumulated so far.
             model.eval()
             suppression, metrics = self.suppression_loss(forward, query, generator)
-            gradients = torch.autograd.grad(suppression, [fast[name] for name in released], allow_unused=True)
-            for name, gradient in zip(released, gradients, strict=True):
+            gradients = torch.autograd.grad(suppression, list(state.released.values()), allow_unused=True)
+            attacker.steps_taken += 1
+            weight = (
+                2 * attacker.steps_taken / (attacker.lifetime + 1) if attacker.lifetime > config.inner_steps else 1.0
+            )
+            for name, gradient in zip(state.released, gradients, strict=True):
                 if gradient is not None:
-                    meta_gradients[name] += gradient
+                    meta_gradients[name] += weight * gradient
+            total_weight += weight
             self._metrics["suppression_loss"].append(suppression.item())
             for key, value in metrics.items():
                 self._metrics[f"attacker_query_{key}"].append(value)
@@ -232,6 +372,31 @@ class SophonBaseTrainer(Trainer):
         previous = self.family_outcomes.get(attack.family, outcome)
         self.family_outcomes[attack.family] = 0.8 * previous + 0.2 * outcome
         self._metrics["attacker_support_loss"].append(loss.item())
+        return total_weight
+
+    def _simulate(
+        self, attack: SimulatedAttack, generator: torch.Generator, meta_gradients: dict[str, torch.Tensor]
+    ) -> AttackerState:
+        """A fresh attacker's `inner_steps` steps (see `_advance`); returns its final copy."""
+        attacker = self._start_attacker(attack, generator, lifetime=self.args.inner_steps)
+        self._advance(attacker, generator, meta_gradients)
+        return attacker.state
+
+    def _carry_attackers(self) -> None:
+        """Move every persistent attacker onto the weights the last FTS and NTR steps gave the model.
+
+        An attacker's progress is its difference from the weights it started from: the released tensors of its
+        copy get the model's change since the last iteration added (for LoRA and probes, whose encoder copies are
+        the released weights, that makes them the current weights exactly); its adapters, its own head, its
+        optimiser state and its running statistics are kept.
+        """
+        with torch.no_grad():
+            current = {name: p.detach() for name, p in self.model.named_parameters()}
+            for attacker in self.attackers:
+                if attacker is not None:
+                    for name, tensor in attacker.state.released.items():
+                        tensor.add_(current[name] - self.previous_weights[name])
+            self.previous_weights = {name: p.clone() for name, p in current.items()}
 
     def suppression_step(self, iteration: int) -> None:
         """One FTS step: simulate the attackers, average their meta-gradients (over processes too), clip, apply."""
@@ -245,10 +410,24 @@ class SophonBaseTrainer(Trainer):
         meta_gradients = {
             name: view.view_as(p) for (name, p), view in zip(params.items(), flat.split(sizes), strict=True)
         }
-        for _ in range(config.environments):
-            self._simulate(self.sample_attack(generator), generator, meta_gradients)
+        horizon, steps = config.attacker_horizon, config.inner_steps
+        if horizon:
+            self._carry_attackers()
+        total_weight = 0.0
+        for slot in range(config.environments):
+            attacker = self.attackers[slot] if horizon else None
+            if attacker is None or attacker.steps_taken >= attacker.lifetime:
+                lifetime = horizon or steps
+                if horizon and attacker is None:
+                    # The first attackers live shorter lives, staggered per environment, so that restarts are
+                    # spread over the iterations rather than all falling on the same one.
+                    lifetime = max(steps, (horizon - slot * horizon // config.environments) // steps * steps)
+                attacker = self._start_attacker(self.sample_attack(generator), generator, lifetime)
+            total_weight += self._advance(attacker, generator, meta_gradients)
+            if horizon:
+                self.attackers[slot] = attacker
         model.train(was_training)
-        flat /= config.environments * config.inner_steps
+        flat /= total_weight
         # A functional inner loop is invisible to DDP: average over processes here, before clipping,
         # so every rank applies the same update and the replicas stay identical.
         if self.accelerator.num_processes > 1:
@@ -285,9 +464,10 @@ class SophonBaseTrainer(Trainer):
         return False
 
     def method_results(self) -> dict[str, Any]:
-        """What the protection record holds about this method's outcome: the guard's log, and what each
-        simulated attacker family reached on its query batches at the end (moving average, averaged over
-        processes: each simulates its own attackers). Called on every process."""
+        """What the protection record holds about this method's outcome: the guard's log, what each simulated
+        attacker family reached on its query batches at the end (moving average, averaged over processes: each
+        simulates its own attackers), and how likely each family was to be drawn at the end (the main process's
+        adversarial sampler: where the protection found the worst case). Called on every process."""
         outcomes: dict[str, list[float]] = defaultdict(list)
         per_process = [self.family_outcomes]
         if self.accelerator.num_processes > 1:
@@ -296,7 +476,11 @@ class SophonBaseTrainer(Trainer):
             for family, value in process_outcomes.items():
                 outcomes[family].append(value)
         families = {family: sum(values) / len(values) for family, values in sorted(outcomes.items())}
-        return {"guard": self.guard_log, "attacker_families": families}
+        return {
+            "guard": self.guard_log,
+            "attacker_families": families,
+            "attacker_family_probabilities": self.family_probabilities(),
+        }
 
     def save_method_state(self, folder: str | Path) -> None:
         """Write the guard's last good state and log and the FTS optimiser state (safetensors + JSON)."""
@@ -330,6 +514,72 @@ class SophonBaseTrainer(Trainer):
         self.suppression_optimizer.load_state_dict(
             {"state": dict(state), "param_groups": payload["suppression_optimizer_param_groups"]}
         )
+        self.load_attackers(folder)
+
+    def _attackers_files(self, folder: Path) -> tuple[Path, Path]:
+        stem = f"sophon_attackers-{self.args.process_index}"
+        return folder / f"{stem}.safetensors", folder / f"{stem}.json"
+
+    def save_attackers(self, folder: str | Path) -> None:
+        """Write this process's persistent attackers (copies, optimiser states, sample orders, ages) and the
+        weights they were last carried onto, so that a resumed run goes on with the same attackers."""
+        if not any(self.attackers):
+            return
+        tensors = {f"previous.{name}": tensor for name, tensor in self.previous_weights.items()}
+        records: list[dict[str, Any] | None] = []
+        for slot, attacker in enumerate(self.attackers):
+            if attacker is None:
+                records.append(None)
+                continue
+            tensors |= {f"{slot}.{key}": t.detach().contiguous() for key, t in attacker.state.tensors().items()}
+            tensors[f"{slot}.order"] = attacker.order
+            optimizer_state = attacker.optimizer.state_dict()
+            for index, slots in optimizer_state["state"].items():
+                tensors |= {
+                    f"{slot}.optimizer.{index}.{name}": value.contiguous()
+                    for name, value in slots.items()
+                    if isinstance(value, torch.Tensor)
+                }
+            records.append(
+                {
+                    "attack": asdict(attacker.attack),
+                    "lifetime": attacker.lifetime,
+                    "steps_taken": attacker.steps_taken,
+                    "optimizer_param_groups": optimizer_state["param_groups"],
+                }
+            )
+        tensor_file, record_file = self._attackers_files(Path(folder))
+        save_file(tensors, str(tensor_file))
+        record_file.write_text(json.dumps(records, indent=2))
+
+    def load_attackers(self, folder: str | Path) -> None:
+        """Restore the persistent attackers `save_attackers` wrote for this process (none if it wrote none)."""
+        tensor_file, record_file = self._attackers_files(Path(folder))
+        if not tensor_file.is_file():
+            return
+        tensors = load_file(str(tensor_file))
+        self.previous_weights = {
+            k.removeprefix("previous."): v for k, v in tensors.items() if k.startswith("previous.")
+        }
+        for slot, record in enumerate(json.loads(record_file.read_text())):
+            if record is None:
+                continue
+            # The copy's structure (and, for LoRA, how it is assembled) comes from the attack; its values from the file.
+            attack = SimulatedAttack(**record["attack"])
+            attacker = self._start_attacker(attack, torch.Generator().manual_seed(0), record["lifetime"])
+            with torch.no_grad():
+                for key, tensor in attacker.state.tensors().items():
+                    tensor.copy_(tensors[f"{slot}.{key}"])
+            attacker.order = tensors[f"{slot}.order"]
+            attacker.steps_taken = record["steps_taken"]
+            state: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
+            prefix = f"{slot}.optimizer."
+            for key, value in tensors.items():
+                if key.startswith(prefix):
+                    index, name = key.removeprefix(prefix).split(".", 1)
+                    state[int(index)][name] = value
+            attacker.optimizer.load_state_dict({"state": dict(state), "param_groups": record["optimizer_param_groups"]})
+            self.attackers[slot] = attacker
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         if resume_from_checkpoint is True:
@@ -381,5 +631,11 @@ class SophonBaseTrainer(Trainer):
         super().log(logs, start_time)
 
 
-def _pick(options: list, generator: torch.Generator) -> Any:
+def pick(options: list, generator: torch.Generator) -> Any:
+    """One of `options`, uniformly, from `generator`."""
     return options[int(torch.randint(len(options), (1,), generator=generator))]
+
+
+def log_uniform(low: float, high: float, generator: torch.Generator) -> float:
+    """A learning rate drawn log-uniformly from [low, high]."""
+    return math.exp(math.log(low) + (math.log(high) - math.log(low)) * float(torch.rand(1, generator=generator)))

@@ -3,12 +3,12 @@ and the classifier's own settings."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 from transformers import TrainingArguments
 
-from ..attacks import OPTIMIZERS
 from ..errors import InputError
 from ..losses import SUPPRESSION_LOSSES
 
@@ -42,7 +42,7 @@ class SophonConfigBase(TrainingArguments):
     iterations: int = field(default=150, metadata={"help": "Outer iterations (one FTS step + ntr_steps each)."})
     ntr_steps: int = field(default=1, metadata={"help": "l_NTR: normal-training steps per iteration."})
 
-    # The simulated attackers.
+    # The simulated attackers (what each kind of attacker does is the model kind's).
     inner_steps: int = field(default=10, metadata={"help": "K: fine-tuning steps of each simulated attacker."})
     environments: int = field(default=2, metadata={"help": "Simulated attackers per iteration (per process)."})
     inner_batch_sizes: list[int] = field(
@@ -50,12 +50,40 @@ class SophonConfigBase(TrainingArguments):
         metadata={"help": "Restricted samples drawn per inner step (support + query), sampled per attacker."},
     )
     query_size: int = field(default=16, metadata={"help": "Of each inner batch, the samples held out as query."})
-    inner_optimizers: list[str] = field(
-        default_factory=lambda: list(OPTIMIZERS),
-        metadata={"help": f"Optimisers the simulated attackers sample from: {', '.join(OPTIMIZERS)}."},
+    attacker_horizon: int = field(
+        default=0,
+        metadata={
+            "help": "Steps each simulated attacker is followed for. Above inner_steps, an environment keeps its "
+            "attacker across iterations (inner_steps more per iteration, carried onto the model's new weights) "
+            "and restarts it from the current model after this many, so the suppression loss sees where a long "
+            "fine-tuning run goes at the memory of a short one; 0: a fresh attacker every iteration (the paper)."
+        },
     )
-    inner_lr_min: float = field(default=1e-4, metadata={"help": "Lower end of the log-uniform attacker lr."})
-    inner_lr_max: float = field(default=1e-2, metadata={"help": "Upper end of the log-uniform attacker lr."})
+    small_data_probability: float = field(
+        default=0.25,
+        metadata={
+            "help": "Probability that a simulated attacker owns only a few restricted samples (see small_data_sizes), "
+            "which it fine-tunes on repeatedly, as the small-n points of an audit do; its query comes from the rest."
+        },
+    )
+    small_data_sizes: list[int] = field(
+        default_factory=lambda: [10, 50],
+        metadata={
+            "help": "Smallest and largest sample count of a small-data attacker (uniform between; the largest is "
+            "capped so that query_size others remain)."
+        },
+    )
+    adversarial_temperature: float = field(
+        default=0.25,
+        metadata={
+            "help": "Sample the attacker families that currently do best more often: a softmax over each family's "
+            "recent success, rescaled to [0, 1] across families, at this temperature. 0 samples them uniformly."
+        },
+    )
+    adversarial_floor: float = field(
+        default=0.3,
+        metadata={"help": "Share of the draws spread uniformly over the families, so every threat stays covered."},
+    )
 
     # The guard's cadence (what it checks is the model kind's).
     guard_every: int = field(default=25, metadata={"help": "Guard evaluation (and checkpoint) every N iterations."})
@@ -104,12 +132,25 @@ class SophonConfigBase(TrainingArguments):
                 f"got inner_batch_sizes={self.inner_batch_sizes}.",
             ),
             (
-                bool(self.inner_optimizers) and all(name in OPTIMIZERS for name in self.inner_optimizers),
-                f"inner_optimizers must be a non-empty subset of {OPTIMIZERS}, got {self.inner_optimizers}.",
+                self.attacker_horizon == 0 or self.attacker_horizon >= self.inner_steps,
+                f"attacker_horizon must be 0 or at least inner_steps ({self.inner_steps}), "
+                f"got {self.attacker_horizon}.",
             ),
             (
-                0 < self.inner_lr_min <= self.inner_lr_max,
-                f"Need 0 < inner_lr_min <= inner_lr_max, got {self.inner_lr_min} and {self.inner_lr_max}.",
+                0 <= self.small_data_probability <= 1,
+                f"small_data_probability must lie in [0, 1], got {self.small_data_probability}.",
+            ),
+            (
+                len(self.small_data_sizes) == 2 and 1 <= self.small_data_sizes[0] <= self.small_data_sizes[1],
+                f"small_data_sizes is [smallest, largest] with 1 <= smallest <= largest, got {self.small_data_sizes}.",
+            ),
+            (
+                self.adversarial_temperature >= 0,
+                f"adversarial_temperature must be >= 0, got {self.adversarial_temperature}.",
+            ),
+            (
+                0 <= self.adversarial_floor <= 1,
+                f"adversarial_floor must lie in [0, 1], got {self.adversarial_floor}.",
             ),
             (self.guard_every >= 1 and self.guard_samples >= 1, "guard_every and guard_samples must be >= 1."),
             (0 < self.source_fraction <= 1 and 0 < self.target_fraction <= 1, "data fractions must lie in (0, 1]."),
@@ -117,14 +158,42 @@ class SophonConfigBase(TrainingArguments):
         ]
 
 
+@dataclass(frozen=True)
+class AttackerFamily:
+    """A kind of simulated attacker: what it trains, with which optimiser, in which learning-rate range (log-uniform).
+
+    The ranges follow the audit's default suite (ALGORITHMS.md §4), whose strongest attacks on protected models
+    are SGD+momentum at 1e-2 and 1e-1, AdamW at 1e-2 and LoRA: plain and momentum SGD up to 1e-1, the adaptive
+    optimisers up to 1e-2 (beyond it they wreck any model), LoRA and the linear probe around the suite's 3e-3
+    and 1e-2.
+    """
+
+    trainable: str  # "all" (full fine-tuning), "lora" (low-rank deltas + head) or "head" (a fresh linear probe)
+    optimizer: str
+    lr_min: float
+    lr_max: float
+
+
+ATTACKER_FAMILIES: dict[str, AttackerFamily] = {
+    "sgd": AttackerFamily("all", "sgd", 1e-3, 1e-1),
+    "sgd-momentum": AttackerFamily("all", "sgd-momentum", 1e-3, 1e-1),
+    "adam": AttackerFamily("all", "adam", 1e-4, 1e-2),
+    "adamw": AttackerFamily("all", "adamw", 1e-4, 1e-2),
+    "lora": AttackerFamily("lora", "adam", 1e-3, 1e-2),
+    "probe": AttackerFamily("head", "adam", 1e-3, 3e-2),
+}
+
+
 @dataclass
 class SophonConfig(SophonConfigBase):
     """What to protect, against which restricted domain, and every SOPHON hyper-parameter, for image classifiers.
 
     Defaults follow the paper's ICE setting (alpha 3e-4, beta 5e-4, gradient clip 0.5, guard at
-    80 %), scaled down in length (K, iterations, batch sizes) for the tiny presets on CPU, and sample
-    adaptive optimisers in the simulated attacks, which the reference code did not (plain SGD only)
-    and to which third-party replications found SOPHON vulnerable.
+    80 %), scaled down in length (K, iterations, batch sizes) for the tiny presets on CPU. The
+    simulated attackers span the audit's threat model rather than the paper's (plain SGD at small
+    learning rates, to which third-party replications found SOPHON vulnerable): full fine-tuning with
+    four optimisers up to lr 1e-1, LoRA, linear probes, small-data attackers (`ATTACKER_FAMILIES`),
+    sampled more often where the model currently suppresses them worst.
     """
 
     suppression_loss: str = field(
@@ -134,11 +203,30 @@ class SophonConfig(SophonConfigBase):
             "(KL from uniform, label-free)."
         },
     )
+    attacker_families: list[str] = field(
+        default_factory=lambda: list(ATTACKER_FAMILIES),
+        metadata={"help": f"Kinds of simulated attacker, from {', '.join(ATTACKER_FAMILIES)} (ranges in the docs)."},
+    )
+    attacker_lr_ranges: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Learning-rate ranges other than a family's own, as FAMILY:LOW:HIGH (e.g. sgd:1e-3:3e-1)."},
+    )
+    lora_ranks: list[int] = field(
+        default_factory=lambda: [4, 16], metadata={"help": "Ranks a LoRA attacker samples from (the suite's)."}
+    )
     head_reinit_probability: float = field(
         default=0.5,
         metadata={
-            "help": "Probability that a simulated attacker starts from a fresh head; must be 1 when the restricted "
-            "domain's class count differs from the model's."
+            "help": "Probability that a full or LoRA simulated attacker starts from a fresh head (a probe always "
+            "does); must be 1 when the restricted domain's class count differs from the model's."
+        },
+    )
+    keep_pruning_mask: bool = field(
+        default=False,
+        metadata={
+            "help": "Protect a pruned model (e.g. from protect-ntp) and keep it pruned: its zero weights stay exactly "
+            "zero after every FTS and NTR step (pruning + suppression). The simulated attackers stay dense, as a "
+            "real attacker is."
         },
     )
     guard_threshold: float = field(
@@ -152,13 +240,43 @@ class SophonConfig(SophonConfigBase):
         },
     )
 
+    def family(self, name: str) -> AttackerFamily:
+        """The attacker family `name`, with its learning-rate range from `attacker_lr_ranges` where given there."""
+        return dataclasses.replace(ATTACKER_FAMILIES[name], **self._lr_ranges().get(name, {}))
+
+    def _lr_ranges(self) -> dict[str, dict[str, float]]:
+        ranges = {}
+        for entry in self.attacker_lr_ranges:
+            name, _, bounds = entry.partition(":")
+            low, _, high = bounds.partition(":")
+            try:
+                ranges[name] = {"lr_min": float(low), "lr_max": float(high)}
+            except ValueError:
+                raise InputError(
+                    f"attacker_lr_ranges entries are FAMILY:LOW:HIGH (e.g. sgd:1e-3:3e-1), got {entry!r}."
+                ) from None
+        return ranges
+
     def validation_checks(self) -> list[tuple[bool, str]]:
+        ranges = self._lr_ranges()
         return [
             *super().validation_checks(),
+            (
+                set(ranges) <= set(ATTACKER_FAMILIES)
+                and all(0 < bounds["lr_min"] <= bounds["lr_max"] for bounds in ranges.values()),
+                f"attacker_lr_ranges names families of {list(ATTACKER_FAMILIES)} with 0 < LOW <= HIGH, "
+                f"got {self.attacker_lr_ranges}.",
+            ),
             (
                 self.suppression_loss in SUPPRESSION_LOSSES,
                 f"suppression_loss must be one of {list(SUPPRESSION_LOSSES)}, got {self.suppression_loss!r}.",
             ),
+            (
+                bool(self.attacker_families) and set(self.attacker_families) <= set(ATTACKER_FAMILIES),
+                f"attacker_families must be a non-empty subset of {list(ATTACKER_FAMILIES)}, "
+                f"got {self.attacker_families}.",
+            ),
+            (bool(self.lora_ranks) and min(self.lora_ranks) >= 1, f"lora_ranks must be >= 1, got {self.lora_ranks}."),
             (0 <= self.head_reinit_probability <= 1, "head_reinit_probability must lie in [0, 1]."),
             (0 <= self.guard_threshold <= 1, "guard_threshold is an accuracy and must lie in [0, 1]."),
             (

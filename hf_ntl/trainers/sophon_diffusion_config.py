@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..attacks import OPTIMIZERS
 from .sophon_config import SophonConfigBase
 
 
@@ -49,12 +50,20 @@ class SophonDiffusionConfig(SophonConfigBase):
         metadata={"help": "Restricted images drawn per inner step (support + query), sampled per attacker."},
     )
     query_size: int = field(default=8, metadata={"help": "Of each inner batch, the images held out as query."})
+    # The simulated attackers: one family per optimiser, all fine-tuning every weight. Small-data attackers and
+    # adversarial family sampling are off here until measured on diffusion (they are the classifier's defaults).
     inner_optimizers: list[str] = field(
         default_factory=lambda: ["sgd-momentum", "adam", "adamw"],
         metadata={"help": "Optimisers the simulated attackers sample from (plain SGD barely moves a UNet)."},
     )
     inner_lr_min: float = field(default=1e-4, metadata={"help": "Lower end of the log-uniform attacker lr."})
     inner_lr_max: float = field(default=3e-3, metadata={"help": "Upper end of the log-uniform attacker lr."})
+    small_data_probability: float = field(
+        default=0.0, metadata={"help": "Probability that a simulated attacker owns only a few restricted images."}
+    )
+    adversarial_temperature: float = field(
+        default=0.0, metadata={"help": "Softmax temperature of adversarial family sampling (0: uniform)."}
+    )
     guard_every: int = field(default=10, metadata={"help": "Guard evaluation (and checkpoint) every N iterations."})
     guard_samples: int = field(
         default=256, metadata={"help": "Original-domain train images held out (never trained on) for the guard."}
@@ -73,6 +82,14 @@ class SophonDiffusionConfig(SophonConfigBase):
             (
                 low >= 0 and (high is None or low <= high),
                 f"Need 0 <= timestep_min <= timestep_max, got {low} and {high}.",
+            ),
+            (
+                bool(self.inner_optimizers) and all(name in OPTIMIZERS for name in self.inner_optimizers),
+                f"inner_optimizers must be a non-empty subset of {OPTIMIZERS}, got {self.inner_optimizers}.",
+            ),
+            (
+                0 < self.inner_lr_min <= self.inner_lr_max,
+                f"Need 0 < inner_lr_min <= inner_lr_max, got {self.inner_lr_min} and {self.inner_lr_max}.",
             ),
             (self.guard_max_mse_ratio >= 1, f"guard_max_mse_ratio must be >= 1, got {self.guard_max_mse_ratio}."),
             (self.guard_timesteps >= 1, f"guard_timesteps must be >= 1, got {self.guard_timesteps}."),

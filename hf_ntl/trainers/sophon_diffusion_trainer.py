@@ -28,7 +28,7 @@ from ..data.transforms import DiffusionImages, check_diffusion_images
 from ..errors import InputError
 from ..losses import denial_of_service_loss, predict_noise
 from ..metrics.denoising import mean_denoising_mse, timestep_grid
-from .sophon_base import Forward, SophonBaseTrainer
+from .sophon_base import Forward, SimulatedAttack, SophonBaseTrainer, log_uniform, pick
 from .sophon_diffusion_config import SophonDiffusionConfig
 
 
@@ -93,6 +93,18 @@ class SophonDiffusionTrainer(SophonBaseTrainer):
         return (loss, predicted) if return_outputs else loss
 
     # ------------------------------------------------------------------ the simulated attackers
+
+    def attacker_families(self) -> list[str]:
+        return list(self.args.inner_optimizers)  # every attacker fine-tunes the whole UNet: its optimiser is its kind
+
+    def draw_attack(self, family: str, generator: torch.Generator) -> SimulatedAttack:
+        config = self.args
+        return SimulatedAttack(
+            family=family,
+            optimizer=family,
+            learning_rate=log_uniform(config.inner_lr_min, config.inner_lr_max, generator),
+            batch_size=pick(config.inner_batch_sizes, generator),
+        )
 
     def restricted_batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"pixel_values": self.restricted[indices].to(self.args.device)}

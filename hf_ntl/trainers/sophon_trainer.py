@@ -9,24 +9,43 @@ ICE or KLU on the attacker's query logits, and the guard reads original-domain a
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import Any
 
 import torch
 from datasets import Dataset
 from torch.nn import functional as F
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, TrainerCallback
 
 from ..attacks import EncodedOnDemand, EncodedSplit
+from ..attacks.finetune import lora_target_modules, pruning_masks
 from ..data.transforms import ImageClassificationCollator, ImagePreprocessor
 from ..errors import InputError
 from ..losses import SUPPRESSION_LOSSES
 from ..metrics import compute_accuracy, predict_accuracy
 from ..models import head_linear
-from .sophon_base import STATE_JSON, STATE_TENSORS, Forward, SimulatedAttack, SophonBaseTrainer
+from .sophon_base import (
+    STATE_JSON,
+    STATE_TENSORS,
+    AttackerState,
+    Forward,
+    SimulatedAttack,
+    SophonBaseTrainer,
+    log_uniform,
+    pick,
+)
 from .sophon_config import SophonConfig
 
 __all__ = ["STATE_JSON", "STATE_TENSORS", "SimulatedAttack", "SophonTrainer"]
+
+
+class _KeepPruned(TrainerCallback):
+    """Re-applies the pruning masks after every NTR optimiser step (before any evaluation or checkpoint sees it)."""
+
+    def __init__(self, trainer: SophonTrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.apply_pruning_masks()
 
 
 class SophonTrainer(SophonBaseTrainer):
@@ -89,20 +108,90 @@ class SophonTrainer(SophonBaseTrainer):
         self.suppression = SUPPRESSION_LOSSES[args.suppression_loss]
         head = head_linear(self.model)
         self.head_names = {name for name, p in self.model.named_parameters() if any(p is q for q in head.parameters())}
+        # The weights a LoRA attacker adapts: those of the layers the audit's LoRA attack targets.
+        self.lora_weights = [f"{module}.weight" for module in lora_target_modules(self.model)]
+        self.pruning_masks: dict[str, torch.Tensor] = {}
+        if args.keep_pruning_mask:
+            self.pruning_masks = pruning_masks(self.model)
+            if not self.pruning_masks:
+                raise InputError(
+                    "keep_pruning_mask is set but the model holds no pruned (exactly zero) weights: protect a pruned "
+                    "model, e.g. one from protect-ntp, or leave keep_pruning_mask off."
+                )
+            self.add_callback(_KeepPruned(self))
 
     # ------------------------------------------------------------------ the simulated attackers
 
-    def sample_attack(self, generator: torch.Generator) -> SimulatedAttack:
-        attack = super().sample_attack(generator)
-        return replace(attack, reinit_head=bool(torch.rand(1, generator=generator) < self.args.head_reinit_probability))
+    def suppression_step(self, iteration: int) -> None:
+        super().suppression_step(iteration)
+        self.apply_pruning_masks()
 
-    def attacker_copy(self, attack: SimulatedAttack, generator: torch.Generator):
-        fast, buffers, released = super().attacker_copy(attack, generator)
-        if attack.reinit_head:
-            # A fresh head is the attacker's own, not released: no meta-gradient for the real head.
-            fast.update(self._fresh_head(generator))
-            released = [name for name in released if name not in self.head_names]
-        return fast, buffers, released
+    def apply_pruning_masks(self) -> None:
+        """Zero the pruned weights again (`keep_pruning_mask`): after every FTS and NTR step."""
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, mask in self.pruning_masks.items():
+                params[name].mul_(mask)
+
+    def attacker_families(self) -> list[str]:
+        return list(self.args.attacker_families)
+
+    def draw_attack(self, family: str, generator: torch.Generator) -> SimulatedAttack:
+        config = self.args
+        kind = config.family(family)
+        # A probe is always a fresh head (fitting the released one on frozen features is the model itself).
+        fresh_draw = float(torch.rand(1, generator=generator)) < config.head_reinit_probability
+        reinit_head = kind.trainable == "head" or fresh_draw
+        return SimulatedAttack(
+            family=family,
+            optimizer=kind.optimizer,
+            learning_rate=log_uniform(kind.lr_min, kind.lr_max, generator),
+            batch_size=pick(config.inner_batch_sizes, generator),
+            trainable=kind.trainable,
+            reinit_head=reinit_head,
+            lora_rank=pick(config.lora_ranks, generator) if kind.trainable == "lora" else 0,
+        )
+
+    def attacker_copy(self, attack: SimulatedAttack, generator: torch.Generator) -> AttackerState:
+        """The attacker's copy: the encoder's weights, the head (released or fresh) and, for LoRA, the low-rank factors.
+
+        Full fine-tuning trains every copy and the meta-gradient is taken at the attacker's current weights
+        (first-order MAML). LoRA and probe attackers leave the encoder's copies as released, and the
+        meta-gradient is the suppression loss's gradient w.r.t. them through the attacker's adapters or
+        probe, exactly. A fresh head is the attacker's own, not released: no meta-gradient for the real head.
+        """
+        copies = {name: p.detach().clone().requires_grad_(True) for name, p in self.model.named_parameters()}
+        encoder = {name: copy for name, copy in copies.items() if name not in self.head_names}
+        head = self._fresh_head(generator) if attack.reinit_head else {name: copies[name] for name in self.head_names}
+        buffers = {name: b.detach().clone() for name, b in self.model.named_buffers()}
+        released = encoder | ({} if attack.reinit_head else head)
+        trainable = head | (encoder if attack.trainable == "all" else {})
+        if attack.trainable != "lora":
+            return AttackerState(trainable, released, buffers, parameters=lambda: encoder | head)
+
+        # LoRA as `peft` builds it for the LoRA attack: W + (alpha / r) B A on every linear and non-grouped conv
+        # weight of the encoder, A like peft's default (kaiming-uniform, a = sqrt(5)), B zero, alpha = 2r.
+        factors = {}
+        for name in self.lora_weights:
+            weight = encoder[name]
+            fan_in = weight[0].numel()
+            bound = 1 / math.sqrt(fan_in)
+            down = (2 * torch.rand((attack.lora_rank, fan_in), generator=generator) - 1) * bound
+            factors[name] = (
+                down.to(weight.device).requires_grad_(True),
+                torch.zeros(weight.shape[0], attack.lora_rank, device=weight.device, requires_grad=True),
+            )
+        for name, (down, up) in factors.items():
+            trainable |= {f"{name}.lora_A": down, f"{name}.lora_B": up}
+        scale = 2.0  # lora_alpha / r with lora_alpha = 2r, as the suite's LoRA attacks
+
+        def parameters() -> dict[str, torch.Tensor]:
+            adapted = {
+                name: encoder[name] + scale * (up @ down).view_as(encoder[name]) for name, (down, up) in factors.items()
+            }
+            return encoder | adapted | head
+
+        return AttackerState(trainable, released, buffers, parameters)
 
     def _fresh_head(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """A new `restricted_classes`-way head, initialised like `nn.Linear` (uniform in +-1/sqrt(fan_in))."""

@@ -36,6 +36,7 @@ if method == "sophon":
         iterations=3,
         guard_every=2,
         inner_steps=2,
+        attacker_horizon=4,  # persistent attackers, each rank its own
         environments=1,
         inner_batch_sizes=[12, 20],
         query_size=6,
