@@ -126,7 +126,8 @@ def dos_after_simulation(trainer, iteration=0):
     meta = {name: torch.zeros_like(p) for name, p in trainer.model.named_parameters()}
     trainer._metrics.clear()
     for _ in range(trainer.args.environments):
-        trainer._simulate(trainer.sample_attack(generator), generator, meta)
+        attacker = trainer._start_attacker(trainer.sample_attack(generator), generator, trainer.args.inner_steps)
+        trainer._advance(attacker, generator, meta)
     losses = trainer._metrics["suppression_loss"]
     trainer._metrics.clear()
     return sum(losses) / len(losses)

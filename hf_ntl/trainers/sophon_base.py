@@ -152,6 +152,21 @@ class _SophonSchedule(TrainerCallback):
                 self.trainer.save_method_state(checkpoint)
 
 
+class _KeepPruned(TrainerCallback):
+    """NTR steps on a pruned model: gradients of pruned weights zeroed before the optimiser (so that clipping and
+    the optimiser's moments see only the live weights), and the weights re-masked after it (before any
+    evaluation or checkpoint sees them)."""
+
+    def __init__(self, trainer: SophonBaseTrainer) -> None:
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.mask_pruned(gradients=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.mask_pruned()
+
+
 class SophonBaseTrainer(Trainer):
     """The SOPHON loop for any model kind; subclasses fill in the hooks marked "model kind".
 
@@ -201,8 +216,25 @@ class SophonBaseTrainer(Trainer):
         # last carried onto.
         self.attackers: list[Attacker | None] = [None] * args.environments
         self.previous_weights: dict[str, torch.Tensor] = {}
+        # Weights kept at exactly zero ({parameter name: mask of the live entries}; `keep_pruned`).
+        self.pruning_masks: dict[str, torch.Tensor] = {}
         self.add_callback(_SophonSchedule(self))
         show_progress(self, "SOPHON", self._progress_status)
+
+    def keep_pruned(self, masks: dict[str, torch.Tensor]) -> None:
+        """Keep a pruned model pruned: the weights outside `masks` ({parameter name: live entries}) stay exactly
+        zero through every FTS and NTR step, and no gradient reaches them."""
+        self.pruning_masks = masks
+        self.add_callback(_KeepPruned(self))
+
+    def mask_pruned(self, gradients: bool = False) -> None:
+        """Zero the pruned entries of the weights (or, with `gradients`, of their gradients)."""
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, mask in self.pruning_masks.items():
+                tensor = params[name].grad if gradients else params[name]
+                if tensor is not None:
+                    tensor.mul_(mask)
 
     # ------------------------------------------------------------------ hooks of a model kind
 
@@ -281,8 +313,8 @@ class SophonBaseTrainer(Trainer):
     def sample_attack(self, generator: torch.Generator) -> SimulatedAttack:
         """A simulated attacker: a family drawn by `family_probabilities`, then its strategy; maybe a small-data one."""
         probabilities = self.family_probabilities()
-        pick = int(torch.multinomial(torch.tensor(list(probabilities.values())), 1, generator=generator))
-        attack = self.draw_attack(list(probabilities)[pick], generator)
+        drawn = int(torch.multinomial(torch.tensor(list(probabilities.values())), 1, generator=generator))
+        attack = self.draw_attack(list(probabilities)[drawn], generator)
         config = self.args
         if float(torch.rand(1, generator=generator)) < config.small_data_probability:
             pool_size = int(
@@ -320,15 +352,14 @@ class SophonBaseTrainer(Trainer):
         order = torch.randperm(self.restricted_size, generator=generator)
         return Attacker(attack, state, optimizer, order, lifetime)
 
-    def _advance(
-        self, attacker: Attacker, generator: torch.Generator, meta_gradients: dict[str, torch.Tensor]
-    ) -> float:
+    def _advance(self, attacker: Attacker, generator: torch.Generator, meta_gradients: dict[str, torch.Tensor]) -> None:
         """`inner_steps` steps of `attacker`; after each, the query's suppression gradient w.r.t. the released
-        parameters is added to `meta_gradients`, weighted. Returns the sum of the weights.
+        parameters is added to `meta_gradients`, weighted.
 
         Without persistent attackers every step weighs 1 (the paper); with them, step t of an attacker's
         lifetime L weighs 2 t / (L + 1), 1 on average over its life: the later points of a trajectory, where a long
-        fine-tuning run ends up, count more.
+        fine-tuning run ends up, count more. An attacker that diverges (a non-finite suppression loss, e.g. SGD at
+        a learning rate too large for the model) adds nothing from then on and is restarted at the next iteration.
         """
         model, config = self.model, self.args
         attack, state = attacker.attack, attacker.state
@@ -339,7 +370,7 @@ class SophonBaseTrainer(Trainer):
             with self.accelerator.autocast():
                 return functional_call(model, (state.parameters(), state.buffers), args=args, kwargs=kwargs)
 
-        total_weight = 0.0
+        metrics: dict[str, float] = {}
         for _ in range(config.inner_steps):
             query_indices, support_indices = self._episode_indices(attack, attacker.order, generator)
             query, support = self.restricted_batch(query_indices), self.restricted_batch(support_indices)
@@ -349,19 +380,22 @@ class SophonBaseTrainer(Trainer):
             for tensor, gradient in zip(state.trainable.values(), gradients, strict=True):
                 tensor.grad = gradient
             attacker.optimizer.step()
+            for tensor in state.trainable.values():
+                tensor.grad = None  # a persistent attacker would otherwise hold a model-sized gradient between steps
             # The query is scored as the attacker would measure the model: in eval mode, with the
             # running statistics the attacker's own fine-tuning has accumulated so far.
             model.eval()
             suppression, metrics = self.suppression_loss(forward, query, generator)
-            gradients = torch.autograd.grad(suppression, list(state.released.values()), allow_unused=True)
             attacker.steps_taken += 1
-            weight = (
-                2 * attacker.steps_taken / (attacker.lifetime + 1) if attacker.lifetime > config.inner_steps else 1.0
-            )
+            if not torch.isfinite(suppression):
+                self._metrics["attackers_diverged"].append(1.0)
+                attacker.steps_taken = attacker.lifetime  # restarted at the next iteration
+                return
+            gradients = torch.autograd.grad(suppression, list(state.released.values()), allow_unused=True)
+            weight = 2 * attacker.steps_taken / (attacker.lifetime + 1) if config.attacker_horizon else 1.0
             for name, gradient in zip(state.released, gradients, strict=True):
                 if gradient is not None:
                     meta_gradients[name] += weight * gradient
-            total_weight += weight
             self._metrics["suppression_loss"].append(suppression.item())
             for key, value in metrics.items():
                 self._metrics[f"attacker_query_{key}"].append(value)
@@ -372,30 +406,26 @@ class SophonBaseTrainer(Trainer):
         previous = self.family_outcomes.get(attack.family, outcome)
         self.family_outcomes[attack.family] = 0.8 * previous + 0.2 * outcome
         self._metrics["attacker_support_loss"].append(loss.item())
-        return total_weight
-
-    def _simulate(
-        self, attack: SimulatedAttack, generator: torch.Generator, meta_gradients: dict[str, torch.Tensor]
-    ) -> AttackerState:
-        """A fresh attacker's `inner_steps` steps (see `_advance`); returns its final copy."""
-        attacker = self._start_attacker(attack, generator, lifetime=self.args.inner_steps)
-        self._advance(attacker, generator, meta_gradients)
-        return attacker.state
 
     def _carry_attackers(self) -> None:
         """Move every persistent attacker onto the weights the last FTS and NTR steps gave the model.
 
-        An attacker's progress is its difference from the weights it started from: the released tensors of its
-        copy get the model's change since the last iteration added (for LoRA and probes, whose encoder copies are
-        the released weights, that makes them the current weights exactly); its adapters, its own head, its
-        optimiser state and its running statistics are kept.
+        An attacker's progress is its difference from the weights it started from: the released tensors it trains
+        get the model's change since the last iteration added; those it builds on without training (the encoder
+        under LoRA adapters or a probe) become the current weights; its adapters, its own head, its optimiser
+        state and its running statistics are kept.
         """
         with torch.no_grad():
             current = {name: p.detach() for name, p in self.model.named_parameters()}
             for attacker in self.attackers:
-                if attacker is not None:
-                    for name, tensor in attacker.state.released.items():
+                if attacker is None or attacker.steps_taken >= attacker.lifetime:
+                    continue  # restarted from the current weights anyway
+                trained = {id(tensor) for tensor in attacker.state.trainable.values()}
+                for name, tensor in attacker.state.released.items():
+                    if id(tensor) in trained:
                         tensor.add_(current[name] - self.previous_weights[name])
+                    else:
+                        tensor.copy_(current[name])
             self.previous_weights = {name: p.clone() for name, p in current.items()}
 
     def suppression_step(self, iteration: int) -> None:
@@ -413,7 +443,6 @@ class SophonBaseTrainer(Trainer):
         horizon, steps = config.attacker_horizon, config.inner_steps
         if horizon:
             self._carry_attackers()
-        total_weight = 0.0
         for slot in range(config.environments):
             attacker = self.attackers[slot] if horizon else None
             if attacker is None or attacker.steps_taken >= attacker.lifetime:
@@ -423,21 +452,25 @@ class SophonBaseTrainer(Trainer):
                     # spread over the iterations rather than all falling on the same one.
                     lifetime = max(steps, (horizon - slot * horizon // config.environments) // steps * steps)
                 attacker = self._start_attacker(self.sample_attack(generator), generator, lifetime)
-            total_weight += self._advance(attacker, generator, meta_gradients)
+            self._advance(attacker, generator, meta_gradients)
             if horizon:
                 self.attackers[slot] = attacker
         model.train(was_training)
-        flat /= total_weight
+        # Not divided by the iteration's own weights: the ramp's weights average 1 over an attacker's life, so the
+        # steps late in long lives count more than early ones across iterations, as intended.
+        flat /= config.environments * config.inner_steps
         # A functional inner loop is invisible to DDP: average over processes here, before clipping,
         # so every rank applies the same update and the replicas stay identical.
         if self.accelerator.num_processes > 1:
             flat.copy_(self.accelerator.reduce(flat, reduction="mean"))
         for name, gradient in meta_gradients.items():
             params[name].grad = gradient
+        self.mask_pruned(gradients=True)
         norm = torch.nn.utils.clip_grad_norm_(list(params.values()), config.fts_max_grad_norm)
         self._metrics["fts_grad_norm"].append(norm.item())
         self.suppression_optimizer.step()
         self.suppression_optimizer.zero_grad(set_to_none=True)
+        self.mask_pruned()
 
     # ------------------------------------------------------------------ the guard and method state
 
@@ -478,7 +511,7 @@ class SophonBaseTrainer(Trainer):
         families = {family: sum(values) / len(values) for family, values in sorted(outcomes.items())}
         return {
             "guard": self.guard_log,
-            "attacker_families": families,
+            "attacker_family_outcomes": families,
             "attacker_family_probabilities": self.family_probabilities(),
         }
 
@@ -492,7 +525,8 @@ class SophonBaseTrainer(Trainer):
         payload = {
             "guard": self.guard_log,
             "suppression_optimizer_param_groups": optimizer_state["param_groups"],
-            # The main process's moving averages (the one that writes checkpoints): a resumed run goes on from them.
+            # The main process's estimates, for a reader of the checkpoint; every process resumes from its own
+            # (`save_attackers`).
             "family_outcomes": self.family_outcomes,
         }
         (Path(folder) / STATE_JSON).write_text(json.dumps(payload, indent=2))
@@ -521,10 +555,10 @@ class SophonBaseTrainer(Trainer):
         return folder / f"{stem}.safetensors", folder / f"{stem}.json"
 
     def save_attackers(self, folder: str | Path) -> None:
-        """Write this process's persistent attackers (copies, optimiser states, sample orders, ages) and the
-        weights they were last carried onto, so that a resumed run goes on with the same attackers."""
-        if not any(self.attackers):
-            return
+        """Write what this process's simulated attackers are: the adversarial sampler's estimates
+        (`family_outcomes`, each process has its own) and the persistent attackers (copies, optimiser states,
+        sample orders, ages) with the weights they were last carried onto, so that a resumed run goes on with
+        the same attackers."""
         tensors = {f"previous.{name}": tensor for name, tensor in self.previous_weights.items()}
         records: list[dict[str, Any] | None] = []
         for slot, attacker in enumerate(self.attackers):
@@ -549,19 +583,30 @@ class SophonBaseTrainer(Trainer):
                 }
             )
         tensor_file, record_file = self._attackers_files(Path(folder))
-        save_file(tensors, str(tensor_file))
-        record_file.write_text(json.dumps(records, indent=2))
+        if any(self.attackers):
+            save_file(tensors, str(tensor_file))
+        payload = {"family_outcomes": self.family_outcomes, "attackers": records}
+        record_file.write_text(json.dumps(payload, indent=2))
 
     def load_attackers(self, folder: str | Path) -> None:
-        """Restore the persistent attackers `save_attackers` wrote for this process (none if it wrote none)."""
+        """Restore what `save_attackers` wrote for this process (nothing if it wrote nothing)."""
         tensor_file, record_file = self._attackers_files(Path(folder))
+        if not record_file.is_file():
+            return
+        payload = json.loads(record_file.read_text())
+        self.family_outcomes = payload["family_outcomes"]
         if not tensor_file.is_file():
             return
-        tensors = load_file(str(tensor_file))
-        self.previous_weights = {
-            k.removeprefix("previous."): v for k, v in tensors.items() if k.startswith("previous.")
-        }
-        for slot, record in enumerate(json.loads(record_file.read_text())):
+        records = payload["attackers"]
+        if len(records) != self.args.environments:
+            raise InputError(
+                f"{folder} holds {len(records)} persistent attackers per process but environments is "
+                f"{self.args.environments}: resume with the settings of the run that wrote it."
+            )
+        tensors = load_file(str(tensor_file), device=str(self.args.device))
+        previous = {key: value for key, value in tensors.items() if key.startswith("previous.")}
+        self.previous_weights = {key.removeprefix("previous."): value for key, value in previous.items()}
+        for slot, record in enumerate(records):
             if record is None:
                 continue
             # The copy's structure (and, for LoRA, how it is assembled) comes from the attack; its values from the file.
@@ -570,7 +615,7 @@ class SophonBaseTrainer(Trainer):
             with torch.no_grad():
                 for key, tensor in attacker.state.tensors().items():
                     tensor.copy_(tensors[f"{slot}.{key}"])
-            attacker.order = tensors[f"{slot}.order"]
+            attacker.order = tensors[f"{slot}.order"].cpu()
             attacker.steps_taken = record["steps_taken"]
             state: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
             prefix = f"{slot}.optimizer."

@@ -53,7 +53,8 @@ class SophonConfigBase(TrainingArguments):
     attacker_horizon: int = field(
         default=0,
         metadata={
-            "help": "Steps each simulated attacker is followed for. Above inner_steps, an environment keeps its "
+            "help": "Steps each simulated attacker is followed for (a multiple of inner_steps). Above inner_steps, an "
+            "environment keeps its "
             "attacker across iterations (inner_steps more per iteration, carried onto the model's new weights) "
             "and restarts it from the current model after this many, so the suppression loss sees where a long "
             "fine-tuning run goes at the memory of a short one; 0: a fresh attacker every iteration (the paper)."
@@ -132,8 +133,9 @@ class SophonConfigBase(TrainingArguments):
                 f"got inner_batch_sizes={self.inner_batch_sizes}.",
             ),
             (
-                self.attacker_horizon == 0 or self.attacker_horizon >= self.inner_steps,
-                f"attacker_horizon must be 0 or at least inner_steps ({self.inner_steps}), "
+                self.attacker_horizon == 0
+                or (self.attacker_horizon >= self.inner_steps and self.attacker_horizon % self.inner_steps == 0),
+                f"attacker_horizon must be 0 or a multiple of inner_steps ({self.inner_steps}), "
                 f"got {self.attacker_horizon}.",
             ),
             (
@@ -191,7 +193,7 @@ class SophonConfig(SophonConfigBase):
     Defaults follow the paper's ICE setting (alpha 3e-4, beta 5e-4, gradient clip 0.5, guard at
     80 %), scaled down in length (K, iterations, batch sizes) for the tiny presets on CPU. The
     simulated attackers span the audit's threat model rather than the paper's (plain SGD at small
-    learning rates, to which third-party replications found SOPHON vulnerable): full fine-tuning with
+    learning rates; third-party replications broke SOPHON with attackers outside it): full fine-tuning with
     four optimisers up to lr 1e-1, LoRA, linear probes, small-data attackers (`ATTACKER_FAMILIES`),
     sampled more often where the model currently suppresses them worst.
     """

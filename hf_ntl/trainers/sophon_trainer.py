@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 from torch.nn import functional as F
-from transformers import PreTrainedModel, TrainerCallback
+from transformers import PreTrainedModel
 
 from ..attacks import EncodedOnDemand, EncodedSplit
 from ..attacks.finetune import lora_target_modules, pruning_masks
@@ -36,16 +36,6 @@ from .sophon_base import (
 from .sophon_config import SophonConfig
 
 __all__ = ["STATE_JSON", "STATE_TENSORS", "SimulatedAttack", "SophonTrainer"]
-
-
-class _KeepPruned(TrainerCallback):
-    """Re-applies the pruning masks after every NTR optimiser step (before any evaluation or checkpoint sees it)."""
-
-    def __init__(self, trainer: SophonTrainer) -> None:
-        self.trainer = trainer
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.trainer.apply_pruning_masks()
 
 
 class SophonTrainer(SophonBaseTrainer):
@@ -110,28 +100,16 @@ class SophonTrainer(SophonBaseTrainer):
         self.head_names = {name for name, p in self.model.named_parameters() if any(p is q for q in head.parameters())}
         # The weights a LoRA attacker adapts: those of the layers the audit's LoRA attack targets.
         self.lora_weights = [f"{module}.weight" for module in lora_target_modules(self.model)]
-        self.pruning_masks: dict[str, torch.Tensor] = {}
         if args.keep_pruning_mask:
-            self.pruning_masks = pruning_masks(self.model)
-            if not self.pruning_masks:
+            masks = pruning_masks(self.model)
+            if not masks:
                 raise InputError(
                     "keep_pruning_mask is set but the model holds no pruned (exactly zero) weights: protect a pruned "
                     "model, e.g. one from protect-ntp, or leave keep_pruning_mask off."
                 )
-            self.add_callback(_KeepPruned(self))
+            self.keep_pruned(masks)
 
     # ------------------------------------------------------------------ the simulated attackers
-
-    def suppression_step(self, iteration: int) -> None:
-        super().suppression_step(iteration)
-        self.apply_pruning_masks()
-
-    def apply_pruning_masks(self) -> None:
-        """Zero the pruned weights again (`keep_pruning_mask`): after every FTS and NTR step."""
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, mask in self.pruning_masks.items():
-                params[name].mul_(mask)
 
     def attacker_families(self) -> list[str]:
         return list(self.args.attacker_families)
@@ -157,8 +135,9 @@ class SophonTrainer(SophonBaseTrainer):
 
         Full fine-tuning trains every copy and the meta-gradient is taken at the attacker's current weights
         (first-order MAML). LoRA and probe attackers leave the encoder's copies as released, and the
-        meta-gradient is the suppression loss's gradient w.r.t. them through the attacker's adapters or
-        probe, exactly. A fresh head is the attacker's own, not released: no meta-gradient for the real head.
+        meta-gradient is the suppression loss's gradient w.r.t. them through the attacker's current adapters
+        or probe (first-order too: held fixed, not differentiated through the attacker's steps). A fresh head
+        is the attacker's own, not released: no meta-gradient for the real head.
         """
         copies = {name: p.detach().clone().requires_grad_(True) for name, p in self.model.named_parameters()}
         encoder = {name: copy for name, copy in copies.items() if name not in self.head_names}
