@@ -1205,7 +1205,7 @@ def write_results(args: BenchArguments, results: dict[str, Any], out: Path) -> s
     command = "python benchmarks/bench.py " + " ".join(sys.argv[1:])
     parts = [
         "# hf_ntl benchmarks",
-        f"Produced by `{command.strip()}` (`make bench`) on {results['machine']}; sections took "
+        f"Produced by `{command.strip()}` on {results['machine']}; sections took "
         + ", ".join(f"{name} {results[name]['wall_time_s'] / 60:.1f} min" for name in SECTIONS if name in results)
         + ". Every number below was measured by that command.",
     ]
