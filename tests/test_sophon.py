@@ -301,6 +301,8 @@ def test_bad_configurations_are_refused_early(tmp_path, data):
         config(tmp_path, attacker_lr_ranges=["sgd:fast:1e-1"])
     with pytest.raises(ValueError, match="0 < LOW <= HIGH"):
         config(tmp_path, attacker_lr_ranges=["sgd:1e-1:1e-3"])
+    with pytest.raises(ValueError, match="attacker_horizon must be >= 0"):
+        config(tmp_path, attacker_horizon=-1)
     with pytest.raises(ValueError, match="small_data_sizes"):
         config(tmp_path, small_data_sizes=[50, 10])
     with pytest.raises(ValueError, match="small-data attackers own at least 55"):
@@ -442,7 +444,8 @@ def test_a_small_data_attacker_fine_tunes_on_its_own_samples_and_is_queried_on_o
 
 
 def test_adversarial_sampling_shifts_towards_the_family_that_succeeds(tmp_path, data):
-    trainer = make_trainer(config(tmp_path, iterations=6, inner_steps=1, adversarial_floor=0.2), data)
+    args = config(tmp_path, iterations=6, inner_steps=1, attacker_horizon=0, adversarial_floor=0.2)  # fresh attackers
+    trainer = make_trainer(args, data)
     uniform = 1 / len(ATTACKER_FAMILIES)
     assert trainer.family_probabilities() == pytest.approx(dict.fromkeys(ATTACKER_FAMILIES, uniform))  # none seen yet
     # A constructed case: attackers of one family reach every query sample, the others a tenth.
@@ -476,7 +479,8 @@ def test_adversarial_sampling_shifts_towards_the_family_that_succeeds(tmp_path, 
 
 
 def test_persistent_attackers_restart_on_schedule_and_are_carried_onto_the_new_weights(tmp_path, data):
-    args = config(tmp_path, inner_steps=2, attacker_horizon=6, attacker_families=["sgd-momentum", "probe"])
+    # A horizon of 5 steps is followed in whole iterations of K = 2: 6 steps.
+    args = config(tmp_path, inner_steps=2, attacker_horizon=5, attacker_families=["sgd-momentum", "probe"])
     trainer = make_trainer(args, data)
     starts = {0: [], 1: []}
     seen = [None, None]

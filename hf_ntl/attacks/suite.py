@@ -24,9 +24,11 @@ from ..errors import InputError
 from .finetune import AttackSpec
 
 # The default budget grows with the data (see `AttackSpec.epochs`): at least DEFAULT_BUDGET["steps"]
-# steps, DEFAULT_BUDGET["epochs"] epochs beyond that, at most DEFAULT_BUDGET["max_steps"]. Chosen so
-# that scratch is converged at every count of the embedded pairs: doubling it moves scratch's accuracy
-# by less than a point (measured; README, "Measurement protocol").
+# steps, DEFAULT_BUDGET["epochs"] epochs beyond that, at most DEFAULT_BUDGET["max_steps"]. Doubling it
+# moves scratch's accuracy by less than a point at 8 of the bench's 12 (target, n) points; on
+# font-digits scratch keeps learning (n = 200: +8.3 points), so SLC-AUCs there overstate a model's head
+# start (measured by the bench's budget section; README, "Is scratch converged?"). A budget that
+# converges there would make every audit about four times longer.
 DEFAULT_BUDGET = {"steps": 150, "epochs": 15.0, "max_steps": 1200}
 DEFAULT_SUITE = tuple(
     dataclasses.replace(spec, **DEFAULT_BUDGET)

@@ -446,11 +446,11 @@ class SophonBaseTrainer(Trainer):
         for slot in range(config.environments):
             attacker = self.attackers[slot] if horizon else None
             if attacker is None or attacker.steps_taken >= attacker.lifetime:
-                lifetime = horizon or steps
+                lifetime = math.ceil(horizon / steps) * steps if horizon else steps  # whole iterations
                 if horizon and attacker is None:
                     # The first attackers live shorter lives, staggered per environment, so that restarts are
                     # spread over the iterations rather than all falling on the same one.
-                    lifetime = max(steps, (horizon - slot * horizon // config.environments) // steps * steps)
+                    lifetime = max(steps, (lifetime - slot * lifetime // config.environments) // steps * steps)
                 attacker = self._start_attacker(self.sample_attack(generator), generator, lifetime)
             self._advance(attacker, generator, meta_gradients)
             if horizon:

@@ -53,11 +53,11 @@ class SophonConfigBase(TrainingArguments):
     attacker_horizon: int = field(
         default=0,
         metadata={
-            "help": "Steps each simulated attacker is followed for (a multiple of inner_steps). Above inner_steps, an "
-            "environment keeps its "
-            "attacker across iterations (inner_steps more per iteration, carried onto the model's new weights) "
-            "and restarts it from the current model after this many, so the suppression loss sees where a long "
-            "fine-tuning run goes at the memory of a short one; 0: a fresh attacker every iteration (the paper)."
+            "help": "Steps each simulated attacker is followed for (rounded up to whole iterations of inner_steps). "
+            "Above inner_steps, an environment keeps its attacker across iterations (inner_steps more per "
+            "iteration, carried onto the model's new weights) and restarts it from the current model after this "
+            "many, so the suppression loss sees where a long fine-tuning run goes at the memory of a short one; "
+            "0: a fresh attacker every iteration (the paper)."
         },
     )
     small_data_probability: float = field(
@@ -132,12 +132,7 @@ class SophonConfigBase(TrainingArguments):
                 f"Every inner batch must be larger than query_size ({self.query_size}) to leave a support set; "
                 f"got inner_batch_sizes={self.inner_batch_sizes}.",
             ),
-            (
-                self.attacker_horizon == 0
-                or (self.attacker_horizon >= self.inner_steps and self.attacker_horizon % self.inner_steps == 0),
-                f"attacker_horizon must be 0 or a multiple of inner_steps ({self.inner_steps}), "
-                f"got {self.attacker_horizon}.",
-            ),
+            (self.attacker_horizon >= 0, f"attacker_horizon must be >= 0, got {self.attacker_horizon}."),
             (
                 0 <= self.small_data_probability <= 1,
                 f"small_data_probability must lie in [0, 1], got {self.small_data_probability}.",
@@ -203,6 +198,13 @@ class SophonConfig(SophonConfigBase):
         metadata={
             "help": "`ice` (paper: -log(1 - p_y)), `ice_neg_logits` (reference code: CE(-z, y)) or `klu` "
             "(KL from uniform, label-free)."
+        },
+    )
+    attacker_horizon: int = field(
+        default=100,
+        metadata={
+            "help": "Steps each simulated attacker is followed for (see SophonConfigBase; 0: a fresh attacker every "
+            "iteration, as the paper). 100 was chosen on validation against 0 and 200 (README)."
         },
     )
     attacker_families: list[str] = field(
