@@ -37,7 +37,7 @@ bench-budget: $(STAMP)
 bench-hub: $(STAMP)
 	$(BIN)/python benchmarks/bench.py --runs_dir runs/bench-hub --output_dir benchmarks/hub --sections hub
 
-# For iterating on a protection: the strongest attacks of the full bench, one seed, quality only.
+# For iterating on a protection: six attacks the full bench's worst case often picks, one seed, quality only.
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/bench.py --runs_dir runs/bench-quick --output_dir runs/bench-quick/results \
 		--sections quality --seeds 0 --attacks full lora-r16 sgdm-lr1e-2 sgdm-lr1e-1 adamw-lr1e-2 full-masked

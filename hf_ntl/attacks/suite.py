@@ -26,9 +26,10 @@ from .finetune import AttackSpec
 # The default budget grows with the data (see `AttackSpec.epochs`): at least DEFAULT_BUDGET["steps"]
 # steps, DEFAULT_BUDGET["epochs"] epochs beyond that, at most DEFAULT_BUDGET["max_steps"]. Doubling it
 # moves scratch's accuracy by less than a point at 8 of the bench's 12 (target, n) points; on
-# font-digits scratch keeps learning (n = 200: +8.3 points), so SLC-AUCs there overstate a model's head
-# start (measured by the bench's budget section; README, "Is scratch converged?"). A budget that
-# converges there would make every audit about four times longer.
+# font-digits scratch keeps learning (n = 200: +8.3 points, n = 1,147: +3.1), so SLC-AUCs there overstate
+# a model's head start; the other two (uci-digits and textured-digits at n = 50) are the validation pick's
+# noise (measured by the bench's budget section; README, "Is scratch converged?"). 1,200 steps at every n
+# would make the bench's quality section about five times longer.
 DEFAULT_BUDGET = {"steps": 150, "epochs": 15.0, "max_steps": 1200}
 DEFAULT_SUITE = tuple(
     dataclasses.replace(spec, **DEFAULT_BUDGET)
