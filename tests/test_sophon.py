@@ -599,6 +599,11 @@ def test_sophon_on_a_pruned_model_keeps_its_pruned_weights_exactly_zero(tmp_path
         trainer.suppression_step(iteration=0)  # one FTS step on its own
         zeros = [bool((param.view(-1)[::2] == 0).all()) for param in encoder_weights(trainer.model).values()]
         assert all(zeros) if keep else not any(zeros)
+        # An NTR backward: the pruned entries' gradients are zero as computed (before Trainer clips them).
+        trainer.model(pixel_values=trainer.guard_set.pixel_values[:8]).logits.square().sum().backward()
+        zeros = [bool((param.grad.view(-1)[::2] == 0).all()) for param in encoder_weights(trainer.model).values()]
+        assert all(zeros) if keep else not any(zeros)
+        trainer.model.zero_grad(set_to_none=True)
         trainer.train()
         saved = load_classifier(tmp_path / str(keep) / "sophon" / "checkpoint-4")
         for model in (trainer.model, saved):

@@ -153,15 +153,11 @@ class _SophonSchedule(TrainerCallback):
 
 
 class _KeepPruned(TrainerCallback):
-    """NTR steps on a pruned model: gradients of pruned weights zeroed before the optimiser (so that clipping and
-    the optimiser's moments see only the live weights), and the weights re-masked after it (before any
-    evaluation or checkpoint sees them)."""
+    """NTR steps on a pruned model: the weights re-masked after every optimiser step, before any evaluation or
+    checkpoint sees them (their gradients are masked as they are computed: `keep_pruned`)."""
 
     def __init__(self, trainer: SophonBaseTrainer) -> None:
         self.trainer = trainer
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer.mask_pruned(gradients=True)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer.mask_pruned()
@@ -225,6 +221,11 @@ class SophonBaseTrainer(Trainer):
         """Keep a pruned model pruned: the weights outside `masks` ({parameter name: live entries}) stay exactly
         zero through every FTS and NTR step, and no gradient reaches them."""
         self.pruning_masks = masks
+        params = dict(self.model.named_parameters())
+        for name, mask in masks.items():
+            # NTR's backward masks the gradient as it is computed, so that Trainer's clipping and the optimiser's
+            # moments see only the live weights (a callback would come after the clipping).
+            params[name].register_hook(lambda gradient, mask=mask: gradient * mask)
         self.add_callback(_KeepPruned(self))
 
     def mask_pruned(self, gradients: bool = False) -> None:
