@@ -105,13 +105,16 @@ class AttackerState:
     buffers: dict[str, torch.Tensor]
     parameters: Callable[[], dict[str, torch.Tensor]]
 
+    def frozen(self) -> dict[str, torch.Tensor]:
+        """The released tensors the attacker builds on without training them (the encoder under LoRA or a probe)."""
+        trained = {id(tensor) for tensor in self.trainable.values()}
+        return {name: t for name, t in self.released.items() if id(t) not in trained}
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor of the copy once, by role and name (full fine-tuning trains what it releases)."""
-        trained = {id(tensor) for tensor in self.trainable.values()}
-        frozen = {name: t for name, t in self.released.items() if id(t) not in trained}
         return (
             {f"trainable.{name}": t for name, t in self.trainable.items()}
-            | {f"released.{name}": t for name, t in frozen.items()}
+            | {f"released.{name}": t for name, t in self.frozen().items()}
             | {f"buffers.{name}": t for name, t in self.buffers.items()}
         )
 
@@ -421,12 +424,12 @@ class SophonBaseTrainer(Trainer):
             for attacker in self.attackers:
                 if attacker is None or attacker.steps_taken >= attacker.lifetime:
                     continue  # restarted from the current weights anyway
-                trained = {id(tensor) for tensor in attacker.state.trainable.values()}
+                frozen = attacker.state.frozen()
                 for name, tensor in attacker.state.released.items():
-                    if id(tensor) in trained:
-                        tensor.add_(current[name] - self.previous_weights[name])
-                    else:
+                    if name in frozen:
                         tensor.copy_(current[name])
+                    else:
+                        tensor.add_(current[name] - self.previous_weights[name])
             self.previous_weights = {name: p.clone() for name, p in current.items()}
 
     def suppression_step(self, iteration: int) -> None:

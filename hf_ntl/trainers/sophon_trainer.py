@@ -16,8 +16,7 @@ from datasets import Dataset
 from torch.nn import functional as F
 from transformers import PreTrainedModel
 
-from ..attacks import EncodedOnDemand, EncodedSplit
-from ..attacks.finetune import lora_target_modules, pruning_masks
+from ..attacks import EncodedOnDemand, EncodedSplit, lora_target_modules, pruning_masks
 from ..data.transforms import ImageClassificationCollator, ImagePreprocessor
 from ..errors import InputError
 from ..losses import SUPPRESSION_LOSSES
