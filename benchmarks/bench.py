@@ -107,7 +107,7 @@ from hf_ntl.evaluation import (
     write_report,
 )
 from hf_ntl.evaluation_diffusion import DiffusionEvaluateArguments, run_evaluation_diffusion
-from hf_ntl.leakage import check_test_overlap, test_hashes_by_size
+from hf_ntl.leakage import check_test_overlap, split_hashes_by_size
 from hf_ntl.metrics.learning_curve import CurvePoint, check_counts
 from hf_ntl.metrics.memory import peak_memory
 from hf_ntl.metrics.plots import plot_pair_heatmaps
@@ -310,6 +310,7 @@ def protect_config(
     config_class, _ = PROTECTIONS[method]
     options = ["--output_dir", str(folder), "--model_name_or_path", str(source_model)]
     options += ["--source_dataset", source, "--target_dataset", target, "--logging_strategy", "no"]
+    options += ["--audit_validation_samples", str(args.validation_samples)]  # what the audits choose on
     yaml_path = args.ntp_config if method == "ntp" else args.sophon_config
     return stage_config(config_class, yaml_path, options, f"protect-{method}")
 
@@ -407,7 +408,7 @@ def run_audit(request: dict[str, Any]) -> None:
     def test_at(size: int):
         return load_image_classification_dataset(target, image_size=size)["test"]
 
-    hashes = test_hashes_by_size(dataset["test"], preprocessor.image_size, test_at)
+    hashes = split_hashes_by_size(dataset["test"], preprocessor.image_size, test_at)
     test_overlap = check_test_overlap({label: str(path) for label, path in models.items()}, hashes)
     train = EncodedOnDemand(dataset["train"].select(pool_indices), preprocessor)
     validation = EncodedSplit.from_dataset(dataset["train"].select(validation_indices), preprocessor)
@@ -651,6 +652,7 @@ def diffusion(args: BenchArguments, runs: Path) -> dict[str, Any]:
     protected = folder / "sophon" / MODEL_SUBDIR
     options = ["--output_dir", str(folder / "sophon"), "--model_name_or_path", str(original)]
     options += ["--source_dataset", source, "--target_dataset", target, "--disable_tqdm", "true"]
+    options += ["--audit_validation_samples", str(args.diffusion_validation_samples)]
     config = stage_config(SophonDiffusionConfig, args.sophon_diffusion_config, options, "protect-sophon-diffusion")
     if not finished_run(folder / "sophon", run_identity("protect", config, "sophon-diffusion")):
         print(f"[diffusion] protecting it against {target} with SOPHON (DoS)")

@@ -170,7 +170,7 @@ def build_card(
         ],
         steps_note=", ".join(f"n = {n}: {'/'.join(map(str, steps[n]))} steps" for n in report["counts"]),
         max_steps=max(max(per_count) for per_count in steps.values()),
-        leakage_note=_leakage_note(report["test_overlap"]),
+        leakage_note=_leakage_note(report["test_overlap"], report.get("validation_overlap")),
         label_encoding_note=_label_encoding_note(record.get("label_encoding")),
         scratch=SCRATCH,
         percent=_percent,
@@ -279,7 +279,7 @@ def build_diffusion_card(
         ],
         describe=describe_attack,
         max_steps=max(spec["steps"] for spec in report["suite"]),
-        leakage_note=_leakage_note(report["test_overlap"]),
+        leakage_note=_leakage_note(report["test_overlap"], report.get("validation_overlap")),
         scratch=SCRATCH,
         embedded_note=EMBEDDED_DOMAINS_NOTE,
         has_plot=(report_dir / DIFFUSION_PLOTS[0]).is_file(),
@@ -300,8 +300,9 @@ def _label_encoding_note(encoding: dict[str, Any] | None) -> str | None:
     return f"Labels were encoded from the string column `{encoding['column']}`: {shown}{rest}."
 
 
-def _leakage_note(overlap: dict[str, Any]) -> str:
-    """What the card says of the leakage guard's check of the test split against the training records."""
+def _leakage_note(overlap: dict[str, Any], validation: dict[str, Any] | None) -> str:
+    """What the card says of the leakage guard's check of the test split (and of the validation split the worst
+    case is chosen on; `None` for a report written before that was checked) against the training records."""
     sets = sum(len(per_model) for per_model in overlap["counts"].values())
     unrecorded = sorted({path for paths in overlap["unrecorded"].values() for path in paths})
     if overlap["total"]:
@@ -316,6 +317,15 @@ def _leakage_note(overlap: dict[str, Any]) -> str:
             f"the {sets} sample sets this model's records (and its original's) say were trained on hold none of the "
             "test images (hashes of every image compared before any fine-tuning)."
         )
+    if validation is None:
+        note += " The validation images the worst case is chosen on were not checked (an older report)."
+    elif validation["total"]:
+        note += (
+            f" **{validation['total']} of the validation images the worst case is chosen on were trained on** "
+            "(allowed): the choice of attack may favour the model."
+        )
+    elif sets:
+        note += " Nor do they hold any of the validation images the worst case is chosen on."
     if unrecorded:
         note += f" No record of training data for: {', '.join(unrecorded)} (not checked)."
     return note

@@ -44,9 +44,9 @@ from .attacks.finetune import (
 from .attacks.suite import load_suite
 from .data import ImagePreprocessor, class_names, load_image_classification_dataset, stratified_order
 from .data.fingerprint import SampleSet
-from .data.loading import label_encoding, validation_split
+from .data.loading import AUDIT_VALIDATION_SAMPLES, label_encoding, validation_split
 from .errors import InputError
-from .leakage import check_test_overlap, test_hashes_by_size
+from .leakage import check_audit_overlap
 from .metrics import predict_accuracy
 from .metrics.learning_curve import (
     CurvePoint,
@@ -86,7 +86,7 @@ class EvaluateArguments:
         metadata={"help": "Fractions of the target train split (less the validation split) instead of counts."},
     )
     validation_samples: int = field(
-        default=200,
+        default=AUDIT_VALIDATION_SAMPLES,
         metadata={
             "help": "Target train samples held out to choose the worst-case attack per n (fixed by the data set; "
             "never in a learning-curve subset)."
@@ -103,7 +103,8 @@ class EvaluateArguments:
     allow_test_overlap: bool = field(
         default=False,
         metadata={
-            "help": "Go on when test images were trained on (a deliberate experiment; the report and card say so)."
+            "help": "Go on when test (or validation) images were trained on (a deliberate experiment; the report "
+            "and card say so)."
         },
     )
     mixed_precision: str | None = field(
@@ -284,6 +285,7 @@ class AuditPlan:
     splits: dict[str, Dataset]
     samples: dict[str, Any]
     test_overlap: dict[str, Any]
+    validation_overlap: dict[str, Any]
 
     @property
     def runs(self) -> int:
@@ -314,8 +316,9 @@ def plan_evaluation(args: EvaluateArguments) -> AuditPlan:
     paths = {"model": args.model_name_or_path}
     if args.original_model_name_or_path:
         paths["original"] = args.original_model_name_or_path
-    hashes = test_hashes_by_size(dataset["test"], preprocessor.image_size, lambda size: load_target(size)["test"])
-    test_overlap = check_test_overlap(paths, hashes, allow_overlap=args.allow_test_overlap)
+    overlap = check_audit_overlap(
+        paths, dataset, preprocessor.image_size, load_target, validation_indices, args.allow_test_overlap
+    )
 
     model_sparsity = sparsity(model)
     suite = load_suite(args.suite, pruned=model_sparsity >= 0.01, steps=args.steps, only=args.attacks)
@@ -344,7 +347,8 @@ def plan_evaluation(args: EvaluateArguments) -> AuditPlan:
         seeds=list(args.seeds),
         splits={role: split for role, (split, _) in roles.items()},
         samples=samples,
-        test_overlap=test_overlap,
+        test_overlap=overlap["test"],
+        validation_overlap=overlap["validation"],
     )
 
 
@@ -381,6 +385,7 @@ def run_evaluation(args: EvaluateArguments, progress: bool = True) -> dict[str, 
         "target_test_samples": len(test),
         "samples": plan.samples,
         "test_overlap": plan.test_overlap,
+        "validation_overlap": plan.validation_overlap,
         "counts": counts,
         "fractions": [n / available for n in counts],
         "seeds": list(args.seeds),
@@ -460,6 +465,7 @@ def dry_run(args: EvaluateArguments) -> dict[str, Any]:
         "runs": plan.runs,
         "steps_per_count": {n: sorted({spec.steps_for(n) for spec in plan.suite}) for n in plan.counts},
         "test_overlap": plan.test_overlap["total"],
+        "validation_overlap": plan.validation_overlap["total"],
         "estimated_seconds": per_seed_and_model * (len(plan.models) + 1) * len(plan.seeds),
     }
 

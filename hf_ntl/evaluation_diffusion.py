@@ -33,7 +33,7 @@ from .data.fingerprint import SampleSet
 from .data.loading import SPLIT_SEED, stratified_subset, validation_split
 from .errors import InputError
 from .evaluation import SCRATCH, process_state
-from .leakage import check_test_overlap, test_hashes_by_size
+from .leakage import check_audit_overlap
 from .metrics.denoising import generate_samples, mean_denoising_mse, timestep_grid
 from .metrics.learning_curve import check_counts
 from .metrics.plots import plot_denoising_curves, plot_sample_grid
@@ -83,7 +83,10 @@ class DiffusionEvaluateArguments:
     )
     allow_test_overlap: bool = field(
         default=False,
-        metadata={"help": "Go on when test images were trained on (a deliberate experiment; the report says so)."},
+        metadata={
+            "help": "Go on when test (or validation) images were trained on (a deliberate experiment; the report "
+            "says so)."
+        },
     )
     eval_timesteps: int = field(default=10, metadata={"help": "Timesteps of the denoising-MSE grid."})
     mixed_precision: str | None = field(
@@ -173,6 +176,7 @@ class DiffusionPlan:
     grid: list[int]
     samples: dict[str, Any]
     test_overlap: dict[str, Any]
+    validation_overlap: dict[str, Any]
 
     def mse(self, model: torch.nn.Module, domain: str) -> float:
         """Denoising MSE of `model` on `validation`, or on the `restricted` or `original` test images."""
@@ -206,12 +210,14 @@ def plan_evaluation_diffusion(args: DiffusionEvaluateArguments) -> DiffusionPlan
     paths = {"model": args.model_name_or_path}
     if args.original_model_name_or_path:
         paths["original"] = args.original_model_name_or_path
-    hashes = test_hashes_by_size(
-        target["test"],
+    overlap = check_audit_overlap(
+        paths,
+        target,
         size,
-        lambda other: load_image_classification_dataset(args.target_dataset, image_size=other)["test"],
+        lambda other: load_image_classification_dataset(args.target_dataset, image_size=other),
+        validation_indices,
+        args.allow_test_overlap,
     )
-    test_overlap = check_test_overlap(paths, hashes, allow_overlap=args.allow_test_overlap)
 
     def scored(split):  # a stratified subset fixed by the data set when the split is larger than test_samples
         return stratified_subset(split, args.test_samples, seed=SPLIT_SEED) if len(split) > args.test_samples else split
@@ -241,7 +247,8 @@ def plan_evaluation_diffusion(args: DiffusionEvaluateArguments) -> DiffusionPlan
         orders={seed: torch.from_numpy(stratified_order(pool_labels, seed)) for seed in args.seeds},
         grid=timestep_grid(scheduler, args.eval_timesteps),
         samples=samples,
-        test_overlap=test_overlap,
+        test_overlap=overlap["test"],
+        validation_overlap=overlap["validation"],
     )
 
 
@@ -311,6 +318,7 @@ def run_evaluation_diffusion(args: DiffusionEvaluateArguments, progress: bool = 
         "validation_samples": len(plan.validation),
         "samples": plan.samples,
         "test_overlap": plan.test_overlap,
+        "validation_overlap": plan.validation_overlap,
         "mixed_precision": args.mixed_precision,
         "suite": [spec.to_dict() for spec in plan.suite],
         "mse_before_attack": before,

@@ -3,20 +3,22 @@
 Every training stage records the samples it used (`hf_ntl_samples.json`, see
 `hf_ntl.data.fingerprint`); a protected model's record names the model it started from, so the
 whole chain (source fit, protection, guard set) is followed back. `check_test_overlap` counts the
-test images found in each recorded sample set, before any fine-tuning starts, and refuses to go on
-when there are any, unless the user says the overlap is deliberate.
+test images (and, called again, the validation images the worst case is chosen on) found in each
+recorded sample set, before any fine-tuning starts, and refuses to go on when there are any, unless
+the user says the overlap is deliberate.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset
+from datasets import Dataset, DatasetDict
 
 from .artifacts import read_record, read_samples
 from .data.fingerprint import SampleSet, image_hashes
+from .data.loading import AUDIT_VALIDATION_SAMPLES
 from .errors import InputError
 from .models import TINY_PRESETS, TINY_UNET_PRESET
 
@@ -56,22 +58,22 @@ def training_samples(model_path: str | Path) -> tuple[dict[str, SampleSet], list
     return found, unrecorded
 
 
-def test_hashes_by_size(
-    test: Dataset, image_size: int, load_test_at: Callable[[int], Dataset]
+def split_hashes_by_size(
+    split: Dataset, image_size: int, load_split_at: Callable[[int], Dataset]
 ) -> Callable[[int | None], set[str]]:
-    """`size -> hashes of the test split rendered at size`, for `check_test_overlap`.
+    """`size -> hashes of the split (test or validation) rendered at size`, for `check_test_overlap`.
 
-    `test` is the split as the audit loaded it (at `image_size`). An embedded domain's pixels depend
-    on the size it was rendered at, so a sample set recorded at another size is compared with the
-    test split rendered at that size (`load_test_at(size)`); stored images (size `None`) are compared
-    as they are.
+    `split` is as the audit loaded it (at `image_size`). An embedded domain's pixels depend on the
+    size it was rendered at, so a sample set recorded at another size is compared with the split
+    rendered at that size (`load_split_at(size)`); stored images (size `None`) are compared as they
+    are.
     """
     cache: dict[int, set[str]] = {}
 
     def hashes(size: int | None) -> set[str]:
         key = image_size if size is None else size
         if key not in cache:
-            cache[key] = set(image_hashes(test if key == image_size else load_test_at(key)))
+            cache[key] = set(image_hashes(split if key == image_size else load_split_at(key)))
         return cache[key]
 
     return hashes
@@ -81,21 +83,25 @@ def check_test_overlap(
     models: dict[str, str],
     test_hashes: Callable[[int | None], set[str]],
     allow_overlap: bool = False,
+    split: str = "test",
 ) -> dict[str, Any]:
-    """Count, per model and recorded sample set, the test images it holds; refuse any unless allowed.
+    """Count, per model and recorded sample set, the images of `split` it holds; refuse any unless allowed.
 
     Args:
         models: label ("model", "original") -> path of each model under audit.
-        test_hashes: `image_size -> hashes of the test split rendered at that size` (the size
-            matters for embedded domains only; it is `None` for stored images).
-        allow_overlap: go on, and say so in the report, when test images were trained on.
+        test_hashes: `image_size -> hashes of the split rendered at that size` (the size matters for
+            embedded domains only; it is `None` for stored images).
+        allow_overlap: go on, and say so in the report, when images of the split were trained on.
+        split: `"test"` (what figures are reported on) or `"validation"` (what the worst case is
+            chosen on: a protection trained on it would steer the choice away from the attacks it
+            resists least).
 
     Returns:
-        The report's `test_overlap` entry: `{"counts": {label: {sample set: count}}, "unrecorded":
-        {label: [...]}, "allowed": allow_overlap, "total": n}`.
+        The report's `test_overlap` (or `validation_overlap`) entry: `{"counts": {label: {sample set:
+        count}}, "unrecorded": {label: [...]}, "allowed": allow_overlap, "total": n}`.
 
     Raises:
-        TestOverlapError: some test images were trained on and `allow_overlap` is false.
+        TestOverlapError: some images of the split were trained on and `allow_overlap` is false.
     """
     counts: dict[str, dict[str, int]] = {}
     unrecorded: dict[str, list[str]] = {}
@@ -106,9 +112,50 @@ def check_test_overlap(
     total = sum(n for per_model in counts.values() for n in per_model.values())
     if total and not allow_overlap:
         found = "; ".join(f"{label}: {name} holds {n}" for label, c in counts.items() for name, n in c.items() if n)
+        if split == "validation":
+            consequence = (
+                "The audit would choose its worst case on images a protection was trained on: protect with "
+                "audit_validation_samples at least evaluate's --validation_samples (the protections' default is "
+                f"{AUDIT_VALIDATION_SAMPLES}), or lower --validation_samples"
+            )
+        else:
+            consequence = (
+                "The audit would score a model on images it has seen: evaluate on a test split disjoint from every "
+                "stage's training data"
+            )
         raise TestOverlapError(
-            f"{total} test image(s) of the target were trained on ({found}). The audit would score a model on "
-            "images it has seen: evaluate on a test split disjoint from every stage's training data, or pass "
+            f"{total} {split} image(s) of the target were trained on ({found}). {consequence}; or pass "
             "--allow_test_overlap for a deliberate experiment (the report and card then say so)."
         )
     return {"counts": counts, "unrecorded": unrecorded, "allowed": allow_overlap, "total": total}
+
+
+def check_audit_overlap(
+    models: dict[str, str],
+    target: DatasetDict,
+    image_size: int,
+    load_target_at: Callable[[int], DatasetDict],
+    validation_indices: Sequence[int],
+    allow_overlap: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """The leakage guard of an audit: its test split, then its validation split (`validation_indices` of the
+    target's train split), each checked with `check_test_overlap` against every sample set the models' records name.
+
+    Args:
+        target: the target data set as the audit loaded it, at `image_size`.
+        load_target_at: `size -> the target data set rendered at size` (for sample sets recorded at other sizes).
+
+    Returns:
+        `{"test": the report's test_overlap, "validation": its validation_overlap}`.
+    """
+    selections: dict[str, Callable[[DatasetDict], Dataset]] = {
+        "test": lambda splits: splits["test"],
+        "validation": lambda splits: splits["train"].select(validation_indices),
+    }
+    found = {}
+    for split, select in selections.items():
+        hashes = split_hashes_by_size(
+            select(target), image_size, lambda size, select=select: select(load_target_at(size))
+        )
+        found[split] = check_test_overlap(models, hashes, allow_overlap, split=split)
+    return found

@@ -282,6 +282,38 @@ def reinitialise_head(model: PreTrainedModel, seed: int = 0) -> None:
                 module.reset_parameters()
 
 
+def last_stage(model: PreTrainedModel) -> nn.Module:
+    """The backbone's last stage: the last block of the `nn.ModuleList` that holds most of its parameters.
+
+    That list is the stack of stages or blocks every Hub vision backbone keeps (`encoder.stages` of a
+    ResNet or ConvNeXt, `layers` of a ViT, `encoder.layers` of a Swin); its last element computes the
+    features the head reads.
+    """
+    stacks = [module for module in model.base_model.modules() if isinstance(module, nn.ModuleList) and len(module)]
+    if not stacks:
+        raise InputError(
+            f"{type(model).__name__} has no stack of stages (no nn.ModuleList in its backbone): an attack that "
+            "re-initialises the last stage cannot run on it; leave reinit_last_stage off."
+        )
+    return max(stacks, key=lambda stack: sum(p.numel() for p in stack.parameters()))[-1]
+
+
+def reinitialise_last_stage(model: PreTrainedModel, seed: int = 0) -> None:
+    """Give the backbone's last stage (`last_stage`) fresh weights, as an attacker who keeps only the early
+    features would: PyTorch's default initialisation of every layer that has one (convolutions, linears, norms,
+    with their running statistics).
+
+    Not `PreTrainedModel._init_weights`: on a model loaded with `from_pretrained`, transformers 5 marks every
+    loaded parameter as initialised and that method then leaves it as it is. Parameters held outside such layers
+    (ConvNeXt's layer scale) keep their values.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in last_stage(model).modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+
 # ---------------------------------------------------------------------------------------- diffusion
 
 TINY_UNET_PRESET = "tiny-unet"

@@ -42,7 +42,7 @@ from .data import (
     stratified_subset,
 )
 from .data.fingerprint import SampleSet
-from .data.loading import SPLIT_SEED, label_encoding
+from .data.loading import SPLIT_SEED, label_encoding, validation_split
 from .errors import InputError
 from .metrics import predict_accuracy
 from .metrics.denoising import mean_denoising_mse, timestep_grid
@@ -52,6 +52,7 @@ from .trainers import (
     NTPConfig,
     NTPTrainer,
     SophonConfig,
+    SophonConfigBase,
     SophonDiffusionConfig,
     SophonDiffusionTrainer,
     SophonTrainer,
@@ -76,6 +77,23 @@ def _fraction(dataset: Dataset, fraction: float, seed: int, skip: int = 0) -> Da
     order = stratified_order(dataset["label"], seed=seed)
     count = min(max(1, round(fraction * len(dataset))), len(dataset) - skip)
     return dataset.select(order[skip : skip + count])
+
+
+def _target_pool(train: Dataset, config: NTPConfig | SophonConfigBase) -> Dataset:
+    """The target train split less the `config.audit_validation_samples` an audit chooses its worst case on.
+
+    Those are `validation_split`'s, as `evaluate` carves them: were a protection to train on them, the
+    audit would pick its attacks on images the model was made to resist (the leakage guard refuses that).
+    """
+    reserved = config.audit_validation_samples
+    if not reserved:
+        return train
+    if reserved >= len(train):
+        raise InputError(
+            f"audit_validation_samples ({reserved}) leaves nothing of {config.target_dataset}'s {len(train)} train "
+            "samples to protect with: lower it (and evaluate's --validation_samples with it)."
+        )
+    return train.select(validation_split(train["label"], reserved)[1])
 
 
 def _sample_sets(used: dict[str, Dataset], config: Any, image_size: int) -> dict[str, SampleSet]:
@@ -155,7 +173,7 @@ def run_ntp(config: NTPConfig) -> dict[str, Any]:
 
     def make_trainer(model, preprocessor, source, target):
         source_train = _fraction(source["train"], config.source_fraction, config.seed)
-        target_train = _fraction(target["train"], config.target_fraction, config.seed)
+        target_train = _fraction(_target_pool(target["train"], config), config.target_fraction, config.seed)
         trainer = NTPTrainer(
             model, config, source_train, target_train, preprocessor=preprocessor, source_eval=source["test"]
         )
@@ -179,7 +197,7 @@ def run_sophon(config: SophonConfig) -> dict[str, Any]:
             )
         guard = stratified_subset(train, config.guard_samples, seed=config.seed)
         source_train = _fraction(train, config.source_fraction, config.seed, skip=config.guard_samples)
-        target_train = _fraction(target["train"], config.target_fraction, config.seed)
+        target_train = _fraction(_target_pool(target["train"], config), config.target_fraction, config.seed)
         trainer = SophonTrainer(model, config, source_train, target_train, preprocessor, guard_eval=guard)
         return trainer, {"source train": source_train, "guard": guard, "target train": target_train}
 
@@ -229,7 +247,7 @@ def run_sophon_diffusion(config: SophonDiffusionConfig) -> dict[str, Any]:
     used = {
         "guard": stratified_subset(train, config.guard_samples, seed=config.seed),
         "source train": _fraction(train, config.source_fraction, config.seed, skip=config.guard_samples),
-        "target train": _fraction(target["train"], config.target_fraction, config.seed),
+        "target train": _fraction(_target_pool(target["train"], config), config.target_fraction, config.seed),
     }
     samples = _sample_sets(used, config, size)
     guard, source_train, target_train = (encode(used[role]) for role in ("guard", "source train", "target train"))

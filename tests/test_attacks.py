@@ -94,6 +94,10 @@ def test_default_suite_covers_the_threat_model():
         rates = [spec.learning_rate for spec in suite if spec.optimizer in optimizers]
         assert max(rates) / min(rates) >= 100, optimizers  # at least two decades
     assert MASKED_ATTACK not in suite and MASKED_ATTACK in load_suite("default", pruned=True)
+    # Beyond every simulated attacker: a re-initialised last stage, and a scheduled run of twice the budget.
+    assert any(spec.reinit_last_stage and spec.trainable == "all" for spec in suite)
+    longest = max(suite, key=lambda spec: spec.steps_for(200))
+    assert longest.lr_scheduler == "cosine" and longest.warmup_ratio > 0
     assert [spec.name for spec in suite] == [spec.name for spec in DEFAULT_SUITE]
 
 
@@ -105,7 +109,8 @@ def test_epoch_budgets_give_the_documented_step_counts():
     ]  # fmt: skip
     assert AttackSpec("fixed", steps=150, batch_size=32).steps_for(1147) == 150  # no epochs: a fixed budget
     assert AttackSpec("half", steps=1, epochs=0.5, batch_size=10).steps_for(95) == 5
-    assert all(s.steps_for(1147) == 540 for s in load_suite("default", pruned=True))
+    steps = {s.name: s.steps_for(1147) for s in load_suite("default", pruned=True)}
+    assert steps.pop("adamw-cosine-2x") == 1080 and set(steps.values()) == {540}  # twice the budget, the rest once
     with pytest.raises(ValueError, match="below the floor"):
         AttackSpec("x", steps=100, epochs=1, max_steps=50)
     with pytest.raises(ValueError, match="epochs must be positive"):

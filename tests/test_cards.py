@@ -3,7 +3,7 @@ from huggingface_hub import HfApi, ModelCard
 
 from hf_ntl import cards
 from hf_ntl.artifacts import read_record, write_record
-from hf_ntl.cards import build_card, push_to_hub, write_card
+from hf_ntl.cards import _leakage_note, build_card, push_to_hub, write_card
 from hf_ntl.data import ImagePreprocessor
 from hf_ntl.errors import InputError
 from hf_ntl.evaluation import EvaluateArguments, read_report, run_evaluation
@@ -129,9 +129,18 @@ def test_card_says_when_the_leakage_check_could_not_be_made(audited):
     text = build_card(model_dir, audit).text
     # Neither folder records its training data (written by hand above): the card must not claim a check.
     assert "**Leakage check**: not possible" in text and "hold none of the test images" not in text
+    assert "validation images" not in text
     unchecked = text.split("No record of training data for: ")[1].split(" (not checked)")[0]
     assert sorted(unchecked.split(", ")) == sorted([str(model_dir), str(model_dir.parent.parent / "original")])
     assert "n = 10: 2 steps, n = 20: 2 steps" in text  # the budget each n got
+
+
+def test_leakage_note_says_what_was_checked_on_the_validation_split():
+    clean = {"counts": {"model": {"protection: target train [m]": 0}}, "unrecorded": {"model": []}, "total": 0}
+    leaky = {**clean, "counts": {"model": {"protection: target train [m]": 4}}, "total": 4, "allowed": True}
+    assert "Nor do they hold any of the validation images" in _leakage_note(clean, clean)
+    assert "**4 of the validation images the worst case is chosen on were trained on**" in _leakage_note(clean, leaky)
+    assert "were not checked (an older report)" in _leakage_note(clean, None)
 
 
 def test_card_says_how_string_labels_were_encoded(audited, monkeypatch):

@@ -9,6 +9,7 @@ from hf_ntl.artifacts import write_record, write_samples
 from hf_ntl.attacks import EncodedOnDemand, EncodedSplit, load_suite
 from hf_ntl.data import load_image_classification_dataset, stratified_order
 from hf_ntl.data.fingerprint import SampleSet
+from hf_ntl.data.loading import validation_split
 from hf_ntl.data.transforms import ImagePreprocessor
 from hf_ntl.evaluation import EvaluateArguments, report_tables, run_attacks, run_evaluation
 from hf_ntl.leakage import TestOverlapError, training_samples
@@ -167,7 +168,7 @@ def test_leakage_guard_refuses_test_images_before_any_fine_tuning(checkpoints, t
         shutil.copytree(checkpoints / "ten", folder)
     # Three test scans hidden among train scans, as the seed-dependent split once did.
     _trained_on(leaky, concatenate_datasets([uci["train"].select(range(20)), uci["test"].select([0, 5, 9])]))
-    _trained_on(clean, uci["train"].select(range(23)))
+    _trained_on(clean, uci["train"].select(validation_split(uci["train"]["label"], 200)[1][:23]))
 
     def no_training(*args, **kwargs):
         raise AssertionError("fine-tuning started before the leakage check")
@@ -185,6 +186,34 @@ def test_leakage_guard_refuses_test_images_before_any_fine_tuning(checkpoints, t
     overlap = run_evaluation(allowed, progress=False)["test_overlap"]
     assert overlap["allowed"] and overlap["total"] == 3
     assert overlap["counts"]["model"] == {f"protection: target train [{leaky}]": 3}
+
+
+def test_leakage_guard_refuses_a_protection_trained_on_the_validation_split(checkpoints, tmp_path, monkeypatch):
+    uci = load_image_classification_dataset("uci-digits")["train"]
+    validation, pool = validation_split(uci["label"], 200)
+    beyond_150 = sorted(set(validation) - set(validation_split(uci["label"], 150)[0]))  # smaller splits nest
+    leaky = tmp_path / "leaky"
+    shutil.copytree(checkpoints / "ten", leaky)
+    # What a protection drawing from the whole train split once did: four of the audit's validation images.
+    _trained_on(leaky, uci.select([*pool[:20], *beyond_150[:4]]))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("fine-tuning started before the leakage check")
+
+    monkeypatch.setattr("hf_ntl.evaluation.finetuned_accuracies", no_training)
+    with pytest.raises(
+        TestOverlapError, match=r"4 validation image\(s\).*audit_validation_samples.*--allow_test_overlap"
+    ):
+        run_evaluation(arguments(checkpoints, model_name_or_path=str(leaky)), progress=False)
+    # Fewer validation samples than the protection reserved: the audit chooses on images it never saw.
+    monkeypatch.undo()
+    smaller = run_evaluation(
+        arguments(checkpoints, model_name_or_path=str(leaky), validation_samples=150, seeds=[0]), progress=False
+    )
+    assert smaller["validation_overlap"]["total"] == 0 == smaller["test_overlap"]["total"]
+    allowed = arguments(checkpoints, model_name_or_path=str(leaky), seeds=[0], allow_test_overlap=True)
+    overlap = run_evaluation(allowed, progress=False)["validation_overlap"]
+    assert overlap["allowed"] and overlap["counts"]["model"] == {f"protection: target train [{leaky}]": 4}
 
 
 def test_leakage_guard_follows_the_chain_of_records_to_the_source_fit(checkpoints, tmp_path):

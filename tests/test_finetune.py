@@ -7,7 +7,7 @@ from hf_ntl.attacks import AttackSpec, EncodedOnDemand, EncodedSplit, finetune, 
 from hf_ntl.data import ImagePreprocessor, load_image_classification_dataset
 from hf_ntl.metrics import predict_accuracy
 from hf_ntl.metrics.learning_curve import check_counts, counts_from_fractions, scratch_copy
-from hf_ntl.models import build_tiny_classifier
+from hf_ntl.models import build_tiny_classifier, last_stage, load_classifier
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +87,45 @@ def test_head_reinitialisation_is_seeded(shapes):
     a, b = finetune(model, train, spec, seed=1), finetune(model, train, spec, seed=1)
     assert not torch.equal(a.classifier.weight, model.classifier.weight)
     assert torch.equal(a.classifier.weight, b.classifier.weight)
+
+
+@pytest.mark.parametrize("preset", ["tiny-resnet", "tiny-vit", "tiny-convnext"])
+def test_reinit_last_stage_starts_the_last_stage_afresh_and_keeps_the_earlier_ones(shapes, preset, tmp_path):
+    train, _ = shapes
+    # Loaded with from_pretrained, as an attacked checkpoint is (transformers marks its weights initialised).
+    build_tiny_classifier(preset, 10, seed=3).save_pretrained(tmp_path)
+    model = load_classifier(tmp_path)
+    stage = next(f"{name}." for name, module in model.named_modules() if module is last_stage(model))
+    first = next(name for name, p in model.named_parameters() if p.ndim >= 2)
+    before = parameters(model)
+    # An SGD step too small to move anything: what differs was re-initialised.
+    spec = AttackSpec(reinit_last_stage=True, steps=1, learning_rate=1e-12, optimizer="sgd")
+    tuned = finetune(model, train, spec, seed=1)
+    moved = {name for name, p in tuned.named_parameters() if not torch.allclose(p, before[name], atol=1e-9, rtol=0)}
+    kernels = {name for name, p in model.named_parameters() if name.startswith(stage) and p.ndim >= 2}
+    assert kernels and kernels <= moved and all(name.startswith(stage) for name in moved)
+    assert first not in moved  # the earlier stages are kept
+    again = finetune(model, train, spec, seed=1)
+    assert all(torch.equal(p, dict(again.named_parameters())[n]) for n, p in tuned.named_parameters())
+
+
+def test_warm_up_starts_the_learning_rate_from_zero(shapes):
+    train, _ = shapes
+    model = build_tiny_classifier("tiny-resnet", 10)
+    everything = len(train)  # one batch of every sample: both runs see the same batches
+    warm = AttackSpec(
+        steps=2, optimizer="sgd", learning_rate=0.1, batch_size=everything, lr_scheduler="cosine", warmup_ratio=0.5
+    )
+    plain = AttackSpec(steps=1, optimizer="sgd", learning_rate=0.1, batch_size=everything)
+    # Step 1 of the warmed-up run has learning rate 0, step 2 the peak: the same weights as one plain step.
+    warmed, stepped = finetune(model, train, warm), finetune(model, train, plain)
+    for name, p in stepped.named_parameters():
+        torch.testing.assert_close(dict(warmed.named_parameters())[name], p, rtol=1e-4, atol=1e-6)
+    assert not torch.equal(stepped.classifier[1].weight, model.classifier[1].weight)
+    with pytest.raises(ValueError, match="warmup_ratio must lie in"):
+        AttackSpec(warmup_ratio=0.1)  # a constant schedule has no warm-up
+    with pytest.raises(ValueError, match="lr_scheduler must be one of"):
+        AttackSpec(lr_scheduler="one-cycle")
 
 
 def test_finetuning_learns(shapes):

@@ -10,9 +10,10 @@ import torch
 from hf_ntl.artifacts import read_samples
 from hf_ntl.data import ImagePreprocessor, load_image_classification_dataset, stratified_subset
 from hf_ntl.data.fingerprint import image_hashes
+from hf_ntl.data.loading import AUDIT_VALIDATION_SAMPLES, validation_split
 from hf_ntl.losses import capped_cross_entropy, fisher_ratio
 from hf_ntl.models import build_tiny_classifier, load_classifier
-from hf_ntl.protect import run_ntp
+from hf_ntl.protect import _target_pool, run_ntp
 from hf_ntl.pruning import STATE_TENSORS, AdmmState, keep_count, project_topk
 from hf_ntl.trainers import NTPConfig, NTPTrainer
 
@@ -224,7 +225,8 @@ def test_run_ntp_saves_a_protected_model_with_its_record(tmp_path):
     saved = json.loads((folder / "hf_ntl.json").read_text())
     assert saved["method"] == "ntp" and saved["config"]["sparsity"] == 0.8
     assert saved["sparsity"]["overall"] == pytest.approx(0.8, abs=1e-5) == record["sparsity"]["overall"]
-    assert saved["data"] == {"source_train_samples": 67, "target_train_samples": 50}
+    # 1% of textured-shapes' 5,000 train images less the 200 an audit chooses on.
+    assert saved["data"] == {"source_train_samples": 67, "target_train_samples": 48}
     assert 0 <= saved["source_accuracy_after"] <= 1 and saved["source_accuracy_before"] is not None
     assert [r["round"] for r in saved["admm_rounds"]] == [1, 2] and 0 <= saved["final_probe_train_accuracy"] <= 1
     assert (folder / "model.safetensors").exists() and not list(folder.glob("*.bin"))
@@ -238,6 +240,23 @@ def test_run_ntp_saves_a_protected_model_with_its_record(tmp_path):
     trained = set(samples["protection: source train"].hashes)
     assert len(trained) == 67 and trained <= set(image_hashes(uci["train"]))
     assert not trained & set(image_hashes(uci["test"]))
+    # Nor is any target sample among the validation images an audit chooses its worst case on.
+    shapes = load_image_classification_dataset("textured-shapes")["train"]
+    validation = shapes.select(validation_split(shapes["label"], AUDIT_VALIDATION_SAMPLES)[0])
+    assert not set(samples["protection: target train"].hashes) & set(image_hashes(validation))
+
+
+def test_protections_leave_the_audit_validation_split_out_of_their_target_data(tmp_path):
+    uci = load_image_classification_dataset("uci-digits")["train"]
+    validation, rest = validation_split(uci["label"], 150)
+    pool = _target_pool(uci, config(tmp_path, audit_validation_samples=150))
+    assert sorted(image_hashes(pool)) == sorted(image_hashes(uci.select(rest)))
+    assert not set(image_hashes(pool)) & set(image_hashes(uci.select(validation)))
+    assert _target_pool(uci, config(tmp_path, audit_validation_samples=0)) is uci  # a deliberate opt-out
+    with pytest.raises(ValueError, match=r"audit_validation_samples \(1347\) leaves nothing.*lower it"):
+        _target_pool(uci, config(tmp_path, audit_validation_samples=1347))
+    with pytest.raises(ValueError, match="audit_validation_samples must be >= 0"):
+        config(tmp_path, audit_validation_samples=-1)
 
 
 def test_bad_configurations_are_refused_early(tmp_path, data):

@@ -18,16 +18,24 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, get_scheduler
 
 from ..data.transforms import ImagePreprocessor
 from ..errors import InputError
 from ..metrics import predict_accuracy
-from ..models import autocast, classification_head, classification_head_name, head_linear, reinitialise_head
+from ..models import (
+    autocast,
+    classification_head,
+    classification_head_name,
+    head_linear,
+    reinitialise_head,
+    reinitialise_last_stage,
+)
 
 OPTIMIZERS = ("sgd", "sgd-momentum", "adam", "adamw")
 TRAINABLE = ("all", "head", "lora")
 MASK_POLICIES = ("dense", "masked")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 
 
 @dataclass(frozen=True)
@@ -40,8 +48,15 @@ class AttackSpec:
             `"lora"` (low-rank adapters on every conv/linear layer of the encoder via `peft`,
             with the head trainable).
         reinit_head: discard the released head and start from a fresh one.
+        reinit_last_stage: also discard the backbone's last stage (`hf_ntl.models.last_stage`) and
+            start it afresh, keeping only the earlier features: an attacker who suspects the late
+            layers were made to resist.
         optimizer: `sgd`, `sgd-momentum` (0.9), `adam` or `adamw`.
-        learning_rate / weight_decay: optimiser settings.
+        learning_rate / weight_decay: optimiser settings; `learning_rate` is the peak of a schedule.
+        lr_scheduler: the learning-rate schedule over the run's steps, a `transformers.get_scheduler`
+            name: `constant`, `constant_with_warmup`, `linear` or `cosine` (decaying to 0 at the last step).
+        warmup_ratio: the fraction of the run's steps spent warming the learning rate up from 0
+            (with `constant_with_warmup`, `linear` or `cosine`).
         steps: optimiser steps. Without `epochs`, the budget whatever the number of samples;
             with `epochs`, the floor of the budget (small sets still get enough steps).
         epochs: a budget that grows with the data: `max(steps, ceil(epochs * ceil(n / batch_size)))`
@@ -58,9 +73,12 @@ class AttackSpec:
     name: str = "full"
     trainable: Literal["all", "head", "lora"] = "all"
     reinit_head: bool = False
+    reinit_last_stage: bool = False
     optimizer: Literal["sgd", "sgd-momentum", "adam", "adamw"] = "adam"
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
+    lr_scheduler: str = "constant"
+    warmup_ratio: float = 0.0
     steps: int = 150
     epochs: float | None = None
     max_steps: int | None = None
@@ -80,6 +98,13 @@ class AttackSpec:
             raise InputError(f"{self.name}: learning_rate, steps, batch_size and lora_rank must be positive.")
         if self.epochs is not None and self.epochs <= 0:
             raise InputError(f"{self.name}: epochs must be positive (or left out for a fixed budget of steps).")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise InputError(f"{self.name}: lr_scheduler must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}.")
+        if not 0 <= self.warmup_ratio < 1 or (self.warmup_ratio and self.lr_scheduler == "constant"):
+            raise InputError(
+                f"{self.name}: warmup_ratio must lie in [0, 1) and needs a schedule that warms up "
+                f"(constant_with_warmup, linear, cosine), got {self.warmup_ratio} with {self.lr_scheduler!r}."
+            )
         if self.max_steps is not None and self.max_steps < self.steps:
             raise InputError(f"{self.name}: max_steps ({self.max_steps}) is below the floor steps ({self.steps}).")
 
@@ -253,6 +278,8 @@ def finetune(
         model = copy.deepcopy(model)
         if spec.reinit_head:
             reinitialise_head(model, seed)
+        if spec.reinit_last_stage:
+            reinitialise_last_stage(model, seed)
         if prefers_channels_last(model):
             model = model.to(memory_format=torch.channels_last)
         masks = pruning_masks(model) if spec.mask == "masked" else {}
@@ -260,13 +287,15 @@ def finetune(
         masked_params = [(param, masks[name]) for name, param in model.named_parameters() if name in masks]
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(spec.optimizer, trainable, spec.learning_rate, spec.weight_decay)
+        steps = spec.steps_for(len(train))
+        schedule = get_scheduler(spec.lr_scheduler, optimizer, round(spec.warmup_ratio * steps), steps)
         device = next(model.parameters()).device
         scaler = torch.amp.GradScaler(device.type, enabled=mixed_precision == "fp16")
         generator = torch.Generator().manual_seed(seed)
         batch_size = min(spec.batch_size, len(train))
         order = torch.empty(0, dtype=torch.long)
         model.train()
-        for _ in range(spec.steps_for(len(train))):
+        for _ in range(steps):
             if len(order) < batch_size:  # epoch-wise reshuffling: every sample seen once per epoch
                 order = torch.cat([order, torch.randperm(len(train), generator=generator)])
             batch, order = order[:batch_size], order[batch_size:]
@@ -277,6 +306,7 @@ def finetune(
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            schedule.step()
             with torch.no_grad():
                 for param, mask in masked_params:
                     param.mul_(mask.to(param.device))

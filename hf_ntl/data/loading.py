@@ -359,12 +359,20 @@ def stratified_subset(dataset: Dataset, num_samples: int, seed: int = 0) -> Data
     return dataset.select(stratified_order(dataset["label"], seed)[:num_samples])
 
 
+# The target train samples an audit holds out to choose its worst case (`evaluate --validation_samples`), and that
+# every protection leaves out of what it trains on by default: the first AUDIT_VALIDATION_SAMPLES of
+# `validation_split`'s order, so that any audit with this many validation samples or fewer chooses on images
+# the protection never saw.
+AUDIT_VALIDATION_SAMPLES = 200
+
+
 def validation_split(labels: Sequence[int] | np.ndarray, num_validation: int) -> tuple[np.ndarray, np.ndarray]:
     """(validation indices, remaining indices) of a train split, fixed by the data set.
 
     The validation samples are the first `num_validation` of a class-stratified order drawn with
     `SPLIT_SEED`, the same in every stage and for every run seed; learning-curve subsets are drawn
-    from the remaining indices only, so that choosing on validation never sees a training sample.
+    from the remaining indices only, so that choosing on validation never sees a training sample. The
+    validation samples of a smaller `num_validation` are among those of a larger one.
     """
     labels = np.asarray(labels)
     if not 0 < num_validation < len(labels):

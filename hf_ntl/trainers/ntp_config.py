@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
+from ..data.loading import AUDIT_VALIDATION_SAMPLES
 from ..errors import InputError
 
 
@@ -25,7 +26,16 @@ class NTPConfig(TrainingArguments):
     source_dataset: str = field(default="font-digits", metadata={"help": "The owner's (authorised) domain."})
     target_dataset: str = field(default="uci-digits", metadata={"help": "The unauthorised target domain."})
     source_fraction: float = field(default=0.1, metadata={"help": "Fraction of the source train split used."})
-    target_fraction: float = field(default=0.1, metadata={"help": "Fraction of the target train split used."})
+    target_fraction: float = field(
+        default=0.1, metadata={"help": "Fraction of the target train split (less the audit's validation samples) used."}
+    )
+    audit_validation_samples: int = field(
+        default=AUDIT_VALIDATION_SAMPLES,
+        metadata={
+            "help": "Target train samples never trained on: the ones an audit with `evaluate --validation_samples` up "
+            "to this many chooses its worst case on (fixed by the data set). 0 trains on the whole split."
+        },
+    )
 
     overwrite: bool = field(
         default=False, metadata={"help": "Start afresh in an output_dir that holds another run or a finished model."}
@@ -101,6 +111,7 @@ class NTPConfig(TrainingArguments):
                 "probe_steps and probe_learning_rate must be positive.",
             ),
             (0 < self.source_fraction <= 1 and 0 < self.target_fraction <= 1, "data fractions must lie in (0, 1]."),
+            (self.audit_validation_samples >= 0, "audit_validation_samples must be >= 0."),
             (not self.remove_unused_columns, "remove_unused_columns=True would drop the target columns NTP needs."),
         ]
         for ok, message in checks:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
+from ..data.loading import AUDIT_VALIDATION_SAMPLES
 from ..errors import InputError
 from ..losses import SUPPRESSION_LOSSES
 
@@ -30,7 +31,16 @@ class SophonConfigBase(TrainingArguments):
     source_dataset: str = field(default="font-digits", metadata={"help": "The owner's (original) domain."})
     target_dataset: str = field(default="uci-digits", metadata={"help": "The restricted domain to make untunable."})
     source_fraction: float = field(default=0.2, metadata={"help": "Fraction of the source train split used."})
-    target_fraction: float = field(default=0.2, metadata={"help": "Fraction of the target train split used."})
+    target_fraction: float = field(
+        default=0.2, metadata={"help": "Fraction of the target train split (less the audit's validation samples) used."}
+    )
+    audit_validation_samples: int = field(
+        default=AUDIT_VALIDATION_SAMPLES,
+        metadata={
+            "help": "Target train samples never trained on: the ones an audit with `evaluate --validation_samples` up "
+            "to this many chooses its worst case on (fixed by the data set). 0 trains on the whole split."
+        },
+    )
 
     overwrite: bool = field(
         default=False, metadata={"help": "Start afresh in an output_dir that holds another run or a finished model."}
@@ -151,6 +161,7 @@ class SophonConfigBase(TrainingArguments):
             ),
             (self.guard_every >= 1 and self.guard_samples >= 1, "guard_every and guard_samples must be >= 1."),
             (0 < self.source_fraction <= 1 and 0 < self.target_fraction <= 1, "data fractions must lie in (0, 1]."),
+            (self.audit_validation_samples >= 0, "audit_validation_samples must be >= 0."),
             (not self.remove_unused_columns, "remove_unused_columns=True would drop the columns the collator needs."),
         ]
 
