@@ -107,7 +107,7 @@ from hf_ntl.evaluation import (
     write_report,
 )
 from hf_ntl.evaluation_diffusion import DiffusionEvaluateArguments, run_evaluation_diffusion
-from hf_ntl.leakage import check_test_overlap, split_hashes_by_size
+from hf_ntl.leakage import check_audit_overlap
 from hf_ntl.metrics.learning_curve import CurvePoint, check_counts
 from hf_ntl.metrics.memory import peak_memory
 from hf_ntl.metrics.plots import plot_pair_heatmaps
@@ -405,11 +405,11 @@ def run_audit(request: dict[str, Any]) -> None:
         if model.config.num_labels != classes:
             raise ValueError(f"{models[label]} has {model.config.num_labels} outputs but {target} {classes} classes.")
 
-    def test_at(size: int):
-        return load_image_classification_dataset(target, image_size=size)["test"]
+    def target_at(size: int):
+        return load_image_classification_dataset(target, image_size=size)
 
-    hashes = split_hashes_by_size(dataset["test"], preprocessor.image_size, test_at)
-    test_overlap = check_test_overlap({label: str(path) for label, path in models.items()}, hashes)
+    paths = {label: str(path) for label, path in models.items()}
+    overlap = check_audit_overlap(paths, dataset, preprocessor.image_size, target_at, validation_indices)
     train = EncodedOnDemand(dataset["train"].select(pool_indices), preprocessor)
     validation = EncodedSplit.from_dataset(dataset["train"].select(validation_indices), preprocessor)
     test = EncodedSplit.from_dataset(dataset["test"], preprocessor)
@@ -433,7 +433,8 @@ def run_audit(request: dict[str, Any]) -> None:
         "target_train_samples": len(dataset["train"]) - args.validation_samples,
         "target_validation_samples": args.validation_samples,
         "target_test_samples": len(dataset["test"]),
-        "test_overlap": test_overlap,
+        "test_overlap": overlap["test"],
+        "validation_overlap": overlap["validation"],
         "counts": counts,
         "seeds": list(args.seeds),
         "suite": [spec.to_dict() for spec in suite],
@@ -516,6 +517,7 @@ def protect_and_audit_pair(args: BenchArguments, runs: Path, source_model: Path,
         "attack_seconds": report["seconds_by_model"][SCRATCH],
     }
     pair["test_overlap"] = report["test_overlap"]["total"]
+    pair["validation_overlap"] = report["validation_overlap"]["total"]
     return pair
 
 

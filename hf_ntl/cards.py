@@ -110,7 +110,15 @@ def _describe_attack(spec: dict[str, Any]) -> str:
     if spec.get("epochs") is not None:
         ceiling = f", at most {spec['max_steps']}" if spec.get("max_steps") is not None else ""
         budget = f"{spec['epochs']:g} epochs, at least {spec['steps']} steps{ceiling}"
-    parts = [trained[spec["trainable"]], f"{spec['optimizer']} lr {spec['learning_rate']:g}", budget]
+    optimiser = f"{spec['optimizer']} lr {spec['learning_rate']:g}"
+    if spec.get("weight_decay"):
+        optimiser += f" wd {spec['weight_decay']:g}"
+    if spec.get("lr_scheduler", "constant") != "constant":
+        warmup = f" after {spec['warmup_ratio']:.0%} warm-up" if spec.get("warmup_ratio") else ""
+        optimiser += f" ({spec['lr_scheduler']}{warmup})"
+    parts = [trained[spec["trainable"]], optimiser, budget]
+    if spec.get("reinit_last_stage"):
+        parts.append("fresh last stage")
     if spec["reinit_head"]:
         parts.append("fresh head")
     if spec["mask"] == "masked":
@@ -325,7 +333,7 @@ def _leakage_note(overlap: dict[str, Any], validation: dict[str, Any] | None) ->
             "(allowed): the choice of attack may favour the model."
         )
     elif sets:
-        note += " Nor do they hold any of the validation images the worst case is chosen on."
+        note += " None of the validation images the worst case is chosen on was trained on."
     if unrecorded:
         note += f" No record of training data for: {', '.join(unrecorded)} (not checked)."
     return note

@@ -173,7 +173,8 @@ def plan_table(plan: dict[str, Any]) -> Table:
     rows.add_row(
         "target",
         f"{plan['target']}: {samples['train pool']} train pool, {samples['validation']} validation, "
-        f"{samples['test']} test (test images trained on: {plan['test_overlap']})",
+        f"{samples['test']} test (images trained on: {plan['test_overlap']} test, {plan['validation_overlap']} "
+        "validation)",
     )
     rows.add_row("attacks", f"{len(plan['attacks'])}: {', '.join(plan['attacks'])}")
     rows.add_row("counts / seeds", f"{', '.join(map(str, plan['counts']))} / {', '.join(map(str, plan['seeds']))}")

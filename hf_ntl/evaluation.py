@@ -53,12 +53,11 @@ from .metrics.learning_curve import (
     check_counts,
     counts_from_fractions,
     mean_curve,
-    scratch_copy,
     selected_curve,
 )
 from .metrics.plots import plot_learning_curves
 from .metrics.slc_auc import slc_auc
-from .models import head_linear, load_classifier, requested_mixed_precision
+from .models import head_linear, last_stage, load_classifier, requested_mixed_precision, scratch_copy
 from .pruning import mask_sparsity
 from .terminal import signed, table, titled, track
 
@@ -322,6 +321,8 @@ def plan_evaluation(args: EvaluateArguments) -> AuditPlan:
 
     model_sparsity = sparsity(model)
     suite = load_suite(args.suite, pruned=model_sparsity >= 0.01, steps=args.steps, only=args.attacks)
+    if any(spec.reinit_last_stage for spec in suite):
+        last_stage(model)  # an architecture without a stack of stages fails here, not after the other attacks
     models = {"model": _fit_to_target(model, args.model_name_or_path, names, suite, args.replace_head)}
     if args.original_model_name_or_path:
         original = load_classifier(args.original_model_name_or_path)

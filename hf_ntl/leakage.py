@@ -24,7 +24,7 @@ from .models import TINY_PRESETS, TINY_UNET_PRESET
 
 
 class TestOverlapError(InputError):
-    """The test split holds samples a model under audit was trained on."""
+    """The test (or validation) split holds samples a model under audit was trained on."""
 
     __test__ = False  # not a pytest test class, whatever its name says
 
@@ -81,7 +81,7 @@ def split_hashes_by_size(
 
 def check_test_overlap(
     models: dict[str, str],
-    test_hashes: Callable[[int | None], set[str]],
+    split_hashes: Callable[[int | None], set[str]],
     allow_overlap: bool = False,
     split: str = "test",
 ) -> dict[str, Any]:
@@ -89,7 +89,7 @@ def check_test_overlap(
 
     Args:
         models: label ("model", "original") -> path of each model under audit.
-        test_hashes: `image_size -> hashes of the split rendered at that size` (the size matters for
+        split_hashes: `image_size -> hashes of the split rendered at that size` (the size matters for
             embedded domains only; it is `None` for stored images).
         allow_overlap: go on, and say so in the report, when images of the split were trained on.
         split: `"test"` (what figures are reported on) or `"validation"` (what the worst case is
@@ -107,7 +107,7 @@ def check_test_overlap(
     unrecorded: dict[str, list[str]] = {}
     for label, path in models.items():
         sets, missing = training_samples(path)
-        counts[label] = {name: len(test_hashes(s.image_size) & set(s.hashes)) for name, s in sets.items()}
+        counts[label] = {name: len(split_hashes(s.image_size) & set(s.hashes)) for name, s in sets.items()}
         unrecorded[label] = missing
     total = sum(n for per_model in counts.values() for n in per_model.values())
     if total and not allow_overlap:

@@ -282,36 +282,52 @@ def reinitialise_head(model: PreTrainedModel, seed: int = 0) -> None:
                 module.reset_parameters()
 
 
-def last_stage(model: PreTrainedModel) -> nn.Module:
-    """The backbone's last stage: the last block of the `nn.ModuleList` that holds most of its parameters.
+def scratch_copy(model: PreTrainedModel, seed: int = 0) -> PreTrainedModel:
+    """A randomly initialised model of the same architecture and config (the scratch baseline)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = type(model)(model.config)
+    return fresh.to(next(model.parameters()).device)
 
-    That list is the stack of stages or blocks every Hub vision backbone keeps (`encoder.stages` of a
-    ResNet or ConvNeXt, `layers` of a ViT, `encoder.layers` of a Swin); its last element computes the
-    features the head reads.
+
+def last_stage(model: PreTrainedModel) -> list[str]:
+    """The names of the backbone's last stage and of every module after it, up to the head.
+
+    The stage is the last element of the `nn.ModuleList` that holds most of the backbone's parameters:
+    the stack of stages or blocks every Hub vision backbone keeps (`encoder.stages` of a ResNet or
+    ConvNeXt, `encoder.layers` of a Swin; the last block of a ViT's `layers`, of an EfficientNet's or
+    MobileNet's flat list of blocks). What the backbone registers after that stack (a final norm, an
+    EfficientNet's `top_conv`, a MobileNetV2's `conv_1x1`) turns its output into the features the head
+    reads, so it belongs to the stage.
     """
-    stacks = [module for module in model.base_model.modules() if isinstance(module, nn.ModuleList) and len(module)]
+    backbone = model.base_model
+    stacks = [(name, module) for name, module in backbone.named_modules() if isinstance(module, nn.ModuleList)]
+    stacks = [(name, module) for name, module in stacks if len(module)]
     if not stacks:
         raise InputError(
-            f"{type(model).__name__} has no stack of stages (no nn.ModuleList in its backbone): an attack that "
-            "re-initialises the last stage cannot run on it; leave reinit_last_stage off."
+            f"{type(model).__name__} has no stack of stages (no nn.ModuleList in its backbone): the attack that "
+            "re-initialises the last stage cannot run on it; leave reinit_last_stage off for this model."
         )
-    return max(stacks, key=lambda stack: sum(p.numel() for p in stack.parameters()))[-1]
+    stack_name, stack = max(stacks, key=lambda item: sum(p.numel() for p in item[1].parameters()))
+    # named_modules() walks depth first in registration order: the stack's own modules come right after it.
+    names = [name for name, _ in backbone.named_modules()]
+    following = names[names.index(stack_name) + len(list(stack.modules())) :]
+    outermost = [name for name in following if not any(name.startswith(f"{other}.") for other in following)]
+    prefix = f"{model.base_model_prefix}." if backbone is not model else ""
+    return [prefix + name for name in (f"{stack_name}.{len(stack) - 1}", *outermost)]
 
 
 def reinitialise_last_stage(model: PreTrainedModel, seed: int = 0) -> None:
     """Give the backbone's last stage (`last_stage`) fresh weights, as an attacker who keeps only the early
-    features would: PyTorch's default initialisation of every layer that has one (convolutions, linears, norms,
-    with their running statistics).
+    features would: those of a model of the same architecture built from its config with `seed`, so every
+    parameter and buffer starts as the architecture initialises it (layer scales, running statistics included).
 
-    Not `PreTrainedModel._init_weights`: on a model loaded with `from_pretrained`, transformers 5 marks every
-    loaded parameter as initialised and that method then leaves it as it is. Parameters held outside such layers
-    (ConvNeXt's layer scale) keep their values.
+    Not `PreTrainedModel._init_weights` on the model itself: on a model loaded with `from_pretrained`,
+    transformers 5 marks every loaded parameter as initialised and that method then leaves it as it is.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for module in last_stage(model).modules():
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
+    fresh = scratch_copy(model, seed)
+    for name in last_stage(model):
+        model.get_submodule(name).load_state_dict(fresh.get_submodule(name).state_dict())
 
 
 # ---------------------------------------------------------------------------------------- diffusion

@@ -19,7 +19,8 @@ split, and written as data set folders (`OUTPUT_DIR/data/*`, `save_to_disk`) who
 validation split. Trials protect and audit on those folders only; source accuracy is measured on the source
 validation split, the proxy's SLC-AUC on the target validation split (its worst-case attack chosen, as in every
 audit, on a further split of the trials' target train data). Only the best trial's model is then audited with
-the full suite on the real test split, and carded with the search recorded.
+the full suite on the real test split, its worst case chosen on the target validation split (which no trial
+trained on), and carded with the search recorded.
 
 OUTPUT_DIR holds:
     hf_ntl_tune.json           the study's settings: a rerun or another worker with others is refused
@@ -145,7 +146,11 @@ class TuneArguments:
         default=1000, metadata={"help": "Source train samples held out from every trial to measure the floor on."}
     )
     target_validation_samples: int = field(
-        default=300, metadata={"help": "Target train samples held out from every trial to score the proxy audit on."}
+        default=300,
+        metadata={
+            "help": "Target train samples held out from every trial: the proxy audit is scored on them and the final "
+            "audit chooses its worst case on them."
+        },
     )
     proxy_attacks: list[str] | None = field(
         default=None,
@@ -194,6 +199,12 @@ class TuneArguments:
     def diffusion(self) -> bool:
         """Whether the method protects a diffusion pipeline (else a classifier)."""
         return self.method in DIFFUSION_PROTECTIONS
+
+    @property
+    def proxy_validation_samples(self) -> int:
+        """The trials' target samples the proxy audit chooses its worst case on (its evaluator's default), which
+        the trials' protections leave out of their data."""
+        return (DiffusionEvaluateArguments if self.diffusion else EvaluateArguments).validation_samples
 
     @property
     def source_key(self) -> str:
@@ -477,6 +488,7 @@ class Objective:
         options += ["--source_dataset", str(self.output / "data" / "source")]
         options += ["--target_dataset", str(self.output / "data" / "target"), "--logging_strategy", "no"]
         options += [f"--{name}={value}" for name, value in self.guard_options.items()]
+        options += ["--audit_validation_samples", str(self.args.proxy_validation_samples)]
         for name, value in values.items():
             options += [f"--{name}", str(value)]
         return stage_config(self.config_class, self.args.protect_config, options, f"protect-{self.args.method}")
@@ -581,6 +593,7 @@ class Objective:
             suite=args.suite,
             counts=args.proxy_counts,
             seeds=args.proxy_seeds,
+            validation_samples=args.proxy_validation_samples,
         )
         plan = plan_evaluation(audit)
         suite = [spec for spec in plan.suite if spec.name in self.proxy]
@@ -643,6 +656,7 @@ class Objective:
             attacks=self.proxy,
             counts=args.proxy_counts,
             seeds=args.proxy_seeds,
+            validation_samples=args.proxy_validation_samples,
             sample_images=0,
         )
         plan = plan_evaluation_diffusion(audit)
@@ -973,6 +987,8 @@ def full_audit(args: TuneArguments, folder: Path, number: int) -> tuple[dict[str
         suite=args.suite,
         counts=args.counts,
         seeds=args.seeds,
+        # The held-out samples no trial trained on: an audit's own validation split would hold trial data.
+        validation_samples=args.target_validation_samples,
         output_dir=str(folder / "audit"),
     )
     if args.diffusion:

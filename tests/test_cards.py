@@ -3,7 +3,8 @@ from huggingface_hub import HfApi, ModelCard
 
 from hf_ntl import cards
 from hf_ntl.artifacts import read_record, write_record
-from hf_ntl.cards import _leakage_note, build_card, push_to_hub, write_card
+from hf_ntl.attacks import load_suite
+from hf_ntl.cards import _describe_attack, _leakage_note, build_card, push_to_hub, write_card
 from hf_ntl.data import ImagePreprocessor
 from hf_ntl.errors import InputError
 from hf_ntl.evaluation import EvaluateArguments, read_report, run_evaluation
@@ -135,10 +136,18 @@ def test_card_says_when_the_leakage_check_could_not_be_made(audited):
     assert "n = 10: 2 steps, n = 20: 2 steps" in text  # the budget each n got
 
 
+def test_the_attack_table_tells_the_attacks_beyond_the_simulated_attackers_apart():
+    described = {spec.name: _describe_attack(spec.to_dict()) for spec in load_suite("default")}
+    assert "fresh last stage, fresh head" in described["reinit-last-stage"]
+    assert "fresh last stage" not in described["full-reinit-head"]
+    assert "adamw lr 0.01 wd 0.01 (cosine after 10% warm-up)" in described["adamw-cosine-2x"]
+    assert "30 epochs, at least 300 steps, at most 2400" in described["adamw-cosine-2x"]
+
+
 def test_leakage_note_says_what_was_checked_on_the_validation_split():
     clean = {"counts": {"model": {"protection: target train [m]": 0}}, "unrecorded": {"model": []}, "total": 0}
     leaky = {**clean, "counts": {"model": {"protection: target train [m]": 4}}, "total": 4, "allowed": True}
-    assert "Nor do they hold any of the validation images" in _leakage_note(clean, clean)
+    assert "None of the validation images the worst case is chosen on was trained on." in _leakage_note(clean, clean)
     assert "**4 of the validation images the worst case is chosen on were trained on**" in _leakage_note(clean, leaky)
     assert "were not checked (an older report)" in _leakage_note(clean, None)
 

@@ -346,12 +346,14 @@ def test_protect_and_evaluate_stages_write_a_loadable_pipeline_report_and_pictur
         "--target_dataset", target, "--output_dir", str(tmp_path / "protected"), "--iterations", "2",
         "--guard_every", "1", "--inner_steps", "1", "--environments", "1", "--inner_batch_sizes", "10",
         "--query_size", "4", "--guard_samples", "8", "--source_fraction", "1", "--target_fraction", "1",
+        "--audit_validation_samples", "12",
         "--per_device_train_batch_size", "8", "--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true",
     ])  # fmt: skip
     assert "denoising MSE, original domain" in capsys.readouterr().out
     protected = tmp_path / "protected" / "model"
     record = json.loads((protected / "hf_ntl.json").read_text())
     assert record["method"] == "sophon-diffusion" and record["data"]["guard_samples"] == 8
+    assert record["data"]["target_train_samples"] == 48 - 12  # all of it but what the audit chooses on
     assert set(record["denoising_mse_after"]) == {"source", "target"}
     DDPMPipeline.from_pretrained(protected, use_safetensors=True)
 
@@ -373,6 +375,7 @@ def test_protect_and_evaluate_stages_write_a_loadable_pipeline_report_and_pictur
     assert report["source_dataset"] == source  # read from the model's record
     assert len(report["points"]) == 2 * 3 * 2  # attacks x (model, original, scratch) x counts
     assert report["validation_samples"] == 12 and report["test_overlap"]["total"] == 0
+    assert report["validation_overlap"]["total"] == 0 and report["validation_overlap"]["counts"]["model"]
     assert report["test_overlap"]["unrecorded"]["model"] == [str(tmp_path / "ddpm")]  # its record was written by hand
     for label in ("model", "original", "scratch"):
         # The strongest attack is the lowest validation MSE, read on the test images.
@@ -438,6 +441,7 @@ def test_tune_searches_a_diffusion_protection_and_cards_the_chosen_pipeline(tmp_
     (tmp_path / "protect.yaml").write_text(
         "iterations: 3\nguard_every: 1\ninner_steps: 1\nenvironments: 1\ninner_batch_sizes: [10]\nquery_size: 4\n"
         "guard_samples: 8\nper_device_train_batch_size: 8\nuse_cpu: true\n"
+        "target_fraction: 0.7\n"  # 28 of the 40 target images the proxy's 100 validation images leave
     )
     (tmp_path / "space.yaml").write_text("suppression_learning_rate: {choices: [5.0e-4, 3.0e-2]}\n")
     (tmp_path / "suite.yaml").write_text(

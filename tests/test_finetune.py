@@ -6,8 +6,8 @@ import torch
 from hf_ntl.attacks import AttackSpec, EncodedOnDemand, EncodedSplit, finetune, finetuned_accuracy
 from hf_ntl.data import ImagePreprocessor, load_image_classification_dataset
 from hf_ntl.metrics import predict_accuracy
-from hf_ntl.metrics.learning_curve import check_counts, counts_from_fractions, scratch_copy
-from hf_ntl.models import build_tiny_classifier, last_stage, load_classifier
+from hf_ntl.metrics.learning_curve import check_counts, counts_from_fractions
+from hf_ntl.models import build_tiny_classifier, last_stage, load_classifier, scratch_copy
 
 
 @pytest.fixture(scope="module")
@@ -95,16 +95,19 @@ def test_reinit_last_stage_starts_the_last_stage_afresh_and_keeps_the_earlier_on
     # Loaded with from_pretrained, as an attacked checkpoint is (transformers marks its weights initialised).
     build_tiny_classifier(preset, 10, seed=3).save_pretrained(tmp_path)
     model = load_classifier(tmp_path)
-    stage = next(f"{name}." for name, module in model.named_modules() if module is last_stage(model))
+    stage = tuple(f"{name}." for name in last_stage(model))  # the stage and the final norm after it
     first = next(name for name, p in model.named_parameters() if p.ndim >= 2)
     before = parameters(model)
-    # An SGD step too small to move anything: what differs was re-initialised.
+    # An SGD step too small to move anything: what differs was re-initialised, as the architecture initialises it.
     spec = AttackSpec(reinit_last_stage=True, steps=1, learning_rate=1e-12, optimizer="sgd")
     tuned = finetune(model, train, spec, seed=1)
     moved = {name for name, p in tuned.named_parameters() if not torch.allclose(p, before[name], atol=1e-9, rtol=0)}
     kernels = {name for name, p in model.named_parameters() if name.startswith(stage) and p.ndim >= 2}
     assert kernels and kernels <= moved and all(name.startswith(stage) for name in moved)
     assert first not in moved  # the earlier stages are kept
+    fresh = dict(scratch_copy(model, seed=1).named_parameters())
+    for name in kernels:
+        torch.testing.assert_close(dict(tuned.named_parameters())[name], fresh[name], atol=1e-9, rtol=0)
     again = finetune(model, train, spec, seed=1)
     assert all(torch.equal(p, dict(again.named_parameters())[n]) for n, p in tuned.named_parameters())
 
@@ -160,6 +163,9 @@ def test_bad_requests(shapes):
         counts_from_fractions([0.5, 1.5], 100)
     with pytest.raises(ValueError, match="unknown optimizer"):
         AttackSpec(optimizer="lion")
+    for frozen_or_pruned in ({"trainable": "lora"}, {"trainable": "head"}, {"mask": "masked"}):
+        with pytest.raises(ValueError, match="reinit_last_stage needs trainable='all' and mask='dense'"):
+            AttackSpec(reinit_last_stage=True, **frozen_or_pruned)
     with pytest.raises(ValueError, match="head has 3 outputs"):
         finetune(build_tiny_classifier("tiny-resnet", 3), train, AttackSpec(steps=1))
 

@@ -7,9 +7,12 @@ import pytest
 import torch
 from torch.func import functional_call
 
+from hf_ntl.artifacts import read_samples
 from hf_ntl.attacks import AttackSpec
 from hf_ntl.attacks.finetune import _prepare
 from hf_ntl.data import ImagePreprocessor, load_image_classification_dataset, stratified_subset
+from hf_ntl.data.fingerprint import image_hashes
+from hf_ntl.data.loading import AUDIT_VALIDATION_SAMPLES, validation_split
 from hf_ntl.errors import InputError
 from hf_ntl.losses import inverse_cross_entropy, inverse_cross_entropy_neg_logits, kl_from_uniform
 from hf_ntl.metrics.memory import peak_memory
@@ -327,7 +330,11 @@ def test_run_sophon_saves_a_protected_model_with_its_record(tmp_path):
     saved = json.loads((folder / "hf_ntl.json").read_text())
     assert saved == json.loads(json.dumps(record))
     assert saved["method"] == "sophon" and saved["config"]["inner_steps"] == 2
-    assert saved["data"] == {"source_train_samples": 67, "guard_samples": 40, "target_train_samples": 50}
+    assert saved["data"] == {"source_train_samples": 67, "guard_samples": 40, "target_train_samples": 48}
+    # None of the target samples is among the validation images an audit chooses its worst case on.
+    shapes = load_image_classification_dataset("textured-shapes")["train"]
+    validation = set(image_hashes(shapes.select(validation_split(shapes["label"], AUDIT_VALIDATION_SAMPLES)[0])))
+    assert not set(read_samples(folder)["protection: target train"].hashes) & validation
     assert saved["guard"]["last_good_step"] == 2 and 0 <= saved["source_accuracy_after"] <= 1
     assert (folder / "model.safetensors").exists() and not list(folder.glob("*.bin"))
     reloaded = dict(load_classifier(folder).named_parameters())

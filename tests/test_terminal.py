@@ -125,7 +125,7 @@ def test_dry_run_checks_and_plans_without_training_or_writing(tmp_path, tiny_mod
     printed = capsys.readouterr().out
     runs = len(load_suite("quick")) * 2 * 2 * 2  # attacks x (model, scratch) x seeds x counts
     assert f"{runs} ({len(load_suite('quick'))} attacks x 2 models x 2 seeds x 2 counts)" in printed
-    assert "estimated time" in printed and "test images trained on: 0" in printed
+    assert "estimated time" in printed and "images trained on: 0 test, 0 validation" in printed
     assert not out.exists()
 
 

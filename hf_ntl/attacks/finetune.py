@@ -50,11 +50,12 @@ class AttackSpec:
         reinit_head: discard the released head and start from a fresh one.
         reinit_last_stage: also discard the backbone's last stage (`hf_ntl.models.last_stage`) and
             start it afresh, keeping only the earlier features: an attacker who suspects the late
-            layers were made to resist.
+            layers were made to resist. Full, dense fine-tuning only (a frozen or masked fresh
+            stage would be no attack).
         optimizer: `sgd`, `sgd-momentum` (0.9), `adam` or `adamw`.
         learning_rate / weight_decay: optimiser settings; `learning_rate` is the peak of a schedule.
         lr_scheduler: the learning-rate schedule over the run's steps, a `transformers.get_scheduler`
-            name: `constant`, `constant_with_warmup`, `linear` or `cosine` (decaying to 0 at the last step).
+            name: `constant`, `constant_with_warmup`, `linear` or `cosine` (decaying towards 0 over the run).
         warmup_ratio: the fraction of the run's steps spent warming the learning rate up from 0
             (with `constant_with_warmup`, `linear` or `cosine`).
         steps: optimiser steps. Without `epochs`, the budget whatever the number of samples;
@@ -77,7 +78,7 @@ class AttackSpec:
     optimizer: Literal["sgd", "sgd-momentum", "adam", "adamw"] = "adam"
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
-    lr_scheduler: str = "constant"
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
     warmup_ratio: float = 0.0
     steps: int = 150
     epochs: float | None = None
@@ -104,6 +105,11 @@ class AttackSpec:
             raise InputError(
                 f"{self.name}: warmup_ratio must lie in [0, 1) and needs a schedule that warms up "
                 f"(constant_with_warmup, linear, cosine), got {self.warmup_ratio} with {self.lr_scheduler!r}."
+            )
+        if self.reinit_last_stage and (self.trainable != "all" or self.mask != "dense"):
+            raise InputError(
+                f"{self.name}: reinit_last_stage needs trainable='all' and mask='dense' (a fresh last stage that is "
+                "frozen or pruned would not be trained)."
             )
         if self.max_steps is not None and self.max_steps < self.steps:
             raise InputError(f"{self.name}: max_steps ({self.max_steps}) is below the floor steps ({self.steps}).")

@@ -50,7 +50,14 @@ DEFAULT_SUITE = (
             AttackSpec("adamw-lr1e-4", trainable="all", optimizer="adamw", learning_rate=1e-4, weight_decay=1e-2),
             AttackSpec("adamw-lr1e-2", trainable="all", optimizer="adamw", learning_rate=1e-2, weight_decay=1e-2),
             # Outside the simulated attackers' distribution: a last stage no protection shaped.
-            AttackSpec("reinit-last-stage", trainable="all", reinit_head=True, reinit_last_stage=True),
+            AttackSpec(
+                "reinit-last-stage",
+                trainable="all",
+                reinit_head=True,
+                reinit_last_stage=True,
+                optimizer="adam",
+                learning_rate=1e-3,
+            ),
         )
     ),
     # Also outside it: no simulated attacker schedules its learning rate or trains this long. AdamW 1e-2,

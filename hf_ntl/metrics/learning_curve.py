@@ -12,8 +12,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
-from transformers import PreTrainedModel
 
 from ..errors import InputError
 
@@ -36,14 +34,6 @@ class CurvePoint:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def scratch_copy(model: PreTrainedModel, seed: int = 0) -> PreTrainedModel:
-    """A randomly initialised model of the same architecture and config (the scratch baseline)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        fresh = type(model)(model.config)
-    return fresh.to(next(model.parameters()).device)
 
 
 def check_counts(counts: Sequence[int], available: int, what: str = "the target train split") -> list[int]:

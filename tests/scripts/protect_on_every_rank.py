@@ -48,7 +48,7 @@ elif method == "sophon-diffusion":
     trainer_class, run = SophonDiffusionTrainer, run_sophon_diffusion
     common["target_dataset"] = "uci-digits"
     config = SophonDiffusionConfig(
-        **common, iterations=3, guard_every=2, inner_steps=2, environments=1, inner_batch_sizes=[12], query_size=4,
+        **common, iterations=3, guard_every=2, inner_steps=2, environments=1, inner_batch_sizes=[10], query_size=4,
         guard_samples=40,
     )  # fmt: skip
 else:
