@@ -282,12 +282,13 @@ def reinitialise_head(model: PreTrainedModel, seed: int = 0) -> None:
                 module.reset_parameters()
 
 
-def scratch_copy(model: PreTrainedModel, seed: int = 0) -> PreTrainedModel:
-    """A randomly initialised model of the same architecture and config (the scratch baseline)."""
+def scratch_copy(model: PreTrainedModel, seed: int = 0, device: torch.device | str | None = None) -> PreTrainedModel:
+    """A randomly initialised model of the same architecture and config (the scratch baseline), on `device`
+    (default: the model's)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         fresh = type(model)(model.config)
-    return fresh.to(next(model.parameters()).device)
+    return fresh.to(device or next(model.parameters()).device)
 
 
 def last_stage(model: PreTrainedModel) -> list[str]:
@@ -298,7 +299,8 @@ def last_stage(model: PreTrainedModel) -> list[str]:
     ConvNeXt, `encoder.layers` of a Swin; the last block of a ViT's `layers`, of an EfficientNet's or
     MobileNet's flat list of blocks). What the backbone registers after that stack (a final norm, an
     EfficientNet's `top_conv`, a MobileNetV2's `conv_1x1`) turns its output into the features the head
-    reads, so it belongs to the stage.
+    reads, so it belongs to the stage. The head is never part of it (a backbone that is the model
+    itself, as CLIP's classifier, registers its head there too).
     """
     backbone = model.base_model
     stacks = [(name, module) for name, module in backbone.named_modules() if isinstance(module, nn.ModuleList)]
@@ -306,14 +308,18 @@ def last_stage(model: PreTrainedModel) -> list[str]:
     if not stacks:
         raise InputError(
             f"{type(model).__name__} has no stack of stages (no nn.ModuleList in its backbone): the attack that "
-            "re-initialises the last stage cannot run on it; leave reinit_last_stage off for this model."
+            "re-initialises the last stage cannot run on it; leave it out (--attacks, or a suite YAML without "
+            "reinit_last_stage)."
         )
     stack_name, stack = max(stacks, key=lambda item: sum(p.numel() for p in item[1].parameters()))
-    # named_modules() walks depth first in registration order: the stack's own modules come right after it.
+    # named_modules() walks depth first in registration order: after the stack and its own modules come the
+    # modules registered after it.
     names = [name for name, _ in backbone.named_modules()]
-    following = names[names.index(stack_name) + len(list(stack.modules())) :]
-    outermost = [name for name in following if not any(name.startswith(f"{other}.") for other in following)]
+    following = [name for name in names[names.index(stack_name) + 1 :] if not name.startswith(f"{stack_name}.")]
     prefix = f"{model.base_model_prefix}." if backbone is not model else ""
+    head = classification_head_name(model)
+    following = [name for name in following if prefix + name != head and not (prefix + name).startswith(f"{head}.")]
+    outermost = [name for name in following if not any(name.startswith(f"{other}.") for other in following)]
     return [prefix + name for name in (f"{stack_name}.{len(stack) - 1}", *outermost)]
 
 
@@ -325,7 +331,7 @@ def reinitialise_last_stage(model: PreTrainedModel, seed: int = 0) -> None:
     Not `PreTrainedModel._init_weights` on the model itself: on a model loaded with `from_pretrained`,
     transformers 5 marks every loaded parameter as initialised and that method then leaves it as it is.
     """
-    fresh = scratch_copy(model, seed)
+    fresh = scratch_copy(model, seed, device="cpu")  # only a few modules' state is copied from it: keep it off the GPU
     for name in last_stage(model):
         model.get_submodule(name).load_state_dict(fresh.get_submodule(name).state_dict())
 

@@ -90,7 +90,7 @@ from .evaluation_diffusion import (
 )
 from .metrics import predict_accuracy
 from .metrics.denoising import mean_denoising_mse, timestep_grid
-from .metrics.learning_curve import CurvePoint
+from .metrics.learning_curve import CurvePoint, check_counts
 from .metrics.plots import plot_trials
 from .models import load_classifier, load_ddpm
 from .options import stage_config, yaml_to_argv
@@ -190,6 +190,10 @@ class TuneArguments:
             ),
             (self.pruner in ("median", "none"), f"pruner must be 'median' or 'none', got {self.pruner!r}."),
             (self.proxy_seeds and self.seeds, "give at least one seed for the proxy and for the final audit."),
+            (
+                self.target_validation_samples >= 10,
+                "target_validation_samples must be at least 10: the final audit chooses its worst case on them.",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -777,6 +781,11 @@ def check_space_values(space: list[Parameter], config_class: type, protect_confi
     """Build the method's configuration with each end of every range and each choice: a value the option cannot
     take (a type, a range its own checks refuse) is an error now, not at the trial that draws it."""
     for parameter in space:
+        if parameter.name == "audit_validation_samples":
+            raise InputError(
+                "search space: audit_validation_samples is not a setting to search: it says which target samples "
+                "the proxy audit chooses on, and the trials must leave exactly those out."
+            )
         values = parameter.choices if parameter.choices is not None else (parameter.low, parameter.high)
         for value in values:
             try:
@@ -819,6 +828,9 @@ def run_tune(args: TuneArguments) -> dict[str, Any]:
             ("target", args.target_dataset, args.target_validation_samples),
         )
     }
+    # The final audit draws its learning curves from the trials' target train split (its validation split is the
+    # held-out one): a grid it cannot give is an error now, not after the study.
+    check_counts(args.counts, len(data["target"]["train"]), what="the target train split less the held-out samples")
     with exclusive(output / ".data.lock"):
         claim_output_folder(output, identity)
         for role, dataset in data.items():
@@ -987,7 +999,7 @@ def full_audit(args: TuneArguments, folder: Path, number: int) -> tuple[dict[str
         suite=args.suite,
         counts=args.counts,
         seeds=args.seeds,
-        # The held-out samples no trial trained on: an audit's own validation split would hold trial data.
+        # Chosen on the held-out samples no trial trained on (the trials' `test` split), whatever their number.
         validation_samples=args.target_validation_samples,
         output_dir=str(folder / "audit"),
     )

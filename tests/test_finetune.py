@@ -89,24 +89,36 @@ def test_head_reinitialisation_is_seeded(shapes):
     assert torch.equal(a.classifier.weight, b.classifier.weight)
 
 
-@pytest.mark.parametrize("preset", ["tiny-resnet", "tiny-vit", "tiny-convnext"])
-def test_reinit_last_stage_starts_the_last_stage_afresh_and_keeps_the_earlier_ones(shapes, preset, tmp_path):
+@pytest.mark.parametrize(
+    ("preset", "expected"),
+    [
+        ("tiny-resnet", ["resnet.encoder.stages.3", "resnet.pooler"]),
+        ("tiny-vit", ["vit.layers.3", "vit.layernorm"]),
+        ("tiny-convnext", ["convnext.encoder.stages.3", "convnext.layernorm"]),
+    ],
+)
+def test_reinit_last_stage_starts_the_last_stage_afresh_and_keeps_the_earlier_ones(shapes, preset, expected, tmp_path):
     train, _ = shapes
+    model = build_tiny_classifier(preset, 10, seed=3)
+    assert last_stage(model) == expected  # the stage and what follows it up to the head
+    with torch.no_grad():  # trained weights everywhere, the final norms included (a fresh norm is all ones)
+        for p in model.parameters():
+            p.add_(0.01)
     # Loaded with from_pretrained, as an attacked checkpoint is (transformers marks its weights initialised).
-    build_tiny_classifier(preset, 10, seed=3).save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)
     model = load_classifier(tmp_path)
-    stage = tuple(f"{name}." for name in last_stage(model))  # the stage and the final norm after it
+    stage = tuple(f"{name}." for name in expected)
     first = next(name for name, p in model.named_parameters() if p.ndim >= 2)
     before = parameters(model)
     # An SGD step too small to move anything: what differs was re-initialised, as the architecture initialises it.
     spec = AttackSpec(reinit_last_stage=True, steps=1, learning_rate=1e-12, optimizer="sgd")
     tuned = finetune(model, train, spec, seed=1)
     moved = {name for name, p in tuned.named_parameters() if not torch.allclose(p, before[name], atol=1e-9, rtol=0)}
-    kernels = {name for name, p in model.named_parameters() if name.startswith(stage) and p.ndim >= 2}
-    assert kernels and kernels <= moved and all(name.startswith(stage) for name in moved)
+    in_stage = {name for name, _ in model.named_parameters() if name.startswith(stage)}
+    assert in_stage and in_stage <= moved and moved <= in_stage
     assert first not in moved  # the earlier stages are kept
     fresh = dict(scratch_copy(model, seed=1).named_parameters())
-    for name in kernels:
+    for name in in_stage:
         torch.testing.assert_close(dict(tuned.named_parameters())[name], fresh[name], atol=1e-9, rtol=0)
     again = finetune(model, train, spec, seed=1)
     assert all(torch.equal(p, dict(again.named_parameters())[n]) for n, p in tuned.named_parameters())

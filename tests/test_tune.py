@@ -323,6 +323,15 @@ def test_a_trial_below_the_source_floor_is_pruned_and_settings_may_not_change(se
     with pytest.raises(InputError, match="sparsity = 1.5 is refused: .*sparsity must lie in"):
         run_tune(tiny_study(setup, tmp_path / "other", search_space=str(tmp_path / "space.yaml")))
     assert not (tmp_path / "other").exists()
+    (tmp_path / "space.yaml").write_text("audit_validation_samples: {choices: [0, 200]}\n")
+    with pytest.raises(InputError, match="audit_validation_samples is not a setting to search"):
+        run_tune(tiny_study(setup, tmp_path / "other", search_space=str(tmp_path / "space.yaml")))
+    # A grid the final audit could not draw from the trials' target train split: refused before the study.
+    with pytest.raises(
+        InputError, match=r"Sample counts must lie in 1\.\.\d+ \(the target train split less the held-out"
+    ):
+        run_tune(tiny_study(setup, tmp_path / "other", counts=[10, 100000]))
+    assert not (tmp_path / "other").exists()
     # So is a data set that does not load: nothing is written, so the folder stays free for the corrected command.
     with pytest.raises(InputError, match="no-such-domain is not an embedded domain"):
         run_tune(tiny_study(setup, tmp_path / "other", target_dataset="no-such-domain"))
