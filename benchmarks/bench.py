@@ -74,7 +74,7 @@ from transformers import TrainingArguments as PlainTrainingArguments
 from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging as transformers_logging
 
-from hf_ntl.artifacts import finished_run, read_record, run_identity
+from hf_ntl.artifacts import finished_run, holds_other_run, read_record, run_identity
 from hf_ntl.attacks import (
     DIFFUSION_SUITE,
     AttackSpec,
@@ -297,8 +297,10 @@ def source_config(args: BenchArguments, folder: Path, domain: str) -> SourceConf
 def fit_source(args: BenchArguments, folder: Path, domain: str) -> Path:
     """The owner's source model for `domain`, fitted unless a finished run of the same settings is there."""
     config = source_config(args, folder, domain)
-    if not finished_run(folder, run_identity("source", config)):
+    identity = run_identity("source", config)
+    if not finished_run(folder, identity):
         print(f"  fitting {args.model} on {domain}")
+        config.overwrite = holds_other_run(folder, identity)  # a fit of other settings is replaced
         run_source(config)
     return folder / MODEL_SUBDIR
 
@@ -318,8 +320,10 @@ def protect_config(
 def protect(args: BenchArguments, folder: Path, source_model: Path, source: str, target: str, method: str) -> Path:
     """The source model protected against `target` with `method`, unless a finished run of it is there."""
     config = protect_config(args, folder, source_model, source, target, method)
-    if not finished_run(folder, run_identity("protect", config, method)):
+    identity = run_identity("protect", config, method)
+    if not finished_run(folder, identity):
         print(f"  protecting the {source} model against {target} with {method}")
+        config.overwrite = holds_other_run(folder, identity)  # e.g. a protection made before a default changed
         PROTECTIONS[method][1](config)
     return folder / MODEL_SUBDIR
 
@@ -648,16 +652,20 @@ def diffusion(args: BenchArguments, runs: Path) -> dict[str, Any]:
     original = folder / "source" / MODEL_SUBDIR
     options = ["--output_dir", str(folder / "source"), "--dataset_name", source, "--disable_tqdm", "true"]
     config = stage_config(DiffusionSourceConfig, args.ddpm_config, options, "fit-ddpm")
-    if not finished_run(folder / "source", run_identity("ddpm-source", config)):
+    identity = run_identity("ddpm-source", config)
+    if not finished_run(folder / "source", identity):
         print(f"[diffusion] fitting the tiny DDPM on {source}")
+        config.overwrite = holds_other_run(folder / "source", identity)
         run_diffusion_source(config)
     protected = folder / "sophon" / MODEL_SUBDIR
     options = ["--output_dir", str(folder / "sophon"), "--model_name_or_path", str(original)]
     options += ["--source_dataset", source, "--target_dataset", target, "--disable_tqdm", "true"]
     options += ["--audit_validation_samples", str(args.diffusion_validation_samples)]
     config = stage_config(SophonDiffusionConfig, args.sophon_diffusion_config, options, "protect-sophon-diffusion")
-    if not finished_run(folder / "sophon", run_identity("protect", config, "sophon-diffusion")):
+    identity = run_identity("protect", config, "sophon-diffusion")
+    if not finished_run(folder / "sophon", identity):
         print(f"[diffusion] protecting it against {target} with SOPHON (DoS)")
+        config.overwrite = holds_other_run(folder / "sophon", identity)
         run_sophon_diffusion(config)
     audit_dir = folder / "audit"
     audit_args = DiffusionEvaluateArguments(

@@ -120,6 +120,17 @@ def finished_run(output_dir: str | os.PathLike, identity: dict[str, Any], finish
     return json.loads(run_file.read_text()) == json.loads(json.dumps(identity))
 
 
+def holds_other_run(output_dir: str | os.PathLike, identity: dict[str, Any]) -> bool:
+    """Whether `output_dir` was claimed by a run other than `identity` (finished or not).
+
+    For pipelines that regenerate their stages (the bench, `make model-cards`): such a folder holds the
+    result of a changed default or setting, to be replaced (`overwrite`) rather than refused; an unfinished
+    run of this very identity is resumed instead.
+    """
+    run_file = Path(output_dir) / RUN_FILE
+    return run_file.is_file() and json.loads(run_file.read_text()) != json.loads(json.dumps(identity))
+
+
 class OutputDirError(InputError):
     """An output folder holds another run's results; nothing was touched."""
 

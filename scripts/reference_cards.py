@@ -5,7 +5,8 @@
 Fits the tiny ResNet on `font-digits`, protects it against `uci-digits` with NTP and with SOPHON
 (default settings), attacks each and the unprotected original with the default suite (n = 10,
 50, 200; seeds 0, 1, 2) and writes each card and plot to `model_cards/<name>/`. Finished stages
-in `--runs` are reused, so an interrupted regeneration picks up where it stopped. About 20
+in `--runs` are reused, so an interrupted regeneration picks up where it stopped; a stage of other
+settings (a default changed since) is rerun and replaces it. About 20
 minutes on 2 CPU cores, most of it the two audits.
 """
 
@@ -13,7 +14,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from hf_ntl.artifacts import finished_run, run_identity
+from hf_ntl.artifacts import finished_run, holds_other_run, run_identity
 from hf_ntl.cards import PLOT, write_card
 from hf_ntl.evaluation import EvaluateArguments, run_evaluation
 from hf_ntl.protect import run_ntp, run_sophon
@@ -31,8 +32,11 @@ def main() -> None:
     args = parser.parse_args()
     runs, cards = Path(args.runs), Path(args.cards)
     # A finished stage is reused only when it is exactly the run asked for (its recorded identity).
+    # A stage of other settings (a default changed since) is rerun and replaces it.
     source_config = SourceConfig(output_dir=str(runs / "source"), dataset_name=SOURCE, report_to="none")
-    if not finished_run(source_config.output_dir, run_identity("source", source_config)):
+    identity = run_identity("source", source_config)
+    if not finished_run(source_config.output_dir, identity):
+        source_config.overwrite = holds_other_run(source_config.output_dir, identity)
         run_source(source_config)
     source_model = runs / "source" / MODEL_SUBDIR
     for method, (config_class, run) in PROTECTIONS.items():
@@ -43,7 +47,9 @@ def main() -> None:
             target_dataset=TARGET,
             report_to="none",
         )
-        if not finished_run(config.output_dir, run_identity("protect", config, method)):
+        identity = run_identity("protect", config, method)
+        if not finished_run(config.output_dir, identity):
+            config.overwrite = holds_other_run(config.output_dir, identity)
             run(config)
         model = runs / method / MODEL_SUBDIR
         audit = runs / "audit" / method
@@ -53,7 +59,9 @@ def main() -> None:
             target_dataset=TARGET,
             output_dir=str(audit),
         )
-        if not finished_run(audit, run_identity("evaluate", audit_args), finished="report.json"):
+        identity = run_identity("evaluate", audit_args)
+        if not finished_run(audit, identity, finished="report.json"):
+            audit_args.overwrite = holds_other_run(audit, identity)
             run_evaluation(audit_args)
         name = f"tiny-resnet-{SOURCE}-{method}-{TARGET}"
         write_card(model, audit, model_name=name)

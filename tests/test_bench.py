@@ -171,6 +171,22 @@ def test_a_second_run_reuses_every_stage_and_other_settings_are_refused(tiny_ben
         bench.run([*argv[: argv.index("--seeds") + 1], "1", *argv[argv.index("--seeds") + 2 :]])
 
 
+def test_a_changed_protection_setting_reruns_that_protection_and_its_audits_only(tiny_bench, capsys):
+    root, argv, _ = tiny_bench
+    ntp_yaml = root / "ntp.yaml"
+    write_yaml(ntp_yaml, {**yaml.safe_load(ntp_yaml.read_text()), "retrain_steps": 3})  # as a changed default would
+    sophon = sorted(root.rglob("sophon/model/hf_ntl.json"))
+    written = {path: path.stat().st_mtime_ns for path in sophon}
+    bench.main(argv)
+    out = capsys.readouterr().out
+    # The NTP protections of the older setting are replaced, not refused; nothing else is redone.
+    records = [json.loads(path.read_text()) for path in root.rglob("ntp/model/hf_ntl.json")]
+    assert len(records) == 6 + 1  # the six pairs and the architectures section's ViT
+    assert out.count("with ntp") == 7 and "with sophon" not in out and "fitting" not in out
+    assert all(record["config"]["retrain_steps"] == 3 for record in records)
+    assert {path: path.stat().st_mtime_ns for path in sophon} == written
+
+
 def _plan_rows(printed: str) -> dict[str, list[str]]:
     """`--dry_run`'s stages: name -> [to run, reused, attack runs to run (when it has any)]."""
     rows = {}
