@@ -400,6 +400,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
+    from .evaluation import leave_process_group
     from .terminal import set_verbose, stop_displays
 
     set_verbose(verbose)
@@ -411,6 +412,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     command, _ = COMMANDS[name]
     try:
         command(argv[1:])
+        leave_process_group()
     except InputError as err:
         stop_displays()
         if debug:

@@ -164,6 +164,15 @@ def process_state() -> PartialState:
     return PartialState(cpu=not torch.accelerator.is_available())
 
 
+def leave_process_group() -> None:
+    """Leave the process group of a launch together, at the end of a command or script: a rank that exits while
+    another still holds the group can abort the whole launch (gloo on CPU: `terminate called without an active
+    exception`). Nothing to do in a single process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        process_state().wait_for_everyone()
+        torch.distributed.destroy_process_group()
+
+
 def sparsity(model: PreTrainedModel) -> float:
     """Fraction of exact zeros among the encoder's weight matrices and kernels that hold any."""
     return mask_sparsity(pruning_masks(model))

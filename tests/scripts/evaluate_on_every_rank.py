@@ -23,3 +23,4 @@ report = evaluation.run_evaluation(args, progress=False)
 rank = evaluation.process_state().process_index
 with open(f"{out_dir}/rank{rank}.json", "w") as handle:
     json.dump({"executed": executed, "points": report["points"], "slc_auc": report["slc_auc"]}, handle)
+evaluation.leave_process_group()

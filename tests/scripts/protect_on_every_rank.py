@@ -6,6 +6,7 @@ import sys
 import torch
 from safetensors.torch import save_file
 
+from hf_ntl.evaluation import leave_process_group
 from hf_ntl.protect import run_ntp, run_sophon, run_sophon_diffusion
 from hf_ntl.trainers import (
     NTPConfig,
@@ -70,3 +71,4 @@ def train_and_record(self, *args, **kwargs):
 
 trainer_class.train = train_and_record
 run(config)
+leave_process_group()
