@@ -39,6 +39,7 @@ interrupted bench picks up where it stopped; the results go to `--output_dir` (`
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import multiprocessing
 import os
@@ -135,6 +136,8 @@ SECTIONS = ("quality", "architectures", "budget", "diffusion", "cost", "hub")
 MEASUREMENTS = ("cost", "hub")
 # What the results do not depend on: where they go, which sections run now, how many processes share an audit.
 BOOKKEEPING = ("runs_dir", "output_dir", "sections", "overwrite", "audit_processes", "audit_request", "dry_run")
+# The bench settings an audit's report depends on (beside its models, target and suite): `run_audit` reads these.
+AUDIT_SETTINGS = ("model", "counts", "seeds", "validation_samples")
 LABELS = ("original", *PROTECTIONS)
 DISPLAY = {"original": "original", "ntp": "NTP", "sophon": "SOPHON", SCRATCH: "scratch"}
 # The published anchors (ALGORITHMS.md §2, §3). Raw SLC-AUC there is on the reference grid of
@@ -333,6 +336,18 @@ def protect(args: BenchArguments, folder: Path, source_model: Path, source: str,
     return folder / MODEL_SUBDIR
 
 
+def files_digest(path: Path, pattern: str | None = None) -> str | None:
+    """A SHA-256 of the file `path`, or of the files in the folder `path` matching `pattern`; `None` when there are
+    none yet (a model not made yet: no audit of it can be finished)."""
+    files = sorted(path.glob(pattern)) if pattern else [path] if path.is_file() else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
 def audit_request(
     args: BenchArguments,
     folder: Path,
@@ -343,7 +358,11 @@ def audit_request(
 ) -> tuple[dict[str, Any], dict[str, Any], bool]:
     """An audit's request (what `run_audit` reads), its identity, and whether `folder` holds it finished.
 
-    The identity is the request less the bench's bookkeeping: a finished audit is reused only for the same one.
+    The identity is what shapes the audit's report, so that a finished audit is reused only for the same one: the
+    target, the suite, the bench settings `run_audit` reads (`AUDIT_SETTINGS`), and the models and shared scratch
+    report by content (a digest of their files), not by path. A protection rerun after a default changed has new
+    weights at the same path, and its audit must be redone; a change to the bench's other settings (another
+    section's) leaves it alone.
     """
     request = {
         "bench": {k: v for k, v in dataclasses.asdict(args).items() if k != "audit_request"},
@@ -353,8 +372,14 @@ def audit_request(
         "suite": [spec.to_dict() for spec in suite],
         "scratch_report": str(scratch_report) if scratch_report else None,
     }
-    identity = {k: v for k, v in request.items() if k != "bench"} | {
-        k: v for k, v in request["bench"].items() if k not in BOOKKEEPING
+    identity = {
+        "target": target,
+        "suite": request["suite"],
+        **{name: request["bench"][name] for name in AUDIT_SETTINGS},
+        "models": {
+            label: {"path": str(path), "weights": files_digest(path, "*.safetensors")} for label, path in models.items()
+        },
+        "scratch_report": scratch_report and {"path": str(scratch_report), "content": files_digest(scratch_report)},
     }
     request_file = folder / "audit_request.json"
     finished = (folder / "report.json").is_file() and request_file.is_file()

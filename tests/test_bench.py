@@ -175,16 +175,19 @@ def test_a_changed_protection_setting_reruns_that_protection_and_its_audits_only
     root, argv, _ = tiny_bench
     ntp_yaml = root / "ntp.yaml"
     write_yaml(ntp_yaml, {**yaml.safe_load(ntp_yaml.read_text()), "retrain_steps": 3})  # as a changed default would
-    sophon = sorted(root.rglob("sophon/model/hf_ntl.json"))
-    written = {path: path.stat().st_mtime_ns for path in sophon}
+    kept = sorted(root.rglob("sophon/model/hf_ntl.json")) + sorted((root / "runs" / "scratch").rglob("report.json"))
+    pair_audits = sorted((root / "runs" / "quality").rglob("audit/report.json"))
+    written = {path: path.stat().st_mtime_ns for path in kept + pair_audits}
     bench.main(argv)
     out = capsys.readouterr().out
-    # The NTP protections of the older setting are replaced, not refused; nothing else is redone.
+    # The NTP protections of the older setting are replaced, not refused, and the audits of their pairs redone
+    # (same paths, new weights); SOPHON's protections and the scratch baselines are reused.
     records = [json.loads(path.read_text()) for path in root.rglob("ntp/model/hf_ntl.json")]
     assert len(records) == 6 + 1  # the six pairs and the architectures section's ViT
     assert out.count("with ntp") == 7 and "with sophon" not in out and "fitting" not in out
     assert all(record["config"]["retrain_steps"] == 3 for record in records)
-    assert {path: path.stat().st_mtime_ns for path in sophon} == written
+    assert all(path.stat().st_mtime_ns == written[path] for path in kept)
+    assert len(pair_audits) == 6 and all(path.stat().st_mtime_ns != written[path] for path in pair_audits)
 
 
 def _plan_rows(printed: str) -> dict[str, list[str]]:
