@@ -17,11 +17,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/hf-ntl demo --output_dir runs/demo
 
-# Regenerates model_cards/ from the reference runs (about 20 minutes on 2 CPU cores).
+# Regenerates model_cards/ from the reference runs (about 10 minutes on 2 CPU cores once the source model is fitted).
 model-cards: $(STAMP)
 	$(BIN)/python scripts/reference_cards.py --runs runs/reference --cards model_cards
 
-# Protection quality (tiny-resnet, then ViT and ConvNeXt), diffusion and cost benchmarks into
+# Protection quality (tiny-resnet, then ConvNeXt; ViT when named with --architectures), diffusion and cost benchmarks into
 # benchmarks/ (see benchmarks/results.md for the time each section took on 2 CPU cores; finished
 # stages in runs/bench are reused). Not part of `make test`. bench-budget adds the
 # scratch-convergence check (scratch at twice the attack budget).

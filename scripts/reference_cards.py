@@ -6,8 +6,8 @@ Fits the tiny ResNet on `font-digits`, protects it against `uci-digits` with NTP
 (default settings), attacks each and the unprotected original with the default suite (n = 10,
 50, 200; seeds 0, 1, 2) and writes each card and plot to `model_cards/<name>/`. Finished stages
 in `--runs` are reused, so an interrupted regeneration picks up where it stopped; a stage of other
-settings (a default changed since) is rerun and replaces it. About 20
-minutes on 2 CPU cores, most of it the two audits.
+settings (a default changed since) is rerun and replaces it. About 10 minutes on 2 CPU cores
+once the source model is fitted (9.8 measured), most of it the two audits.
 """
 
 import argparse
