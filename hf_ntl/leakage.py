@@ -10,6 +10,7 @@ the user says the overlap is deliberate.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,7 @@ def check_audit_overlap(
         "test": lambda splits: splits["test"],
         "validation": lambda splits: splits["train"].select(validation_indices),
     }
+    load_target_at = functools.cache(load_target_at)  # both splits come from one rendering per size
     found = {}
     for split, select in selections.items():
         hashes = split_hashes_by_size(
