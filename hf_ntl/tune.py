@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import shutil
 import socket
@@ -99,9 +100,18 @@ from .source import MODEL_SUBDIR
 from .terminal import is_verbose, say, signed, table, titled, track
 
 SEARCH_SPACES = Path(__file__).parent / "search_spaces"
-# The attacks that did best against protected models in the bench (README, "Benchmarks"): the proxy
-# keeps those of the suite that apply to the trial's model (the masked one only to a pruned model).
-PROXY_ATTACKS = ("full", "lora-r16", "sgdm-lr1e-2", "sgdm-lr1e-1", "adamw-lr1e-2", "full-masked")
+# The attacks the bench's worst case picked most often (README, "Benchmarks"; picked on validation), as
+# `make bench-quick` runs them: the proxy keeps those of the suite that apply to the trial's model (the
+# masked one only to a pruned model).
+PROXY_ATTACKS = (
+    "adamw-cosine-2x",
+    "full",
+    "sgdm-lr1e-3",
+    "adamw-lr1e-4",
+    "sgdm-lr1e-2",
+    "full-reinit-head",
+    "full-masked",
+)
 # Seconds between a running trial's heartbeats; a trial silent for GRACE seconds (its worker killed) is
 # marked failed at the next start of any worker, and its settings are tried again (`requeue_failed`).
 HEARTBEAT, GRACE = 60, 300
@@ -166,8 +176,15 @@ class TuneArguments:
         metadata={"help": "`median`: stop a trial whose partial proxy audit is worse than the median; `none`."},
     )
     pruner_startup_trials: int = field(default=5, metadata={"help": "Finished trials before the pruner acts."})
+    sampler: str = field(
+        default="tpe",
+        metadata={
+            "help": "`tpe`: Optuna's TPE over the space; `grid`: every combination of a space of `choices` once (a "
+            "sweep; it ends when the grid is done or --trials have finished)."
+        },
+    )
     sampler_seed: int | None = field(
-        default=None, metadata={"help": "Seed of the TPE sampler (give each worker its own, or none)."}
+        default=None, metadata={"help": "Seed of the sampler (give each worker its own, or none)."}
     )
     storage: str | None = field(
         default=None, metadata={"help": "Optuna storage URL (default: sqlite:///OUTPUT_DIR/study.db)."}
@@ -189,6 +206,7 @@ class TuneArguments:
                 "SLC-AUC needs two sample counts or more: give at least two --proxy_counts and --counts.",
             ),
             (self.pruner in ("median", "none"), f"pruner must be 'median' or 'none', got {self.pruner!r}."),
+            (self.sampler in ("tpe", "grid"), f"sampler must be 'tpe' or 'grid', got {self.sampler!r}."),
             (self.proxy_seeds and self.seeds, "give at least one seed for the proxy and for the final audit."),
             (
                 self.target_validation_samples >= 10,
@@ -327,7 +345,8 @@ def tune_identity(args: TuneArguments, space: list[Parameter]) -> dict[str, Any]
     """What makes a study this study; a rerun (or another worker) with other settings is refused."""
     protect_options = yaml.safe_load(Path(args.protect_config).read_text()) if args.protect_config else None
     # Not part of it: how many trials, where the study is kept, how it samples and prunes, the final audit's grid.
-    kept = ("trials", "storage", "study_name", "output_dir", "sampler_seed", "pruner", "pruner_startup_trials")
+    kept = ("trials", "storage", "study_name", "output_dir", "sampler", "sampler_seed", "pruner")
+    kept += ("pruner_startup_trials",)
     kept += ("counts", "seeds")
     kept += ("max_source_drop",) if args.diffusion else ("max_source_mse_ratio",)  # the other kind's floor
     settings = {f.name: getattr(args, f.name) for f in fields(args) if f.name not in kept}
@@ -363,7 +382,31 @@ def feasible(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.COMPLETE and trial.constraints.get("source_floor", 0.0) <= FLOOR_TOLERANCE
 
 
-def open_study(args: TuneArguments, identity: dict[str, Any]) -> optuna.Study:
+def grid(space: list[Parameter]) -> dict[str, list[Any]]:
+    """The space as a grid, each option's choices; a space with a range has none."""
+    ranges = [p.name for p in space if p.choices is None]
+    if ranges:
+        raise InputError(
+            f"--sampler grid needs every option of the search space as `{{choices: [...]}}`; {ranges} are ranges."
+        )
+    return {p.name: list(p.choices) for p in space}
+
+
+def planned_trials(args: TuneArguments, space: list[Parameter]) -> int:
+    """How many trials the study runs: --trials, or the grid's size if that is smaller."""
+    if args.sampler == "tpe":
+        return args.trials
+    return min(args.trials, math.prod(len(choices) for choices in grid(space).values()))
+
+
+def make_sampler(args: TuneArguments, space: list[Parameter]) -> optuna.samplers.BaseSampler:
+    """TPE, or a grid over every combination of the space's `choices`."""
+    if args.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=args.sampler_seed)
+    return optuna.samplers.GridSampler(grid(space), seed=args.sampler_seed)
+
+
+def open_study(args: TuneArguments, identity: dict[str, Any], space: list[Parameter]) -> optuna.Study:
     """Create or load the study; refuse one made with other settings."""
     url = args.storage or f"sqlite:///{(Path(args.output_dir) / 'study.db').resolve()}"
     # SQLite locks the whole file on writes: wait for another worker rather than fail.
@@ -382,7 +425,7 @@ def open_study(args: TuneArguments, identity: dict[str, Any]) -> optuna.Study:
         storage=storage,
         study_name=args.study_name,
         direction="minimize",
-        sampler=optuna.samplers.TPESampler(seed=args.sampler_seed),
+        sampler=make_sampler(args, space),
         pruner=pruner,
         load_if_exists=True,
     )
@@ -398,15 +441,19 @@ def open_study(args: TuneArguments, identity: dict[str, Any]) -> optuna.Study:
     return study
 
 
-def enqueue_defaults(study: optuna.Study, space: list[Parameter], defaults: Any) -> None:
-    """Make the method's defaults the first trial of a new study, so that the search is measured against them."""
+def enqueue_defaults(study: optuna.Study, space: list[Parameter], defaults: Any, sampler: str) -> None:
+    """Make the method's defaults the first trial of a new study, so that the search is measured against them.
+
+    A grid holds them already when they lie in it (and queueing them would try that point twice); the trial with
+    the defaults' values is marked as theirs whichever way it came (`Objective`).
+    """
     if study.trials:
         return
     outside = [f"{p.name}={getattr(defaults, p.name)}" for p in space if not p.contains(getattr(defaults, p.name))]
     if outside:
         say(f"no defaults trial: the defaults {', '.join(outside)} lie outside the search space")
-        return
-    study.enqueue_trial({p.name: getattr(defaults, p.name) for p in space}, user_attrs={"defaults": True})
+    elif sampler == "tpe":
+        study.enqueue_trial({p.name: getattr(defaults, p.name) for p in space})
 
 
 def requeue_failed(study: optuna.Study) -> None:
@@ -424,8 +471,7 @@ def requeue_failed(study: optuna.Study) -> None:
         latest[trial.user_attrs.get("resumes", trial.number)] = trial
     for folder, trial in latest.items():
         if trial.state == TrialState.FAIL:
-            user_attrs = {"resumes": folder, **({"defaults": True} if trial.user_attrs.get("defaults") else {})}
-            study.enqueue_trial(trial.params, user_attrs=user_attrs)
+            study.enqueue_trial(trial.params, user_attrs={"resumes": folder})
 
 
 def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -484,6 +530,8 @@ class Objective:
         self.floor = source_floor(args, original_source)
         self.output = Path(args.output_dir)
         self.config_class, self.protect = args.protection()
+        defaults = stage_config(self.config_class, args.protect_config, [], f"protect-{args.method}")
+        self.default_values = {parameter.name: getattr(defaults, parameter.name) for parameter in space}
         self.guard_options = guard_at_floor(args, space)
         self.original_weights: dict[str, torch.Tensor] | None = None
 
@@ -499,6 +547,8 @@ class Objective:
 
     def __call__(self, trial: Trial) -> float:
         values = {parameter.name: parameter.suggest(trial) for parameter in self.space}
+        if values == self.default_values:
+            trial.set_user_attr("defaults", True)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran it, when several share a study
         folder = trial_folder(self.output, trial)
         config = self.protection_config(folder, values)
@@ -725,11 +775,11 @@ def format_settings(params: dict[str, Any], separator: str = "  ") -> str:
     return separator.join(f"{name}={format_value(value)}" for name, value in params.items())
 
 
-def trial_line(args: TuneArguments, study: optuna.Study, trial: FrozenTrial) -> str:
-    """One line per finished trial: its settings, its figures, the best so far."""
+def trial_line(args: TuneArguments, study: optuna.Study, trial: FrozenTrial, trials: int) -> str:
+    """One line per finished trial (of `trials`): its settings, its figures, the best so far."""
     settings = format_settings(trial.params)
     source = trial.user_attrs.get(args.source_key)
-    label = f"trial {trial.number} ({len(finished_trials(study))}/{args.trials})"
+    label = f"trial {trial.number} ({len(finished_trials(study))}/{trials})"
     line = f"{label}{' defaults' if trial.user_attrs.get('defaults') else ''}  {settings}"
     if source is not None:
         line += f"  {format_source(args, source)}"
@@ -802,6 +852,7 @@ def run_tune(args: TuneArguments) -> dict[str, Any]:
     config_class, _ = args.protection()
     space = load_search_space(args.search_space or default_search_space(args.method), config_class)
     proxy = proxy_attacks(args)
+    trials = planned_trials(args, space)  # a grid's options are checked here, before any data is loaded
     # Fixed options and every value of the space are checked now, not at the first trial that meets them.
     defaults = stage_config(config_class, args.protect_config, [], f"protect-{args.method}")
     check_space_values(space, config_class, args.protect_config, args.method)
@@ -852,25 +903,25 @@ def run_tune(args: TuneArguments) -> dict[str, Any]:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     # Workers starting together take turns to create the study (SQLite's tables), check it and queue trials.
     with exclusive(output / ".study.lock"):
-        study = open_study(args, identity)
-        enqueue_defaults(study, space, defaults)
+        study = open_study(args, identity, space)
+        enqueue_defaults(study, space, defaults, args.sampler)
         requeue_failed(study)
     objective = Objective(args, space, proxy, original_source)
     original = objective.original_proxy()["slc_auc"]["worst_case"]["slc_auc"]
-    remaining = args.trials - len(finished_trials(study))
+    remaining = trials - len(finished_trials(study))
     if remaining > 0:
         where = args.storage or output / "study.db"
         floor = format_source(args, objective.floor).removeprefix("source ")
         say(
-            f"tuning {args.method}: {remaining} of {args.trials} trials to run; study in {where}; the unprotected "
+            f"tuning {args.method}: {remaining} of {trials} trials to run; study in {where}; the unprotected "
             f"original: {format_source(args, original_source)} (floor {floor}), proxy worst-case "
             f"SLC-AUC {original:+.3f} (to beat)"
         )
         study.optimize(
             objective,
             callbacks=[
-                optuna.study.MaxTrialsCallback(args.trials, states=(TrialState.COMPLETE, TrialState.PRUNED)),
-                lambda study, trial: say(trial_line(args, study, trial)),
+                optuna.study.MaxTrialsCallback(trials, states=(TrialState.COMPLETE, TrialState.PRUNED)),
+                lambda study, trial: say(trial_line(args, study, trial, trials)),
             ],
         )
     with exclusive(output / ".final.lock"):
