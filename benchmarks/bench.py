@@ -95,7 +95,7 @@ from hf_ntl.data import (
     load_image_classification_dataset,
     stratified_subset,
 )
-from hf_ntl.data.loading import validation_split
+from hf_ntl.data.loading import SOURCE_VALIDATION_SAMPLES, validation_split
 from hf_ntl.data.transforms import encode_diffusion_split
 from hf_ntl.errors import InputError
 from hf_ntl.evaluation import (
@@ -296,7 +296,8 @@ def _cached(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]
 def source_config(args: BenchArguments, folder: Path, domain: str) -> SourceConfig:
     """The fit-source stage for `domain`: a plain `Trainer` run of the preset's recipe, or of `source_steps` steps."""
     options = ["--output_dir", str(folder), "--model_name_or_path", args.model, "--dataset_name", domain]
-    options += ["--logging_strategy", "no"]
+    # Left out of the fit, so that `hf-ntl tune` (the NTP sweep) measures the owner's floor on images it never saw.
+    options += ["--logging_strategy", "no", "--validation_samples", str(SOURCE_VALIDATION_SAMPLES)]
     if args.source_steps is not None:
         options += ["--max_steps", str(args.source_steps)]
     return stage_config(SourceConfig, None, options, "fit-source")

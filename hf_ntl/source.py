@@ -17,7 +17,12 @@ from transformers.trainer_utils import get_last_checkpoint
 from .artifacts import claim_output_dir, replacing_directory, run_identity, write_record, write_samples
 from .data import ImageClassificationCollator, ImagePreprocessor, augment_batch, class_names
 from .data.fingerprint import SampleSet
-from .data.loading import label_encoding, load_image_classification_dataset
+from .data.loading import (
+    SOURCE_VALIDATION_SAMPLES,
+    label_encoding,
+    load_image_classification_dataset,
+    validation_split,
+)
 from .errors import InputError
 from .metrics import compute_accuracy
 from .models import TINY_PRESETS, load_classifier
@@ -86,6 +91,14 @@ class SourceConfig(TrainingArguments):
     num_train_samples: int | None = field(
         default=None, metadata={"help": "Generated train samples for embedded domains (default: the domain's)."}
     )
+    validation_samples: int = field(
+        default=0,
+        metadata={
+            "help": "Train samples left out of the fit: the first N of the split's fixed validation order, on which "
+            f"`hf-ntl tune --source_validation_samples` up to N (default {SOURCE_VALIDATION_SAMPLES}) measures the "
+            "owner's accuracy. 0 fits on the whole split."
+        },
+    )
     augment: bool = field(
         default=True, metadata={"help": "Light shift/scale/rotation/colour augmentation (and the colour inversion)."}
     )
@@ -133,6 +146,8 @@ class SourceConfig(TrainingArguments):
             raise InputError(f"image_size must be at least 8, got {self.image_size}.")
         if self.remove_unused_columns:
             raise InputError("remove_unused_columns=True would drop the image/label columns the collator needs.")
+        if self.validation_samples < 0:
+            raise InputError(f"validation_samples must be >= 0, got {self.validation_samples}.")
         super().__post_init__()
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # pinning needs an accelerator; it only warns on CPU
@@ -210,6 +225,9 @@ def run_source(config: SourceConfig) -> dict[str, Any]:
         image_size=preprocessor.image_size,
         num_train=config.num_train_samples,
     )
+    if config.validation_samples:
+        _, fitted = validation_split(dataset["train"]["label"], config.validation_samples)
+        dataset["train"] = dataset["train"].select(fitted)
     names = class_names(dataset)
     model = load_classifier(
         config.model_name_or_path, class_names=names, image_size=preprocessor.image_size, seed=config.seed
@@ -222,6 +240,7 @@ def run_source(config: SourceConfig) -> dict[str, Any]:
         "dataset": config.dataset_name,
         "num_classes": len(names),
         "train_samples": len(dataset["train"]),
+        "validation_samples": config.validation_samples,
         "test_samples": len(dataset["test"]),
         "epochs": config.num_train_epochs,
         "seed": config.seed,

@@ -56,7 +56,7 @@ from typing import Any
 import optuna
 import torch
 import yaml
-from datasets import DatasetDict
+from datasets import Dataset, DatasetDict
 from optuna.trial import FrozenTrial, Trial, TrialState
 from rich.console import RenderableType
 from transformers import PreTrainedModel
@@ -66,7 +66,7 @@ from .attacks.finetune import AttackSpec, EncodedOnDemand, EncodedSplit
 from .attacks.suite import load_suite
 from .cards import TRIALS_PLOT, write_card
 from .data import ImagePreprocessor, load_image_classification_dataset
-from .data.loading import validation_split
+from .data.loading import SOURCE_VALIDATION_SAMPLES, validation_split
 from .errors import InputError
 from .evaluation import (
     SCRATCH,
@@ -89,6 +89,7 @@ from .evaluation_diffusion import (
     run_evaluation_diffusion,
     summarise_denoising,
 )
+from .leakage import split_hashes_by_size, training_samples
 from .metrics import predict_accuracy
 from .metrics.denoising import mean_denoising_mse, timestep_grid
 from .metrics.learning_curve import CurvePoint, check_counts
@@ -153,7 +154,11 @@ class TuneArguments:
         },
     )
     source_validation_samples: int = field(
-        default=1000, metadata={"help": "Source train samples held out from every trial to measure the floor on."}
+        default=SOURCE_VALIDATION_SAMPLES,
+        metadata={
+            "help": "Source train samples held out from every trial to measure the floor on (fit the source with "
+            "`fit-source --validation_samples` at least this, so that they are images it never saw)."
+        },
     )
     target_validation_samples: int = field(
         default=300,
@@ -335,6 +340,25 @@ def trial_data(name: str, validation_samples: int, image_size: int) -> DatasetDi
         )
     validation, rest = validation_split(train["label"], validation_samples)
     return DatasetDict(train=train.select(rest), test=train.select(validation))
+
+
+def trained_on_validation(args: TuneArguments, validation: Dataset, image_size: int) -> int:
+    """How many of the source validation images the source model's records say it was fitted on.
+
+    The floor is meant for images the model never saw: memorised accuracy is what retraining loses first, so a
+    floor on such images overstates what a setting costs the owner and rejects settings that keep the owner's
+    accuracy on new images. A model without records (a Hub checkpoint) counts 0: nothing says what it saw.
+    """
+    sets, _ = training_samples(args.model_name_or_path)
+    hashes = split_hashes_by_size(
+        validation,
+        image_size,
+        lambda size: trial_data(args.source_dataset, args.source_validation_samples, size)["test"],
+    )
+    trained: set[str] = set()
+    for sample_set in sets.values():
+        trained |= hashes(sample_set.image_size) & set(sample_set.hashes)
+    return len(trained)
 
 
 # --------------------------------------------------------------------------------------------
@@ -882,6 +906,14 @@ def run_tune(args: TuneArguments) -> dict[str, Any]:
     # The final audit draws its learning curves from the trials' target train split (its validation split is the
     # held-out one): a grid it cannot give is an error now, not after the study.
     check_counts(args.counts, len(data["target"]["train"]), what="the target train split less the held-out samples")
+    memorised = trained_on_validation(args, data["source"]["test"], image_size)
+    if memorised:
+        say(
+            f"warning: the source model was fitted on {memorised} of the {args.source_validation_samples} source "
+            "validation images, so the floor is measured partly on memorised accuracy, which any retraining lowers "
+            "first; fit it without them (`hf-ntl fit-source --validation_samples "
+            f"{args.source_validation_samples}`) for a floor on images it never saw"
+        )
     with exclusive(output / ".data.lock"):
         claim_output_folder(output, identity)
         for role, dataset in data.items():
@@ -925,7 +957,7 @@ def run_tune(args: TuneArguments) -> dict[str, Any]:
             ],
         )
     with exclusive(output / ".final.lock"):
-        return final_audit(args, study, space, proxy, original_source, original)
+        return final_audit(args, study, space, proxy, original_source, original, memorised)
 
 
 def final_audit(
@@ -935,6 +967,7 @@ def final_audit(
     proxy: list[str],
     original_source: float,
     original_proxy: float,
+    memorised: int,
 ) -> dict[str, Any]:
     """Audit the best trial's model with the full suite on the real test split; card it; write `tuning.json`.
 
@@ -982,6 +1015,8 @@ def final_audit(
         **({"max_source_mse_ratio": args.max_source_mse_ratio} if args.diffusion else {}),
         **({} if args.diffusion else {"max_source_drop": args.max_source_drop}),
         "validation_samples": {"source": args.source_validation_samples, "target": args.target_validation_samples},
+        # Source validation images the source model was fitted on (`trained_on_validation`): 0 for an honest floor.
+        "source_validation_trained_on": memorised,
         "proxy": {"attacks": proxy, "counts": args.proxy_counts, "seeds": args.proxy_seeds, "suite": args.suite},
         "trials": [trial_summary(t, args.source_key) for t in study.trials],
         "finished_trials": len(finished),

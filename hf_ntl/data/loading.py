@@ -364,6 +364,11 @@ def stratified_subset(dataset: Dataset, num_samples: int, seed: int = 0) -> Data
 # `validation_split`'s order, so that any audit with this many validation samples or fewer chooses on images
 # the protection never saw.
 AUDIT_VALIDATION_SAMPLES = 200
+# The source's counterpart: `hf-ntl tune` measures the owner's accuracy on the first SOURCE_VALIDATION_SAMPLES of
+# the source train split's `validation_split` order, and `fit-source --validation_samples` leaves them out of the
+# fit, so that the floor is measured on images the model never saw (memorised images are what retraining loses
+# first: a floor on them overstates what a protection costs the owner).
+SOURCE_VALIDATION_SAMPLES = 1000
 
 
 def validation_split(labels: Sequence[int] | np.ndarray, num_validation: int) -> tuple[np.ndarray, np.ndarray]:
