@@ -101,6 +101,7 @@ from .source import MODEL_SUBDIR
 from .terminal import is_verbose, say, signed, table, titled, track
 
 SEARCH_SPACES = Path(__file__).parent / "search_spaces"
+DEFAULT_TRIALS = 20  # of a TPE study
 # The attacks the bench's worst case picked most often (README, "Benchmarks"; picked on validation), as
 # `make bench-quick` runs them: the proxy keeps those of the suite that apply to the trial's model (the
 # masked one only to a pruned model).
@@ -131,8 +132,12 @@ class TuneArguments:
     )
     source_dataset: str = field(default="font-digits", metadata={"help": "The owner's domain."})
     target_dataset: str = field(default="uci-digits", metadata={"help": "The unauthorised domain."})
-    trials: int = field(
-        default=20, metadata={"help": "Finished (or pruned) trials after which workers stop taking new ones."}
+    trials: int | None = field(
+        default=None,
+        metadata={
+            "help": "Finished (or pruned) trials after which workers stop taking new ones (default: 20 for TPE, "
+            "the whole grid for --sampler grid)."
+        },
     )
     search_space: str | None = field(
         default=None, metadata={"help": "YAML search space (default: the method's, in hf_ntl/search_spaces/)."}
@@ -203,7 +208,7 @@ class TuneArguments:
                 self.method in PROTECTIONS or self.method in DIFFUSION_PROTECTIONS,
                 f"method must be one of {[*PROTECTIONS, *DIFFUSION_PROTECTIONS]}, got {self.method!r}.",
             ),
-            (self.trials >= 1, f"trials must be at least 1, got {self.trials}."),
+            (self.trials is None or self.trials >= 1, f"trials must be at least 1, got {self.trials}."),
             (0 <= self.max_source_drop <= 1, f"max_source_drop is an accuracy in [0, 1], got {self.max_source_drop}."),
             (self.max_source_mse_ratio >= 1, f"max_source_mse_ratio must be >= 1, got {self.max_source_mse_ratio}."),
             (
@@ -365,16 +370,18 @@ def trained_on_validation(args: TuneArguments, validation: Dataset, image_size: 
 # The study
 
 
-def tune_identity(args: TuneArguments, space: list[Parameter]) -> dict[str, Any]:
+def tune_identity(args: TuneArguments, space: list[Parameter], proxy: list[str]) -> dict[str, Any]:
     """What makes a study this study; a rerun (or another worker) with other settings is refused."""
     protect_options = yaml.safe_load(Path(args.protect_config).read_text()) if args.protect_config else None
-    # Not part of it: how many trials, where the study is kept, how it samples and prunes, the final audit's grid.
-    kept = ("trials", "storage", "study_name", "output_dir", "sampler", "sampler_seed", "pruner")
-    kept += ("pruner_startup_trials",)
+    # Not part of it: how many trials, where the study is kept, how TPE samples, how trials are pruned, the final
+    # audit's grid. A grid's seed is: it orders the points, and a point is known to every worker by its number.
+    kept = ("trials", "storage", "study_name", "output_dir", "pruner", "pruner_startup_trials")
+    kept += ("sampler_seed",) if args.sampler == "tpe" else ()
     kept += ("counts", "seeds")
     kept += ("max_source_drop",) if args.diffusion else ("max_source_mse_ratio",)  # the other kind's floor
     settings = {f.name: getattr(args, f.name) for f in fields(args) if f.name not in kept}
     settings["search_space"] = [vars(parameter) | {"choices": parameter.choices} for parameter in space]
+    settings["proxy_attacks"] = proxy  # as resolved: the default list may change between versions
     settings["protect_config"] = protect_options
     settings["guard"] = guard_at_floor(args, space)  # trials run with a guard at the floor are another study
     return json.loads(json.dumps(settings, default=str))
@@ -417,10 +424,11 @@ def grid(space: list[Parameter]) -> dict[str, list[Any]]:
 
 
 def planned_trials(args: TuneArguments, space: list[Parameter]) -> int:
-    """How many trials the study runs: --trials, or the grid's size if that is smaller."""
+    """How many trials the study runs: --trials (20 for TPE by default), at most a grid's size (all by default)."""
     if args.sampler == "tpe":
-        return args.trials
-    return min(args.trials, math.prod(len(choices) for choices in grid(space).values()))
+        return args.trials or DEFAULT_TRIALS
+    size = math.prod(len(choices) for choices in grid(space).values())
+    return min(args.trials or size, size)
 
 
 def make_sampler(args: TuneArguments, space: list[Parameter]) -> optuna.samplers.BaseSampler:
@@ -495,7 +503,16 @@ def requeue_failed(study: optuna.Study) -> None:
         latest[trial.user_attrs.get("resumes", trial.number)] = trial
     for folder, trial in latest.items():
         if trial.state == TrialState.FAIL:
-            study.enqueue_trial(trial.params, user_attrs={"resumes": folder})
+            # As `Study.enqueue_trial` queues it, keeping a grid's point: `GridSampler` reads it back when it ends.
+            system_attrs = {"fixed_params": trial.params}
+            system_attrs |= {
+                key: trial.system_attrs[key] for key in ("grid_id", "search_space") if key in trial.system_attrs
+            }
+            study.add_trial(
+                optuna.trial.create_trial(
+                    state=TrialState.WAITING, system_attrs=system_attrs, user_attrs={"resumes": folder}
+                )
+            )
 
 
 def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -889,7 +906,7 @@ def run_tune(args: TuneArguments) -> dict[str, Any]:
             "in --protect_config instead."
         )
     output = Path(args.output_dir)
-    identity = tune_identity(args, space)
+    identity = tune_identity(args, space, proxy)
     if args.diffusion:
         unet, scheduler = load_ddpm(args.model_name_or_path)
         image_size = unet.config.sample_size
@@ -949,13 +966,19 @@ def run_tune(args: TuneArguments) -> dict[str, Any]:
             f"original: {format_source(args, original_source)} (floor {floor}), proxy worst-case "
             f"SLC-AUC {original:+.3f} (to beat)"
         )
-        study.optimize(
-            objective,
-            callbacks=[
-                optuna.study.MaxTrialsCallback(trials, states=(TrialState.COMPLETE, TrialState.PRUNED)),
-                lambda study, trial: say(trial_line(args, study, trial, trials)),
-            ],
-        )
+        callbacks = [
+            optuna.study.MaxTrialsCallback(trials, states=(TrialState.COMPLETE, TrialState.PRUNED)),
+            lambda study, trial: say(trial_line(args, study, trial, trials)),
+        ]
+        study.optimize(objective, callbacks=callbacks)
+        # A grid stops once every point was tried, counting a trial that failed meanwhile (another worker's, killed):
+        # take those points up again before calling the grid done.
+        while args.sampler == "grid" and len(finished_trials(study)) < trials:
+            with exclusive(output / ".study.lock"):
+                requeue_failed(study)
+            if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+                break  # the missing points are still running in other workers
+            study.optimize(objective, callbacks=callbacks)
     with exclusive(output / ".final.lock"):
         return final_audit(args, study, space, proxy, original_source, original, memorised)
 

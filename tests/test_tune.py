@@ -216,7 +216,9 @@ def test_a_guard_is_set_to_the_floor_unless_the_owner_sets_it(setup, tmp_path):
     args = tiny_study(setup, tmp_path, method="sophon", max_source_drop=0.02, search_space=None, protect_config=None)
     space = load_search_space(tune.default_search_space("sophon"), tune.PROTECTIONS["sophon"][0])
     at_floor = {"guard_max_drop": 0.02, "guard_threshold": 0.0}
-    assert tune.guard_at_floor(args, space) == at_floor and tune.tune_identity(args, space)["guard"] == at_floor
+    assert (
+        tune.guard_at_floor(args, space) == at_floor and tune.tune_identity(args, space, ["full"])["guard"] == at_floor
+    )
     config = tune.Objective(args, space, ["full"], original_source=0.95).protection_config(tmp_path / "trial", {})
     assert (config.guard_max_drop, config.guard_threshold) == (0.02, 0.0)
     # The owner's fixed options, or the search space, decide instead; NTP has no guard.
@@ -338,6 +340,40 @@ def test_a_trial_below_the_source_floor_is_pruned_and_settings_may_not_change(se
     assert not (tmp_path / "other").exists()
 
 
+def test_a_grid_study_runs_every_combination_once_even_when_interrupted(setup, tmp_path, monkeypatch):
+    (tmp_path / "grid.yaml").write_text("sparsity: {choices: [0.9, 0.5]}\nalpha: {choices: [1.0, 2.0]}\n")
+    args = tiny_study(setup, tmp_path / "study", trials=None, sampler="grid", search_space=str(tmp_path / "grid.yaml"))
+    config_class, protect = tune.PROTECTIONS["ntp"]
+    calls = []
+
+    def interrupted_third(config):
+        calls.append(config.output_dir)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return protect(config)
+
+    monkeypatch.setitem(tune.PROTECTIONS, "ntp", (config_class, interrupted_third))
+    with pytest.raises(KeyboardInterrupt):
+        run_tune(args)
+    # Rerun: the interrupted point is taken up again, in its folder, and the grid ends when all four are done.
+    summary = run_tune(args)
+    done = [t for t in summary["trials"] if t["state"] in ("complete", "pruned")]
+    assert sorted((t["params"]["sparsity"], t["params"]["alpha"]) for t in done) == [
+        (0.5, 1.0),
+        (0.5, 2.0),
+        (0.9, 1.0),
+        (0.9, 2.0),
+    ]
+    assert [t["state"] for t in summary["trials"]].count("fail") == 1 and summary["finished_trials"] == 4
+    assert len(calls) == 5 and calls.count(calls[2]) == 2  # the third point again, in its own folder
+    # The defaults are a point of the grid, tried once and marked as theirs.
+    assert [t["params"] for t in done if t["defaults"]] == [{"sparsity": 0.9, "alpha": 1.0}]
+    # A range has no grid: refused before anything is written.
+    with pytest.raises(InputError, match="--sampler grid needs every option .* \\['alpha'\\] are ranges"):
+        run_tune(tiny_study(setup, tmp_path / "other", sampler="grid"))
+    assert not (tmp_path / "other").exists()
+
+
 @pytest.mark.parametrize(
     ("space", "error"),
     [
@@ -363,3 +399,9 @@ def test_the_shipped_search_spaces_are_valid_and_hold_the_defaults():
         space = load_search_space(tune.default_search_space(method), config_class)
         defaults = config_class(output_dir="unused", report_to="none")
         assert all(parameter.contains(getattr(defaults, parameter.name)) for parameter in space), method
+    # The sweep behind NTP's defaults is two grids, the second of which holds them.
+    benchmarks = Path(__file__).parents[1] / "benchmarks"
+    assert tune.grid(load_search_space(benchmarks / "ntp_sweep_coarse.yaml", NTPConfig))
+    sweep = load_search_space(benchmarks / "ntp_sweep.yaml", NTPConfig)
+    defaults = NTPConfig(output_dir="unused", report_to="none")
+    assert tune.grid(sweep) and all(parameter.contains(getattr(defaults, parameter.name)) for parameter in sweep)
