@@ -31,8 +31,8 @@ TINY_SUITE = (
     "- {name: full, trainable: all, optimizer: adam, learning_rate: 1.0e-3, steps: 3}\n"
     "- {name: sgdm, trainable: all, optimizer: sgd-momentum, learning_rate: 1.0e-2, steps: 3}\n"
 )
-# Holds NTP's defaults (sparsity 0.9, alpha 1), so the study's first trial is the defaults.
-TINY_SPACE = "sparsity: {choices: [0.9, 0.5]}\nalpha: {low: 0.5, high: 2.0, log: true}\n"
+# Holds NTP's defaults (sparsity 0.9, alpha 3), so the study's first trial is the defaults.
+TINY_SPACE = "sparsity: {choices: [0.9, 0.5]}\nalpha: {low: 1.5, high: 6.0, log: true}\n"
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_a_study_chooses_on_validation_and_reads_the_test_split_only_for_the_fin
         assert not (set(image_hashes(trial_data["train"])) | set(image_hashes(trial_data["test"]))) & tests
 
     trials = [t for t in json.loads((out / "tuning.json").read_text())["trials"] if t["state"] == "complete"]
-    assert trials[0]["defaults"] and trials[0]["params"] == {"sparsity": 0.9, "alpha": 1.0}
+    assert trials[0]["defaults"] and trials[0]["params"] == {"sparsity": 0.9, "alpha": 3.0}
     best = min(trials, key=lambda t: t["worst_case_slc_auc"])
     assert summary["best_trial"] == best["number"] and summary["params"] == best["params"]
     assert summary["validation"]["worst_case_slc_auc"] == best["worst_case_slc_auc"]
@@ -341,7 +341,7 @@ def test_a_trial_below_the_source_floor_is_pruned_and_settings_may_not_change(se
 
 
 def test_a_grid_study_runs_every_combination_once_even_when_interrupted(setup, tmp_path, monkeypatch):
-    (tmp_path / "grid.yaml").write_text("sparsity: {choices: [0.9, 0.5]}\nalpha: {choices: [1.0, 2.0]}\n")
+    (tmp_path / "grid.yaml").write_text("sparsity: {choices: [0.9, 0.5]}\nalpha: {choices: [3.0, 2.0]}\n")
     args = tiny_study(setup, tmp_path / "study", trials=None, sampler="grid", search_space=str(tmp_path / "grid.yaml"))
     config_class, protect = tune.PROTECTIONS["ntp"]
     calls = []
@@ -359,15 +359,15 @@ def test_a_grid_study_runs_every_combination_once_even_when_interrupted(setup, t
     summary = run_tune(args)
     done = [t for t in summary["trials"] if t["state"] in ("complete", "pruned")]
     assert sorted((t["params"]["sparsity"], t["params"]["alpha"]) for t in done) == [
-        (0.5, 1.0),
         (0.5, 2.0),
-        (0.9, 1.0),
+        (0.5, 3.0),
         (0.9, 2.0),
+        (0.9, 3.0),
     ]
     assert [t["state"] for t in summary["trials"]].count("fail") == 1 and summary["finished_trials"] == 4
     assert len(calls) == 5 and calls.count(calls[2]) == 2  # the third point again, in its own folder
     # The defaults are a point of the grid, tried once and marked as theirs.
-    assert [t["params"] for t in done if t["defaults"]] == [{"sparsity": 0.9, "alpha": 1.0}]
+    assert [t["params"] for t in done if t["defaults"]] == [{"sparsity": 0.9, "alpha": 3.0}]
     # A range has no grid: refused before anything is written.
     with pytest.raises(InputError, match="--sampler grid needs every option .* \\['alpha'\\] are ranges"):
         run_tune(tiny_study(setup, tmp_path / "other", sampler="grid"))
