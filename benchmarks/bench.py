@@ -336,11 +336,35 @@ def protect(args: BenchArguments, folder: Path, source_model: Path, source: str,
     """The source model protected against `target` with `method`, unless a finished run of it is there."""
     config = protect_config(args, folder, source_model, source, target, method)
     identity = run_identity("protect", config, method)
-    if not finished_run(folder, identity):
+    if not protection_finished(folder, identity, source_model):
         print(f"  protecting the {source} model against {target} with {method}")
-        config.overwrite = holds_other_run(folder, identity)  # e.g. a protection made before a default changed
+        # A protection of other settings (a default changed) or of other source weights (a refitted source) is
+        # replaced.
+        config.overwrite = holds_other_run(folder, identity) or finished_run(folder, identity)
         PROTECTIONS[method][1](config)
+        stamp_source_weights(folder, source_model)
     return folder / MODEL_SUBDIR
+
+
+SOURCE_WEIGHTS = "source_weights.sha256"
+
+
+def protection_finished(folder: Path, identity: dict[str, Any], source_model: Path) -> bool:
+    """Whether `folder` holds a finished protection of `identity` made from the weights `source_model` holds now.
+
+    A run's identity names its source model by path; a source refitted in place (its settings changed) leaves that
+    path as it was, so the weights it was protected from are stamped beside the protection (`SOURCE_WEIGHTS`).
+    """
+    stamp = folder / SOURCE_WEIGHTS
+    return (
+        finished_run(folder, identity)
+        and stamp.is_file()
+        and stamp.read_text().strip() == files_digest(source_model, "*.safetensors")
+    )
+
+
+def stamp_source_weights(folder: Path, source_model: Path) -> None:
+    (folder / SOURCE_WEIGHTS).write_text(f"{files_digest(source_model, '*.safetensors')}\n")
 
 
 def files_digest(path: Path, pattern: str | None = None) -> str | None:
@@ -696,10 +720,11 @@ def diffusion(args: BenchArguments, runs: Path) -> dict[str, Any]:
     options += ["--audit_validation_samples", str(args.diffusion_validation_samples)]
     config = stage_config(SophonDiffusionConfig, args.sophon_diffusion_config, options, "protect-sophon-diffusion")
     identity = run_identity("protect", config, "sophon-diffusion")
-    if not finished_run(folder / "sophon", identity):
+    if not protection_finished(folder / "sophon", identity, original):
         print(f"[diffusion] protecting it against {target} with SOPHON (DoS)")
-        config.overwrite = holds_other_run(folder / "sophon", identity)
+        config.overwrite = holds_other_run(folder / "sophon", identity) or finished_run(folder / "sophon", identity)
         run_sophon_diffusion(config)
+        stamp_source_weights(folder / "sophon", original)
     audit_dir = folder / "audit"
     audit_args = DiffusionEvaluateArguments(
         model_name_or_path=str(protected),
@@ -1412,7 +1437,8 @@ def plan(args: BenchArguments, runs: Path) -> Table:
             for source, target in pairs:
                 folder = runs / "quality" / f"{Path(source).name}__{Path(target).name}" / method
                 config = protect_config(args, folder, sources[source] / MODEL_SUBDIR, source, target, method)
-                done.append(finished_run(folder, run_identity("protect", config, method)))
+                identity = run_identity("protect", config, method)
+                done.append(protection_finished(folder, identity, sources[source] / MODEL_SUBDIR))
             add(f"{method} protections", done)
         for target in args.domains:
             _, _, finished = audit_request(args, scratch_path(runs, target).parent, {}, target, suite)

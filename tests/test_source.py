@@ -133,6 +133,9 @@ def test_a_run_recorded_before_colour_inversion_existed_is_still_the_same_run(tm
     assert "invert_probability" not in run_identity("source", config(tmp_path))
     vit = run_identity("source", config(tmp_path, model_name_or_path="tiny-vit", num_train_epochs=None))
     assert vit["invert_probability"] == 0.5 and vit["num_train_epochs"] == 40.0
+    # Likewise a fit on the whole train split, and a fit that leaves validation images out is another run.
+    assert "validation_samples" not in run_identity("source", config(tmp_path))
+    assert run_identity("source", config(tmp_path, validation_samples=1000))["validation_samples"] == 1000
 
 
 def test_config_validation(tmp_path):
