@@ -347,14 +347,17 @@ def trial_data(name: str, validation_samples: int, image_size: int) -> DatasetDi
     return DatasetDict(train=train.select(rest), test=train.select(validation))
 
 
-def trained_on_validation(args: TuneArguments, validation: Dataset, image_size: int) -> int:
-    """How many of the source validation images the source model's records say it was fitted on.
+def trained_on_validation(args: TuneArguments, validation: Dataset, image_size: int) -> int | None:
+    """How many of the source validation images the source model's records (and those of the models it came from)
+    say were trained on; `None` when no record names any samples (a Hub checkpoint: nothing says what it saw).
 
     The floor is meant for images the model never saw: memorised accuracy is what retraining loses first, so a
     floor on such images overstates what a setting costs the owner and rejects settings that keep the owner's
-    accuracy on new images. A model without records (a Hub checkpoint) counts 0: nothing says what it saw.
+    accuracy on new images.
     """
     sets, _ = training_samples(args.model_name_or_path)
+    if not sets:
+        return None
     hashes = split_hashes_by_size(
         validation,
         image_size,
@@ -923,13 +926,14 @@ def run_tune(args: TuneArguments) -> dict[str, Any]:
     # The final audit draws its learning curves from the trials' target train split (its validation split is the
     # held-out one): a grid it cannot give is an error now, not after the study.
     check_counts(args.counts, len(data["target"]["train"]), what="the target train split less the held-out samples")
-    memorised = trained_on_validation(args, data["source"]["test"], image_size)
+    # A pipeline's floor is its denoising MSE, and fit-ddpm fits on the whole train split: classifiers only.
+    memorised = None if args.diffusion else trained_on_validation(args, data["source"]["test"], image_size)
     if memorised:
         say(
-            f"warning: the source model was fitted on {memorised} of the {args.source_validation_samples} source "
-            "validation images, so the floor is measured partly on memorised accuracy, which any retraining lowers "
-            "first; fit it without them (`hf-ntl fit-source --validation_samples "
-            f"{args.source_validation_samples}`) for a floor on images it never saw"
+            f"warning: the source model (or one it came from) was trained on {memorised} of the "
+            f"{args.source_validation_samples} source validation images, so the floor is measured partly on "
+            "memorised accuracy, which any retraining lowers first; fit it without them (`hf-ntl fit-source "
+            f"--validation_samples {args.source_validation_samples}`) for a floor on images it never saw"
         )
     with exclusive(output / ".data.lock"):
         claim_output_folder(output, identity)
@@ -1010,8 +1014,15 @@ def final_audit(
             if args.diffusion
             else f"within {args.max_source_drop:.2%} of the original's source accuracy: loosen --max_source_drop"
         )
+        memorised_hint = (
+            f" The floor was measured partly on {memorised} images the source model was trained on: fit it with "
+            "`--validation_samples` first."
+            if memorised
+            else ""
+        )
         raise InputError(
             f"No trial of {len(finished)} finished {floor}, or narrow the search space towards gentler settings."
+            + memorised_hint
         )
     best = min(candidates, key=lambda t: t.value)
     if best.value >= original_proxy:
@@ -1038,7 +1049,8 @@ def final_audit(
         **({"max_source_mse_ratio": args.max_source_mse_ratio} if args.diffusion else {}),
         **({} if args.diffusion else {"max_source_drop": args.max_source_drop}),
         "validation_samples": {"source": args.source_validation_samples, "target": args.target_validation_samples},
-        # Source validation images the source model was fitted on (`trained_on_validation`): 0 for an honest floor.
+        # Source validation images the source model was trained on (`trained_on_validation`): 0 for an honest floor,
+        # None where no record says (a Hub checkpoint, a diffusion pipeline).
         "source_validation_trained_on": memorised,
         "proxy": {"attacks": proxy, "counts": args.proxy_counts, "seeds": args.proxy_seeds, "suite": args.suite},
         "trials": [trial_summary(t, args.source_key) for t in study.trials],

@@ -28,7 +28,7 @@ class NTPConfig(TrainingArguments):
     model_name_or_path: str | None = field(default=None, metadata={"help": "The source model: folder or Hub id."})
     source_dataset: str = field(default="font-digits", metadata={"help": "The owner's (authorised) domain."})
     target_dataset: str = field(default="uci-digits", metadata={"help": "The unauthorised target domain."})
-    # All of the source split: on a tenth, 400 steps overfit it and cost the owner 5-8 points on textured-digits.
+    # All of the source split: on a tenth, 400 steps overfit it and cost textured-digits' owner 4.6-8.2 points.
     source_fraction: float = field(default=1.0, metadata={"help": "Fraction of the source train split used."})
     target_fraction: float = field(
         default=0.3, metadata={"help": "Fraction of the target train split (less the audit's validation samples) used."}
