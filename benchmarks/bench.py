@@ -347,6 +347,7 @@ def protect(args: BenchArguments, folder: Path, source_model: Path, source: str,
 
 
 SOURCE_WEIGHTS = "source_weights.sha256"
+SOURCE_WEIGHT_FILES = "**/*.safetensors"  # a pipeline keeps its UNet's in a subfolder
 
 
 def protection_finished(folder: Path, identity: dict[str, Any], source_model: Path) -> bool:
@@ -359,12 +360,12 @@ def protection_finished(folder: Path, identity: dict[str, Any], source_model: Pa
     return (
         finished_run(folder, identity)
         and stamp.is_file()
-        and stamp.read_text().strip() == files_digest(source_model, "*.safetensors")
+        and stamp.read_text().strip() == files_digest(source_model, SOURCE_WEIGHT_FILES)
     )
 
 
 def stamp_source_weights(folder: Path, source_model: Path) -> None:
-    (folder / SOURCE_WEIGHTS).write_text(f"{files_digest(source_model, '*.safetensors')}\n")
+    (folder / SOURCE_WEIGHTS).write_text(f"{files_digest(source_model, SOURCE_WEIGHT_FILES)}\n")
 
 
 def files_digest(path: Path, pattern: str | None = None) -> str | None:
