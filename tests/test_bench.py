@@ -12,6 +12,7 @@ import pytest
 import yaml
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 from PIL import Image as PILImage
+from safetensors.torch import load_file, save_file
 
 from hf_ntl.errors import InputError
 from hf_ntl.metrics.plots import plot_pair_heatmaps
@@ -188,6 +189,23 @@ def test_a_changed_protection_setting_reruns_that_protection_and_its_audits_only
     assert all(record["config"]["retrain_steps"] == 3 for record in records)
     assert all(path.stat().st_mtime_ns == written[path] for path in kept)
     assert len(pair_audits) == 6 and all(path.stat().st_mtime_ns != written[path] for path in pair_audits)
+
+
+def test_a_source_refitted_in_place_reruns_its_protections_and_their_audits(tiny_bench, capsys):
+    root, argv, domains = tiny_bench
+    # As a source fit of other settings would leave it: other weights at the same path.
+    weights = root / "runs" / "sources" / "red" / "model" / "model.safetensors"
+    tensors = load_file(weights)
+    save_file(
+        {name: tensor + 1e-3 if tensor.is_floating_point() else tensor for name, tensor in tensors.items()}, weights
+    )
+    pair_audits = {path: path.stat().st_mtime_ns for path in (root / "runs" / "quality").rglob("audit/report.json")}
+    bench.main(argv)
+    out = capsys.readouterr().out
+    # Both protections of the red model against each other domain; nothing else is protected again.
+    assert out.count("protecting the") == 4 and out.count(f"protecting the {domains[0]} model") == 4
+    redone = {path.parent.parent.name for path, mtime in pair_audits.items() if path.stat().st_mtime_ns != mtime}
+    assert redone == {"red__green", "red__blue"}
 
 
 def _plan_rows(printed: str) -> dict[str, list[str]]:
