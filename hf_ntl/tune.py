@@ -194,7 +194,11 @@ class TuneArguments:
         },
     )
     sampler_seed: int | None = field(
-        default=None, metadata={"help": "Seed of the sampler (give each worker its own, or none)."}
+        default=None,
+        metadata={
+            "help": "Seed of the sampler: for TPE give each worker its own, or none; a grid's orders its points, so "
+            "every worker of a grid study takes the same."
+        },
     )
     storage: str | None = field(
         default=None, metadata={"help": "Optuna storage URL (default: sqlite:///OUTPUT_DIR/study.db)."}
