@@ -998,7 +998,7 @@ def final_audit(
     proxy: list[str],
     original_source: float,
     original_proxy: float,
-    memorised: int,
+    memorised: int | None,
 ) -> dict[str, Any]:
     """Audit the best trial's model with the full suite on the real test split; card it; write `tuning.json`.
 
