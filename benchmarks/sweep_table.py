@@ -30,6 +30,10 @@ Setting = tuple[tuple[str, Any], ...]
 
 def read_study(folder: Path) -> dict[str, Any]:
     """A grid study's pair, search space and, per setting, its finished trial's figures; the original's."""
+    needed = ("hf_ntl_tune.json", "study.db", "proxy_original.json")
+    missing = [name for name in needed if not (folder / name).is_file()]
+    if missing:
+        raise InputError(f"{folder} is not a started `hf-ntl tune` study (no {', '.join(missing)}).")
     identity = json.loads((folder / "hf_ntl_tune.json").read_text())
     storage = f"sqlite:///{folder / 'study.db'}"
     (name,) = optuna.get_all_study_names(storage)  # the default storage holds its folder's study only
@@ -108,7 +112,10 @@ def main() -> None:
     parser.add_argument("studies", nargs="+", type=Path, help="Output folders of grid studies of one search space.")
     parser.add_argument("--output", type=Path, help="Also write the table (markdown) here.")
     args = parser.parse_args()
-    studies = [read_study(folder) for folder in args.studies]
+    try:
+        studies = [read_study(folder) for folder in args.studies]
+    except InputError as error:
+        raise SystemExit(f"sweep_table.py: error: {error}") from None
     if any(study["space"] != studies[0]["space"] for study in studies):
         raise SystemExit("The studies searched different spaces: a setting must have been tried on every pair.")
     text, chosen = table(studies)
