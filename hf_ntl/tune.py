@@ -488,8 +488,15 @@ def enqueue_defaults(study: optuna.Study, space: list[Parameter], defaults: Any,
     """
     if study.trials:
         return
-    outside = [f"{p.name}={getattr(defaults, p.name)}" for p in space if not p.contains(getattr(defaults, p.name))]
-    if outside:
+    values = {p.name: getattr(defaults, p.name) for p in space}
+    # None: the method sets the value from the model (NTP's sparsity), so no point of the space is its default.
+    unset = [name for name, value in values.items() if value is None]
+    outside = [
+        f"{p.name}={values[p.name]}" for p in space if values[p.name] is not None and not p.contains(values[p.name])
+    ]
+    if unset:
+        say(f"no defaults trial: {', '.join(unset)} has no default of its own (the method sets it from the model)")
+    elif outside:
         say(f"no defaults trial: the defaults {', '.join(outside)} lie outside the search space")
     elif sampler == "tpe":
         study.enqueue_trial({p.name: getattr(defaults, p.name) for p in space})

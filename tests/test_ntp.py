@@ -225,6 +225,7 @@ def test_run_ntp_saves_a_protected_model_with_its_record(tmp_path):
     saved = json.loads((folder / "hf_ntl.json").read_text())
     assert saved["method"] == "ntp" and saved["config"]["sparsity"] == 0.8
     assert saved["sparsity"]["overall"] == pytest.approx(0.8, abs=1e-5) == record["sparsity"]["overall"]
+    assert saved["sparsity"]["target"] == 0.8
     # 1% of textured-shapes' 5,000 train images less the 200 an audit chooses on.
     assert saved["data"] == {"source_train_samples": 67, "target_train_samples": 48}
     assert 0 <= saved["source_accuracy_after"] <= 1 and saved["source_accuracy_before"] is not None
@@ -277,6 +278,14 @@ def test_bad_configurations_are_refused_early(tmp_path, data):
         make_trainer(config(tmp_path, target_head="shared"), (source, five_classes))
     with pytest.raises(ValueError, match="No prunable parameters matched"):
         make_trainer(config(tmp_path, prunable_patterns=["no_such_layer"]), data)
+
+
+@pytest.mark.parametrize(("preset", "sparsity"), [("tiny-resnet", 0.9), ("tiny-convnext", 0.3), ("tiny-vit", 0.3)])
+def test_the_default_sparsity_follows_batch_norm_and_an_explicit_one_wins(tmp_path, data, preset, sparsity):
+    trainer = make_trainer(config(tmp_path, sparsity=None), data, preset)
+    assert trainer.target_sparsity == sparsity
+    assert trainer.keep == keep_count(sum(p.numel() for p in trainer.prunable.values()), sparsity)
+    assert make_trainer(config(tmp_path, sparsity=0.6), data, preset).target_sparsity == 0.6
 
 
 @pytest.mark.parametrize("preset", ["tiny-vit", "tiny-convnext"])

@@ -31,8 +31,8 @@ TINY_SUITE = (
     "- {name: full, trainable: all, optimizer: adam, learning_rate: 1.0e-3, steps: 3}\n"
     "- {name: sgdm, trainable: all, optimizer: sgd-momentum, learning_rate: 1.0e-2, steps: 3}\n"
 )
-# Holds NTP's defaults (sparsity 0.9, alpha 3), so the study's first trial is the defaults.
-TINY_SPACE = "sparsity: {choices: [0.9, 0.5]}\nalpha: {low: 1.5, high: 6.0, log: true}\n"
+# Holds NTP's defaults (fisher_lambda 1, alpha 3), so the study's first trial is the defaults.
+TINY_SPACE = "fisher_lambda: {choices: [1.0, 0.1]}\nalpha: {low: 1.5, high: 6.0, log: true}\n"
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def setup(tmp_path_factory):
     uci test scans the source fit never saw, but its train images (and so the study's validation images) are uci
     train scans it was fitted on, on new textures, so part of the original's head start (proxy worst case about
     +0.2 here) is memorised digits. That is what this test wants: a clear margin over the first trial (NTP's default
-    sparsity and alpha, tiny schedule; about 0.17 with NTP's former defaults), so that the study releases a model. On
+    lambda and alpha, tiny schedule; about 0.17 with NTP's former defaults), so that the study releases a model. On
     textured shapes both sat within 0.03 of scratch, and which one won changed with the CPU.
     """
     folder = tmp_path_factory.mktemp("tune")
@@ -145,7 +145,7 @@ def test_a_study_chooses_on_validation_and_reads_the_test_split_only_for_the_fin
 
     assert summary["source_validation_trained_on"] == 100  # the setup's source was fitted on all of its split
     trials = [t for t in json.loads((out / "tuning.json").read_text())["trials"] if t["state"] == "complete"]
-    assert trials[0]["defaults"] and trials[0]["params"] == {"sparsity": 0.9, "alpha": 3.0}
+    assert trials[0]["defaults"] and trials[0]["params"] == {"fisher_lambda": 1.0, "alpha": 3.0}
     best = min(trials, key=lambda t: t["worst_case_slc_auc"])
     assert summary["best_trial"] == best["number"] and summary["params"] == best["params"]
     assert summary["validation"]["worst_case_slc_auc"] == best["worst_case_slc_auc"]
@@ -156,7 +156,7 @@ def test_a_study_chooses_on_validation_and_reads_the_test_split_only_for_the_fin
     assert report["test_overlap"]["total"] == 0 and report["original"] == str(setup / "source" / "model")
     assert summary["test"]["worst_case_slc_auc"] == report["slc_auc"]["model"]["worst_case"]["slc_auc"]
     record = read_record(out / "model")
-    assert record["config"]["sparsity"] == best["params"]["sparsity"]
+    assert record["config"]["fisher_lambda"] == best["params"]["fisher_lambda"]
     assert record["tuning"]["best_trial"] == best["number"] and record["tuning"]["finished_trials"] == 2
     # Its record gives the source accuracies of the test split, as the audit's figures are.
     assert record["dataset"] == SOURCE and record["source_accuracy_after"] == summary["test"]["source_accuracy"]
@@ -360,7 +360,7 @@ def test_a_trial_below_the_source_floor_is_pruned_and_settings_may_not_change(se
 
 
 def test_a_grid_study_runs_every_combination_once_even_when_interrupted(setup, tmp_path, monkeypatch):
-    (tmp_path / "grid.yaml").write_text("sparsity: {choices: [0.9, 0.5]}\nalpha: {choices: [3.0, 2.0]}\n")
+    (tmp_path / "grid.yaml").write_text("fisher_lambda: {choices: [1.0, 0.1]}\nalpha: {choices: [3.0, 2.0]}\n")
     args = tiny_study(setup, tmp_path / "study", trials=None, sampler="grid", search_space=str(tmp_path / "grid.yaml"))
     config_class, protect = tune.PROTECTIONS["ntp"]
     calls = []
@@ -377,16 +377,16 @@ def test_a_grid_study_runs_every_combination_once_even_when_interrupted(setup, t
     # Rerun: the interrupted point is taken up again, in its folder, and the grid ends when all four are done.
     summary = run_tune(args)
     done = [t for t in summary["trials"] if t["state"] in ("complete", "pruned")]
-    assert sorted((t["params"]["sparsity"], t["params"]["alpha"]) for t in done) == [
-        (0.5, 2.0),
-        (0.5, 3.0),
-        (0.9, 2.0),
-        (0.9, 3.0),
+    assert sorted((t["params"]["fisher_lambda"], t["params"]["alpha"]) for t in done) == [
+        (0.1, 2.0),
+        (0.1, 3.0),
+        (1.0, 2.0),
+        (1.0, 3.0),
     ]
     assert [t["state"] for t in summary["trials"]].count("fail") == 1 and summary["finished_trials"] == 4
     assert len(calls) == 5 and calls.count(calls[2]) == 2  # the third point again, in its own folder
     # The defaults are a point of the grid, tried once and marked as theirs.
-    assert [t["params"] for t in done if t["defaults"]] == [{"sparsity": 0.9, "alpha": 3.0}]
+    assert [t["params"] for t in done if t["defaults"]] == [{"fisher_lambda": 1.0, "alpha": 3.0}]
     # A range has no grid: refused before anything is written.
     with pytest.raises(InputError, match="--sampler grid needs every option .* \\['alpha'\\] are ranges"):
         run_tune(tiny_study(setup, tmp_path / "other", sampler="grid"))

@@ -34,7 +34,15 @@ from ..errors import InputError
 from ..losses import capped_cross_entropy, fisher_ratio
 from ..metrics import compute_accuracy
 from ..models import forward_with_features, head_linear, running_statistics_frozen
-from ..pruning import AdmmState, apply_masks, keep_count, mask_sparsity, prunable_parameter_names, sparsity_report
+from ..pruning import (
+    AdmmState,
+    apply_masks,
+    default_sparsity,
+    keep_count,
+    mask_sparsity,
+    prunable_parameter_names,
+    sparsity_report,
+)
 from ..terminal import show_progress
 from .ntp_config import NTPConfig
 
@@ -117,7 +125,8 @@ class NTPTrainer(Trainer):
         names = prunable_parameter_names(self.model, args.prunable_patterns)
         named = dict(self.model.named_parameters())
         self.prunable: dict[str, nn.Parameter] = {name: named[name] for name in names}
-        self.keep = keep_count(sum(p.numel() for p in self.prunable.values()), args.sparsity)
+        self.target_sparsity = default_sparsity(self.model) if args.sparsity is None else args.sparsity
+        self.keep = keep_count(sum(p.numel() for p in self.prunable.values()), self.target_sparsity)
         self.admm: AdmmState | None = None
         self.probe: nn.Linear | None = None
         self._metrics: dict[str, list[float]] = defaultdict(list)
@@ -262,8 +271,9 @@ class NTPTrainer(Trainer):
         return " · ".join(parts)
 
     def sparsity(self) -> dict[str, object]:
-        """Achieved sparsity of the prunable weights, overall and per tensor."""
-        return sparsity_report({n: p.detach() for n, p in self.prunable.items()})
+        """The sparsity asked for (`target`: the config's, or the model's default) and the one achieved by the
+        prunable weights, overall and per tensor."""
+        return {"target": self.target_sparsity} | sparsity_report({n: p.detach() for n, p in self.prunable.items()})
 
     def method_results(self) -> dict[str, Any]:
         """What the protection record holds about this method's outcome: the achieved sparsity, each ADMM
