@@ -1,5 +1,6 @@
 """SOPHON for diffusion: DoS loss, the trainer, LoRA/full attacks on UNets, pipelines on disk, the stages."""
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -11,6 +12,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_fro
 from diffusers import DDPMPipeline
 from huggingface_hub import ModelCard
 from PIL import Image as PILImage
+from torch.func import functional_call
 
 from hf_ntl.artifacts import write_record, write_samples
 from hf_ntl.attacks import DiffusionAttackSpec, finetune_unet, unet_lora_target_modules, with_lora
@@ -143,6 +145,49 @@ def test_one_outer_step_lowers_the_dos_loss_the_attackers_reach(tmp_path):
     assert after < 0.95 * before
     assert any(not torch.equal(p, weights[n]) for n, p in trainer.model.named_parameters())
     assert all(p.grad is None for p in trainer.model.parameters())  # nothing leaks into the NTR step
+
+
+def test_lora_attackers_join_the_families_and_leave_the_released_weights_bit_identical(tmp_path):
+    trainer = make_trainer(config(tmp_path, lora_ranks=[4], inner_lr_min=1e-2, inner_lr_max=1e-2))
+    assert trainer.attacker_families() == ["sgd-momentum", "adam", "adamw", "lora"]
+    generator = torch.Generator().manual_seed(0)
+    lora = [attack for attack in (trainer.sample_attack(generator) for _ in range(200)) if attack.family == "lora"]
+    assert lora and all(a.trainable == "lora" and a.lora_rank == 4 and a.optimizer == "adamw" for a in lora)
+    meta = {name: torch.zeros_like(p) for name, p in trainer.model.named_parameters()}
+    attacker = trainer._start_attacker(lora[0], generator, trainer.args.inner_steps)
+    trainer._advance(attacker, generator, meta)
+    model = dict(trainer.model.named_parameters())
+    assert set(attacker.state.released) == set(model)
+    for name, tensor in attacker.state.released.items():
+        assert torch.equal(tensor, model[name]), name  # what the attacker builds on, untouched
+    assert set(attacker.state.trainable) == {f"{w}.lora_{part}" for w in trainer.lora_weights for part in "AB"}
+    assert all(attacker.state.trainable[f"{w}.lora_B"].abs().sum() > 0 for w in trainer.lora_weights)
+    # The DoS loss reaches the released weights through the adapters.
+    assert all(meta[name].abs().sum() > 0 for name in trainer.lora_weights)
+    assert make_trainer(config(tmp_path)).attacker_families() == ["sgd-momentum", "adam", "adamw"]  # off by default
+
+
+def test_the_simulated_lora_attacker_on_a_unet_computes_what_peft_lora_does(tmp_path):
+    trainer = make_trainer(config(tmp_path, lora_ranks=[4]))
+    attack = dataclasses.replace(trainer.draw_attack("lora", torch.Generator().manual_seed(0)), lora_rank=4)
+    state = trainer.attacker_copy(attack, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for name, tensor in state.trainable.items():
+            if name.endswith("lora_B"):
+                tensor.normal_(std=0.1)  # fresh B is zero: make the deltas visible
+    reference = with_lora(copy.deepcopy(trainer.model), 4).eval()
+    peft_weights = dict(reference.named_parameters())
+    with torch.no_grad():
+        for name in trainer.lora_weights:
+            module = name.removesuffix(".weight")
+            for part in "AB":
+                target = peft_weights[f"base_model.model.{module}.lora_{part}.default.weight"]
+                target.copy_(state.trainable[f"{name}.lora_{part}"].view_as(target))
+    noisy, timesteps = images(4, 5), torch.tensor([3, 100, 500, 900])
+    trainer.model.eval()
+    simulated = functional_call(trainer.model, (state.parameters(), state.buffers), args=(noisy, timesteps)).sample
+    torch.testing.assert_close(simulated, reference(noisy, timesteps).sample, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(simulated, trainer.model(noisy, timesteps).sample, atol=1e-3)
 
 
 def test_training_logs_fts_and_guard_metrics_and_checkpoints_method_state(tmp_path):

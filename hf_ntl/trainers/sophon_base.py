@@ -688,3 +688,44 @@ def pick(options: list, generator: torch.Generator) -> Any:
 def log_uniform(low: float, high: float, generator: torch.Generator) -> float:
     """A learning rate drawn log-uniformly from [low, high]."""
     return math.exp(math.log(low) + (math.log(high) - math.log(low)) * float(torch.rand(1, generator=generator)))
+
+
+# lora_alpha / r with lora_alpha = 2r, as the suites' LoRA attacks (classifier and diffusion) build them.
+LORA_SCALE = 2.0
+
+
+def lora_factors(
+    weights: dict[str, torch.Tensor], names: list[str], rank: int, generator: torch.Generator
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A simulated LoRA attacker's factors (A, B) for each weight in `names`, as `peft` initialises them: A
+    kaiming-uniform with a = sqrt(5) (uniform in +-1/sqrt(fan_in)), B zero. A convolution's A spans its whole
+    kernel (fan_in = in_channels x kernel area) and B is 1 x 1, as peft's convolution LoRA."""
+    factors = {}
+    for name in names:
+        weight = weights[name]
+        fan_in = weight[0].numel()
+        bound = 1 / math.sqrt(fan_in)
+        down = (2 * torch.rand((rank, fan_in), generator=generator) - 1) * bound
+        factors[name] = (
+            down.to(weight.device).requires_grad_(True),
+            torch.zeros(weight.shape[0], rank, device=weight.device, requires_grad=True),
+        )
+    return factors
+
+
+def lora_adapted(
+    weights: dict[str, torch.Tensor], factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """The adapted weights W + scale B A (differentiable in W, A and B), by name."""
+    return {
+        name: weights[name] + LORA_SCALE * (up @ down).view_as(weights[name]) for name, (down, up) in factors.items()
+    }
+
+
+def lora_trainable(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The factors by the names an attacker's state (and its checkpoint) gives them."""
+    return {
+        f"{name}.lora_{part}": factor
+        for name, (down, up) in factors.items()
+        for part, factor in (("A", down), ("B", up))
+    }

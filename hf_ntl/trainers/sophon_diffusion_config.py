@@ -50,14 +50,23 @@ class SophonDiffusionConfig(SophonConfigBase):
         metadata={"help": "Restricted images drawn per inner step (support + query), sampled per attacker."},
     )
     query_size: int = field(default=8, metadata={"help": "Of each inner batch, the images held out as query."})
-    # The simulated attackers: one family per optimiser, all fine-tuning every weight. Small-data attackers and
-    # adversarial family sampling are off here until measured on diffusion (they are the classifier's defaults).
+    # The simulated attackers: one family per optimiser fine-tuning every weight (and LoRA attackers when
+    # `lora_ranks` is given). Small-data attackers, LoRA and adversarial family sampling are off here until
+    # measured on diffusion (the first two and the last are the classifier's defaults).
     inner_optimizers: list[str] = field(
         default_factory=lambda: ["sgd-momentum", "adam", "adamw"],
         metadata={"help": "Optimisers the simulated attackers sample from (plain SGD barely moves a UNet)."},
     )
     inner_lr_min: float = field(default=1e-4, metadata={"help": "Lower end of the log-uniform attacker lr."})
     inner_lr_max: float = field(default=3e-3, metadata={"help": "Upper end of the log-uniform attacker lr."})
+    # Off by default until measured on diffusion, as the classifier's other attacker kinds are here.
+    lora_ranks: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "Ranks of LoRA simulated attackers (AdamW on low-rank deltas of the layers the diffusion suite's "
+            "LoRA attack adapts, lr as the others'): given, they join the optimiser families as family `lora`."
+        },
+    )
     small_data_probability: float = field(
         default=0.0, metadata={"help": "Probability that a simulated attacker owns only a few restricted images."}
     )
@@ -91,6 +100,7 @@ class SophonDiffusionConfig(SophonConfigBase):
                 0 < self.inner_lr_min <= self.inner_lr_max,
                 f"Need 0 < inner_lr_min <= inner_lr_max, got {self.inner_lr_min} and {self.inner_lr_max}.",
             ),
+            (all(rank >= 1 for rank in self.lora_ranks), f"lora_ranks must be >= 1, got {self.lora_ranks}."),
             (self.guard_max_mse_ratio >= 1, f"guard_max_mse_ratio must be >= 1, got {self.guard_max_mse_ratio}."),
             (self.guard_timesteps >= 1, f"guard_timesteps must be >= 1, got {self.guard_timesteps}."),
         ]

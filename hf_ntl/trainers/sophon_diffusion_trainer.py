@@ -24,11 +24,22 @@ from accelerate.utils import extract_model_from_parallel
 from diffusers import DDPMScheduler, UNet2DModel
 from torch.nn import functional as F
 
+from ..attacks import unet_lora_target_modules
 from ..data.transforms import DiffusionImages, check_diffusion_images
 from ..errors import InputError
 from ..losses import denial_of_service_loss, predict_noise
 from ..metrics.denoising import mean_denoising_mse, timestep_grid
-from .sophon_base import Forward, SimulatedAttack, SophonBaseTrainer, log_uniform, pick
+from .sophon_base import (
+    AttackerState,
+    Forward,
+    SimulatedAttack,
+    SophonBaseTrainer,
+    log_uniform,
+    lora_adapted,
+    lora_factors,
+    lora_trainable,
+    pick,
+)
 from .sophon_diffusion_config import SophonDiffusionConfig
 
 
@@ -84,6 +95,8 @@ class SophonDiffusionTrainer(SophonBaseTrainer):
         self.restricted = restricted_images
         self.guard_images = guard_images
         self.guard_grid = timestep_grid(noise_scheduler, args.guard_timesteps)
+        # The weights a LoRA attacker adapts: those of the layers the diffusion suite's LoRA attack targets.
+        self.lora_weights = [f"{module}.weight" for module in unet_lora_target_modules(model)]
 
     # ------------------------------------------------------------------ NTR: ordinary DDPM training
 
@@ -95,15 +108,32 @@ class SophonDiffusionTrainer(SophonBaseTrainer):
     # ------------------------------------------------------------------ the simulated attackers
 
     def attacker_families(self) -> list[str]:
-        return list(self.args.inner_optimizers)  # every attacker fine-tunes the whole UNet: its optimiser is its kind
+        # A full fine-tuning attacker's optimiser is its kind; LoRA attackers are one more, when asked for.
+        return list(self.args.inner_optimizers) + (["lora"] if self.args.lora_ranks else [])
 
     def draw_attack(self, family: str, generator: torch.Generator) -> SimulatedAttack:
         config = self.args
+        lora = family == "lora"
         return SimulatedAttack(
             family=family,
-            optimizer=family,
+            optimizer="adamw" if lora else family,  # the diffusion suite's LoRA attack trains with AdamW
             learning_rate=log_uniform(config.inner_lr_min, config.inner_lr_max, generator),
             batch_size=pick(config.inner_batch_sizes, generator),
+            trainable="lora" if lora else "all",
+            lora_rank=pick(config.lora_ranks, generator) if lora else 0,
+        )
+
+    def attacker_copy(self, attack: SimulatedAttack, generator: torch.Generator) -> AttackerState:
+        """A LoRA attacker's copy: the UNet's weights as released (its meta-gradient is taken there, through the
+        attacker's current adapters, first-order) and low-rank factors on the layers `with_lora` adapts; a full
+        fine-tuning attacker's is the base class's."""
+        if attack.trainable != "lora":
+            return super().attacker_copy(attack, generator)
+        weights = {name: p.detach().clone().requires_grad_(True) for name, p in self.model.named_parameters()}
+        buffers = {name: b.detach().clone() for name, b in self.model.named_buffers()}
+        factors = lora_factors(weights, self.lora_weights, attack.lora_rank, generator)
+        return AttackerState(
+            lora_trainable(factors), weights, buffers, parameters=lambda: weights | lora_adapted(weights, factors)
         )
 
     def restricted_batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -30,6 +30,9 @@ from .sophon_base import (
     SimulatedAttack,
     SophonBaseTrainer,
     log_uniform,
+    lora_adapted,
+    lora_factors,
+    lora_trainable,
     pick,
 )
 from .sophon_config import SophonConfig
@@ -148,28 +151,14 @@ class SophonTrainer(SophonBaseTrainer):
             return AttackerState(trainable, released, buffers, parameters=lambda: encoder | head)
 
         # LoRA as `peft` builds it for the LoRA attack: W + (alpha / r) B A on every linear and non-grouped conv
-        # weight of the encoder, A like peft's default (kaiming-uniform, a = sqrt(5)), B zero, alpha = 2r.
-        factors = {}
-        for name in self.lora_weights:
-            weight = encoder[name]
-            fan_in = weight[0].numel()
-            bound = 1 / math.sqrt(fan_in)
-            down = (2 * torch.rand((attack.lora_rank, fan_in), generator=generator) - 1) * bound
-            factors[name] = (
-                down.to(weight.device).requires_grad_(True),
-                torch.zeros(weight.shape[0], attack.lora_rank, device=weight.device, requires_grad=True),
-            )
-        for name, (down, up) in factors.items():
-            trainable |= {f"{name}.lora_A": down, f"{name}.lora_B": up}
-        scale = 2.0  # lora_alpha / r with lora_alpha = 2r, as the suite's LoRA attacks
-
-        def parameters() -> dict[str, torch.Tensor]:
-            adapted = {
-                name: encoder[name] + scale * (up @ down).view_as(encoder[name]) for name, (down, up) in factors.items()
-            }
-            return encoder | adapted | head
-
-        return AttackerState(trainable, released, buffers, parameters)
+        # weight of the encoder.
+        factors = lora_factors(encoder, self.lora_weights, attack.lora_rank, generator)
+        return AttackerState(
+            trainable | lora_trainable(factors),
+            released,
+            buffers,
+            parameters=lambda: encoder | lora_adapted(encoder, factors) | head,
+        )
 
     def _fresh_head(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """A new `restricted_classes`-way head, initialised like `nn.Linear` (uniform in +-1/sqrt(fan_in))."""
