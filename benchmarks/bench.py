@@ -1,13 +1,14 @@
 """`make bench`: how well hf_ntl protects, what it costs, and how that compares to the published results.
 
-    make bench                      # = python benchmarks/bench.py --sections quality architectures diffusion cost
-    make bench-budget               # the sections above and the scratch-convergence check
+    make bench                      # = python benchmarks/bench.py --sections quality diffusion cost
+    make bench-budget               # after it: the budget section, into benchmarks/budget
+    make bench-architectures        # the architectures section, into benchmarks/architectures
     make bench-hub                  # = python benchmarks/bench.py --sections hub --output_dir benchmarks/hub
     python benchmarks/bench.py --sections cost          # one section
 
-Six sections, all with fixed seeds on the embedded domains, under the measurement protocol of
-ALGORITHMS.md §5 (splits fixed by the data set, a leakage guard before every audit, the worst case
-chosen on a validation split and read on test, budgets that grow with n):
+Six sections (`make bench` runs the three that fit in 90 minutes on 2 CPU cores), all with fixed seeds on the
+embedded domains, under the measurement protocol of ALGORITHMS.md §5 (splits fixed by the data set, a leakage
+guard before every audit, the worst case chosen on a validation split and read on test, budgets that grow with n):
 
 - **quality**: a source model per domain; one scratch baseline per target (shared by the pairs
   attacking it: its runs are identical); for every ordered pair (source, target) NTP and SOPHON
@@ -135,7 +136,18 @@ SECTIONS = ("quality", "architectures", "budget", "diffusion", "cost", "hub")
 # runs_dir to measure again).
 MEASUREMENTS = ("cost", "hub")
 # What the results do not depend on: where they go, which sections run now, how many processes share an audit.
-BOOKKEEPING = ("runs_dir", "output_dir", "sections", "overwrite", "audit_processes", "audit_request", "dry_run")
+# Not part of a bench run's identity: where it writes, what it runs now, and the presets of the architectures section
+# (each has its own folder of stages, identified as they run).
+BOOKKEEPING = (
+    "runs_dir",
+    "output_dir",
+    "sections",
+    "architectures",
+    "overwrite",
+    "audit_processes",
+    "audit_request",
+    "dry_run",
+)
 # The bench settings an audit's report depends on (beside its models, target and suite): `run_audit` reads these.
 AUDIT_SETTINGS = ("model", "counts", "seeds", "validation_samples")
 LABELS = ("original", *PROTECTIONS)
@@ -161,8 +173,8 @@ class BenchArguments:
     runs_dir: str = field(default="runs/bench", metadata={"help": "Where every stage is written (and reused)."})
     output_dir: str = field(default="benchmarks", metadata={"help": "Where results.json/.md and the heatmap go."})
     sections: list[str] = field(
-        default_factory=lambda: [name for name in SECTIONS if name != "hub"],
-        metadata={"help": "Sections to run (hub, the Hub-scale architectures at 224 px, only when named)."},
+        default_factory=lambda: ["quality", "diffusion", "cost"],
+        metadata={"help": f"Sections to run, of {list(SECTIONS)} (default: those of `make bench`)."},
     )
     domains: list[str] = field(
         default_factory=lambda: ["font-digits", "uci-digits", "textured-digits"],
@@ -232,8 +244,9 @@ class BenchArguments:
         unknown = sorted(set(self.sections) - set(SECTIONS))
         if unknown:
             raise InputError(f"Unknown sections {unknown}; choose from {list(SECTIONS)}.")
-        if "quality" in self.sections and len(self.domains) < 2:
-            raise InputError("The quality section needs at least two domains (three by default).")
+        paired = sorted({"quality", "architectures", "diffusion"} & set(self.sections))
+        if paired and len(self.domains) < 2:
+            raise InputError(f"The {', '.join(paired)} section(s) need at least two domains (three by default).")
         if self.audit_processes < 1:
             raise InputError(f"audit_processes must be at least 1, got {self.audit_processes}.")
         if len(set(self.domains)) != len(self.domains):
@@ -253,8 +266,10 @@ class BenchArguments:
 
 def check_sample_counts(args: BenchArguments) -> None:
     """Refuse sample counts a target cannot supply now, not after the first hour of training."""
-    targets = args.domains if "quality" in args.sections else []
-    requests = [(domain, args.counts, args.validation_samples) for domain in targets]
+    targets = set(args.domains if {"quality", "budget"} & set(args.sections) else [])
+    if "architectures" in args.sections:
+        targets.add(args.domains[1])
+    requests = [(domain, args.counts, args.validation_samples) for domain in sorted(targets)]
     if "diffusion" in args.sections:
         requests.append((args.domains[1], args.diffusion_counts, args.diffusion_validation_samples))
     for domain, counts, held_out in requests:
@@ -647,8 +662,11 @@ def budget(args: BenchArguments, runs: Path) -> dict[str, Any]:
     doubled = doubled_budget(suite)
     targets = {}
     for target in args.domains:
-        if not scratch_path(runs, target).is_file():
-            raise InputError("The budget section compares with the quality section's scratch runs: run it first.")
+        if not audit_request(args, scratch_path(runs, target).parent, {}, target, suite)[2]:
+            raise InputError(
+                f"The budget section compares with the quality section's scratch runs, and {runs} holds none finished "
+                f"for these settings on {target}: run the quality section (`make bench`) first."
+            )
         single = read_report(scratch_path(runs, target))
         print(f"[budget] scratch on {target} at twice the budget")
         double = audit(args, runs / "budget" / Path(target).name, {}, target, suite=doubled)
@@ -1455,10 +1473,12 @@ def plan(args: BenchArguments, runs: Path) -> Table:
             folder = runs / "budget" / Path(target).name
             _, _, finished = audit_request(args, folder, {}, target, doubled)
             add(f"scratch at twice the budget on {Path(target).name}", [finished], runs_per_model, target, doubled)
-    for section in ("architectures", "diffusion", "cost"):
+    for section in ("architectures", "diffusion"):  # their stages are checked as they run
         if section in args.sections:
-            done = (runs / f"{section}.json").is_file()
-            rows.add_row(f"{section} section", "0" if done else "1", "1" if done else "0", "(not estimated)")
+            rows.add_row(f"{section} section", "-", "-", "(not planned)")
+    if "cost" in args.sections:
+        done = (runs / "cost.json").is_file()
+        rows.add_row("cost section", "0" if done else "1", "1" if done else "0", "(not estimated)")
 
     # The runs' time, from a few timed steps of each attack on the tiny architecture (scratch's and the
     # protected models'), one thread per process as the audits run, spread over the audit's processes.
@@ -1512,7 +1532,8 @@ def run(argv: list[str] | None = None) -> None:
         shutil.rmtree(runs)
     identity = {k: v for k, v in vars(args).items() if k not in BOOKKEEPING}
     identity_file = runs / "bench_settings.json"
-    if identity_file.is_file() and json.loads(identity_file.read_text()) != identity:
+    recorded = json.loads(identity_file.read_text()) if identity_file.is_file() else identity
+    if {k: v for k, v in recorded.items() if k not in BOOKKEEPING} != identity:  # older runs recorded more
         raise InputError(
             f"{runs} holds a bench run with other settings ({identity_file}); pass --overwrite or choose another "
             "--runs_dir."

@@ -185,8 +185,17 @@ def build_card(
         embedded_note=EMBEDDED_DOMAINS_NOTE,
         has_plot=(report_dir / PLOT).is_file(),
         has_trials_plot=(model_dir / TRIALS_PLOT).is_file(),
-        config_items=sorted(record.get("config", {}).items()),
+        config_items=config_items(record),
     )
+
+
+def config_items(record: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The record's configuration, sorted; a setting the method took from the model (None in the configuration:
+    NTP's sparsity) is shown with the value it took."""
+    config = dict(record.get("config", {}))
+    if "sparsity" in config and config["sparsity"] is None and "target" in record.get("sparsity", {}):
+        config["sparsity"] = f"{record['sparsity']['target']} (the default for this architecture)"
+    return sorted(config.items())
 
 
 def is_pipeline(model_dir: Path) -> bool:
@@ -293,7 +302,7 @@ def build_diffusion_card(
         has_plot=(report_dir / DIFFUSION_PLOTS[0]).is_file(),
         has_samples=(report_dir / DIFFUSION_PLOTS[1]).is_file(),
         has_trials_plot=(model_dir / TRIALS_PLOT).is_file(),
-        config_items=sorted(record.get("config", {}).items()),
+        config_items=config_items(record),
     )
 
 

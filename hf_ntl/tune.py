@@ -481,7 +481,8 @@ def open_study(args: TuneArguments, identity: dict[str, Any], space: list[Parame
 
 
 def enqueue_defaults(study: optuna.Study, space: list[Parameter], defaults: Any, sampler: str) -> None:
-    """Make the method's defaults the first trial of a new study, so that the search is measured against them.
+    """Make the method's defaults the first trial of a new study, so that the search is measured against them,
+    when they are a point of the search space.
 
     A grid holds them already when they lie in it (and queueing them would try that point twice); the trial with
     the defaults' values is marked as theirs whichever way it came (`Objective`).
@@ -489,17 +490,16 @@ def enqueue_defaults(study: optuna.Study, space: list[Parameter], defaults: Any,
     if study.trials:
         return
     values = {p.name: getattr(defaults, p.name) for p in space}
-    # None: the method sets the value from the model (NTP's sparsity), so no point of the space is its default.
-    unset = [name for name, value in values.items() if value is None]
-    outside = [
-        f"{p.name}={values[p.name]}" for p in space if values[p.name] is not None and not p.contains(values[p.name])
+    # A default of None is set by the method from the model (NTP's sparsity): no point of the space is it.
+    missing = [
+        f"{p.name} (set from the model)" if values[p.name] is None else f"{p.name}={values[p.name]}"
+        for p in space
+        if values[p.name] is None or not p.contains(values[p.name])
     ]
-    if unset:
-        say(f"no defaults trial: {', '.join(unset)} has no default of its own (the method sets it from the model)")
-    elif outside:
-        say(f"no defaults trial: the defaults {', '.join(outside)} lie outside the search space")
+    if missing:
+        say(f"no defaults trial: the defaults of {', '.join(missing)} are not points of the search space")
     elif sampler == "tpe":
-        study.enqueue_trial({p.name: getattr(defaults, p.name) for p in space})
+        study.enqueue_trial(values)
 
 
 def requeue_failed(study: optuna.Study) -> None:

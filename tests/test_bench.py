@@ -61,6 +61,7 @@ def tiny_bench(tmp_path_factory):
     small = {"source_fraction": 1.0, "target_fraction": 1.0, "per_device_train_batch_size": 8, "use_cpu": True}
     argv = [
         "--runs_dir", str(root / "runs"), "--output_dir", str(root / "results"), "--domains", *domains,
+        "--sections", "quality", "architectures", "budget", "diffusion", "cost",
         "--source_steps", "3", "--architectures", "tiny-vit", "--suite", "quick", "--attack_steps", "2",
         "--counts", "4", "8", "--seeds", "0",
         "--validation_samples", "16", "--diffusion_validation_samples", "12", "--audit_processes", "1",
@@ -123,6 +124,8 @@ def test_every_section_runs_and_the_results_add_up(tiny_bench):
     vit_report = json.loads((vit_pair / "audit" / "report.json").read_text())
     assert [p for p in vit_report["points"] if p["model"] == "scratch"] == scratch["points"]
     assert vit["ntp"]["worst_case"] == vit_report["slc_auc"]["ntp"]["worst_case"]
+    # NTP's default sparsity follows the architecture: the ViT has no BatchNorm (the ResNets above got 0.9).
+    assert json.loads((vit_pair / "ntp" / "model" / "hf_ntl.json").read_text())["sparsity"]["target"] == 0.3
 
     # The budget check compares the pair audits' scratch runs with scratch at twice the steps.
     budget = results["budget"]["targets"]
@@ -170,6 +173,33 @@ def test_a_second_run_reuses_every_stage_and_other_settings_are_refused(tiny_ben
     assert untimed(after["quality"]) == untimed(before["quality"]) and after["cost"] == before["cost"]
     with pytest.raises(InputError, match="other settings"):
         bench.run([*argv[: argv.index("--seeds") + 1], "1", *argv[argv.index("--seeds") + 2 :]])
+
+
+def with_option(argv: list[str], name: str, *values: str) -> list[str]:
+    """`argv` with option `name`'s values replaced by `values`."""
+    start = argv.index(name) + 1
+    end = next((i for i in range(start, len(argv)) if argv[i].startswith("--")), len(argv))
+    return [*argv[:start], *values, *argv[end:]]
+
+
+def test_a_section_alone_reuses_the_stages_and_writes_only_its_results(tiny_bench, tmp_path):
+    root, argv, _ = tiny_bench
+    stages = sorted(root.rglob("report.json")) + sorted(root.rglob("hf_ntl.json"))
+    written = {path: path.stat().st_mtime_ns for path in stages}
+    # (Another preset list is not another bench run: each preset's stages are identified on their own.)
+    budget = with_option(with_option(argv, "--sections", "budget"), "--architectures", "tiny-convnext")
+    architectures = with_option(argv, "--sections", "architectures")
+    for section, section_argv, heading in (
+        ("budget", budget, "## Is the scratch baseline converged?"),
+        ("architectures", architectures, "## Protection on other architectures"),
+    ):
+        bench.main(with_option(section_argv, "--output_dir", str(tmp_path / section)))
+        markdown = (tmp_path / section / "results.md").read_text()
+        assert heading in markdown and "## Protection quality" not in markdown and "## Cost" not in markdown
+    assert {path: path.stat().st_mtime_ns for path in stages} == written
+    # The budget section compares with the quality section's scratch runs: without them it says so, early.
+    with pytest.raises(InputError, match="run the quality section"):
+        bench.run(with_option(with_option(argv, "--sections", "budget"), "--runs_dir", str(tmp_path / "fresh")))
 
 
 def test_a_changed_protection_setting_reruns_that_protection_and_its_audits_only(tiny_bench, capsys):

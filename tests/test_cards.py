@@ -167,3 +167,13 @@ def test_card_says_how_string_labels_were_encoded(audited, monkeypatch):
     many = with_encoding([f"c{i}" for i in range(25)])
     assert "0 = c0, 1 = c1," in many and "19 = c19, and 5 more (all in `config.json`'s `id2label`)." in many
     assert "20 = c20" not in many
+
+
+def test_the_configuration_table_shows_the_sparsity_a_default_run_took():
+    took_the_default = {"config": {"sparsity": None, "alpha": 3.0}, "sparsity": {"target": 0.3, "overall": 0.3}}
+    assert cards.config_items(took_the_default) == [
+        ("alpha", 3.0),
+        ("sparsity", "0.3 (the default for this architecture)"),
+    ]
+    asked = {"config": {"sparsity": 0.6}, "sparsity": {"target": 0.6, "overall": 0.6}}
+    assert cards.config_items(asked) == [("sparsity", 0.6)]

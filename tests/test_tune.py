@@ -327,12 +327,14 @@ def test_a_killed_worker_trial_is_taken_up_again_once_its_heartbeat_is_stale(set
     assert sorted(p.name for p in (out / "trials").iterdir()) == ["0000"]  # the same folder, taken up again
 
 
-def test_a_trial_below_the_source_floor_is_pruned_and_settings_may_not_change(setup, tmp_path):
+def test_a_trial_below_the_source_floor_is_pruned_and_settings_may_not_change(setup, tmp_path, capsys):
     (tmp_path / "space.yaml").write_text("sparsity: {choices: [0.99]}\n")  # destroys a tiny model's accuracy
     args = tiny_study(setup, tmp_path / "study", trials=1, search_space=str(tmp_path / "space.yaml"))
     args.max_source_drop = 0.0
     with pytest.raises(InputError, match="No trial of 1 finished within"):
         run_tune(args)
+    # NTP sets its sparsity from the model by default: no point of a space that searches it is the defaults.
+    assert "no defaults trial: the defaults of sparsity (set from the model) are not points" in capsys.readouterr().out
     study = optuna.load_study(study_name="hf-ntl-tune", storage=f"sqlite:///{tmp_path / 'study' / 'study.db'}")
     (trial,) = study.trials
     assert trial.state == optuna.trial.TrialState.PRUNED and trial.user_attrs["pruned_by"] == "source floor"
