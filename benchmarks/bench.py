@@ -266,10 +266,10 @@ class BenchArguments:
 
 def check_sample_counts(args: BenchArguments) -> None:
     """Refuse sample counts a target cannot supply now, not after the first hour of training."""
-    targets = set(args.domains if {"quality", "budget"} & set(args.sections) else [])
-    if "architectures" in args.sections:
-        targets.add(args.domains[1])
-    requests = [(domain, args.counts, args.validation_samples) for domain in sorted(targets)]
+    targets = list(args.domains) if {"quality", "budget"} & set(args.sections) else []
+    if "architectures" in args.sections and args.domains[1] not in targets:
+        targets.append(args.domains[1])
+    requests = [(domain, args.counts, args.validation_samples) for domain in targets]
     if "diffusion" in args.sections:
         requests.append((args.domains[1], args.diffusion_counts, args.diffusion_validation_samples))
     for domain, counts, held_out in requests:

@@ -273,6 +273,8 @@ def test_bad_bench_arguments_are_refused_before_any_work():
         bench.BenchArguments(sections=["speed"])
     with pytest.raises(ValueError, match="at least two domains"):
         bench.BenchArguments(domains=["uci-digits"])
+    with pytest.raises(ValueError, match="architectures section\\(s\\) need at least two domains"):
+        bench.BenchArguments(sections=["architectures"], domains=["uci-digits"])
     with pytest.raises(ValueError, match="Unknown architectures"):
         bench.BenchArguments(architectures=["tiny-swin"])
     with pytest.raises(ValueError, match="Unknown cost models"):
@@ -287,9 +289,13 @@ def test_sample_counts_a_target_cannot_supply_are_refused_before_any_training(tm
         bench.run([*common, "--sections", "quality", "--counts", "10", "500"])
     with pytest.raises(InputError, match=r"Sample counts must lie in 1..90"):
         bench.run([*common, "--sections", "diffusion", "--diffusion_counts", "10", "500"])
+    # The architectures section alone attacks the second domain: its counts are checked as early.
+    with pytest.raises(InputError, match=r"Sample counts must lie in 1..80 \(.*green's train split less 16 validation"):
+        bench.run([*common, "--sections", "architectures", "--counts", "10", "500"])
     with pytest.raises(InputError, match=r"96 train samples.*validation split of 200"):
         bench.run([*common, "--sections", "quality", "--validation_samples", "200"])
     # On the command line: one line, status 2, as `hf-ntl` does.
+    capsys.readouterr()  # (what writing the domains printed, when this test runs first)
     with pytest.raises(SystemExit) as exit_info:
         bench.main([*common, "--sections", "quality", "--validation_samples", "200"])
     error = capsys.readouterr().err.strip()
