@@ -22,8 +22,9 @@ model-cards: $(STAMP)
 	$(BIN)/python scripts/reference_cards.py --runs runs/reference --cards model_cards
 
 # Protection quality on every pair of the three embedded digit domains (tiny-resnet), diffusion and cost into
-# benchmarks/: 60.5 minutes on 2 CPU cores from nothing (benchmarks/results.md says what each section took).
-# Finished stages in runs/bench are reused. Not part of `make test`.
+# benchmarks/: about an hour on 2 CPU cores from nothing (60.5 minutes, part of it on a shared CPU;
+# benchmarks/results.md says what each section took). Finished stages in runs/bench are reused. Not part of
+# `make test`.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py --runs_dir runs/bench --output_dir benchmarks \
 		--sections quality diffusion cost

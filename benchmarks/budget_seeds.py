@@ -3,10 +3,10 @@ for more seeds, and the mean change with its standard error (README, "Is scratch
 
     python benchmarks/budget_seeds.py --runs_dir runs/budget-seeds
 
-The defaults are the three points the budget section's two seeds missed (the worst case picked `adamw-cosine-2x`
-there): font-digits and textured-digits at n = 200 and 1147, seeds 0-5. Runs go through the bench's own audit (same
-split, subsets, seeds and validation choice as the bench; seeds 0 and 1 reproduce its runs), and are reused when
-finished.
+The defaults cover the three points the budget section's two seeds missed (the worst case picked `adamw-cosine-2x`
+there) and font-digits at n = 1147: font-digits and textured-digits at n = 200 and 1147, seeds 0-5. Runs go through
+the bench's own audit (same split, subsets, seeds and validation choice as the bench; seeds 0 and 1 reproduce its
+runs), and are reused when finished.
 """
 
 from __future__ import annotations
