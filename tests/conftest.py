@@ -45,3 +45,24 @@ def matmul_dtypes():
                 hook.remove()
 
     return record
+
+
+@pytest.fixture
+def load_into_peft():
+    """`load(state, peft_model, lora_weights)`: give a simulated LoRA attacker's copy (`AttackerState`) nonzero B
+    factors (fresh ones are zero, which would hide the deltas) and copy its factors into a `peft` LoRA model of the
+    same network, so that the two can be compared."""
+
+    def load(state, peft_model, lora_weights) -> None:
+        peft_weights = dict(peft_model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in state.trainable.items():
+                if name.endswith("lora_B"):
+                    tensor.normal_(std=0.1)
+            for name in lora_weights:
+                module = name.removesuffix(".weight")
+                for part in "AB":
+                    target = peft_weights[f"base_model.model.{module}.lora_{part}.default.weight"]
+                    target.copy_(state.trainable[f"{name}.lora_{part}"].view_as(target))
+
+    return load

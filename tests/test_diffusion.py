@@ -167,22 +167,12 @@ def test_lora_attackers_join_the_families_and_leave_the_released_weights_bit_ide
     assert make_trainer(config(tmp_path)).attacker_families() == ["sgd-momentum", "adam", "adamw"]  # off by default
 
 
-def test_the_simulated_lora_attacker_on_a_unet_computes_what_peft_lora_does(tmp_path):
+def test_the_simulated_lora_attacker_on_a_unet_computes_what_peft_lora_does(tmp_path, load_into_peft):
     trainer = make_trainer(config(tmp_path, lora_ranks=[4]))
     attack = dataclasses.replace(trainer.draw_attack("lora", torch.Generator().manual_seed(0)), lora_rank=4)
     state = trainer.attacker_copy(attack, torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        for name, tensor in state.trainable.items():
-            if name.endswith("lora_B"):
-                tensor.normal_(std=0.1)  # fresh B is zero: make the deltas visible
     reference = with_lora(copy.deepcopy(trainer.model), 4).eval()
-    peft_weights = dict(reference.named_parameters())
-    with torch.no_grad():
-        for name in trainer.lora_weights:
-            module = name.removesuffix(".weight")
-            for part in "AB":
-                target = peft_weights[f"base_model.model.{module}.lora_{part}.default.weight"]
-                target.copy_(state.trainable[f"{name}.lora_{part}"].view_as(target))
+    load_into_peft(state, reference, trainer.lora_weights)
     noisy, timesteps = images(4, 5), torch.tensor([3, 100, 500, 900])
     trainer.model.eval()
     simulated = functional_call(trainer.model, (state.parameters(), state.buffers), args=(noisy, timesteps)).sample

@@ -410,22 +410,12 @@ def test_lora_and_probe_attackers_leave_the_frozen_weights_bit_identical(tmp_pat
     assert all(meta[name].abs().sum() > 0 for name in trainer.lora_weights)
 
 
-def test_the_simulated_lora_attacker_computes_what_peft_lora_does(tmp_path, data):
+def test_the_simulated_lora_attacker_computes_what_peft_lora_does(tmp_path, data, load_into_peft):
     trainer = make_trainer(config(tmp_path), data)
     attack = SimulatedAttack("lora", "adam", 1e-3, batch_size=20, trainable="lora", lora_rank=4)
     state = trainer.attacker_copy(attack, torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        for name, tensor in state.trainable.items():
-            if name.endswith("lora_B"):
-                tensor.normal_(std=0.1)  # fresh B is zero: make the deltas visible
     reference = _prepare(copy.deepcopy(trainer.model), AttackSpec("lora", trainable="lora", lora_rank=4)).eval()
-    peft_weights = dict(reference.named_parameters())
-    with torch.no_grad():
-        for name in trainer.lora_weights:
-            module = name.removesuffix(".weight")
-            for part in "AB":
-                target = peft_weights[f"base_model.model.{module}.lora_{part}.default.weight"]
-                target.copy_(state.trainable[f"{name}.lora_{part}"].view_as(target))
+    load_into_peft(state, reference, trainer.lora_weights)
     pixels = trainer.restricted.select(range(8)).pixel_values
     trainer.model.eval()
     simulated = functional_call(trainer.model, (state.parameters(), state.buffers), kwargs={"pixel_values": pixels})
