@@ -135,9 +135,9 @@ SECTIONS = ("quality", "architectures", "budget", "diffusion", "cost", "hub")
 # Sections that time the code at hand rather than run stages: a finished one is reused whole (delete its JSON in
 # runs_dir to measure again).
 MEASUREMENTS = ("cost", "hub")
-# What the results do not depend on: where they go, which sections run now, how many processes share an audit.
-# Not part of a bench run's identity: where it writes, what it runs now, and the presets of the architectures section
-# (each has its own folder of stages, identified as they run).
+# What a bench run's identity leaves out, as the results do not depend on it: where they go, which sections run now,
+# how many processes share an audit, and the presets of the architectures section (each has its own folder of
+# stages, identified as they run).
 BOOKKEEPING = (
     "runs_dir",
     "output_dir",

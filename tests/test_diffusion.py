@@ -233,6 +233,8 @@ def test_bad_inputs_are_refused_with_a_clear_error(tmp_path):
         config(tmp_path, timestep_min=5, timestep_max=1)
     with pytest.raises(ValueError, match="guard_max_mse_ratio"):
         config(tmp_path, guard_max_mse_ratio=0.5)
+    with pytest.raises(ValueError, match="lora_ranks must be >= 1"):
+        config(tmp_path, lora_ranks=[4, 0])
     with pytest.raises(ValueError, match="must be <= 999"):
         make_trainer(config(tmp_path, timestep_max=1000))
     with pytest.raises(TypeError, match="UNet2DModel"):

@@ -59,7 +59,6 @@ class SophonDiffusionConfig(SophonConfigBase):
     )
     inner_lr_min: float = field(default=1e-4, metadata={"help": "Lower end of the log-uniform attacker lr."})
     inner_lr_max: float = field(default=3e-3, metadata={"help": "Upper end of the log-uniform attacker lr."})
-    # Off by default until measured on diffusion, as the classifier's other attacker kinds are here.
     lora_ranks: list[int] = field(
         default_factory=list,
         metadata={
