@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `benchmarks` as a package, from anywhere
 
 from benchmarks import bench
+from hf_ntl.errors import InputError
 
 
 def main() -> None:
@@ -31,8 +32,14 @@ def main() -> None:
     options = parser.parse_args()
     runs = Path(options.runs_dir)
     args = bench.BenchArguments(
-        runs_dir=str(runs), attacks=[options.attack, "full-masked"], counts=options.counts, seeds=options.seeds
+        runs_dir=str(runs),
+        sections=["budget"],
+        domains=options.targets,
+        attacks=[options.attack, "full-masked"],
+        counts=options.counts,
+        seeds=options.seeds,
     )
+    bench.check_sample_counts(args)  # before any run, as the bench does
     suite = [spec for spec in bench.bench_suite(args) if spec.name == options.attack]
     print(f"{options.attack}, scratch, change from 1x to 2x its budget (points): mean ± standard error (sd)")
     for target in options.targets:
@@ -50,4 +57,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except InputError as err:  # one line and status 2, as `hf-ntl` and the bench do
+        print(f"budget_seeds: error: {' '.join(str(err).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
