@@ -2,10 +2,11 @@
 
 The default suite is the threat model hf_ntl evaluates everything against (ALGORITHMS.md §4):
 full fine-tuning with the released head and with a fresh one, a linear probe, LoRA at ranks 4 and
-16, and an optimiser/learning-rate sweep over two decades for SGD+momentum and AdamW. Two attacks
+16, and an optimiser/learning-rate sweep over two decades for SGD+momentum and AdamW. Three attacks
 lie outside what SOPHON's simulated attackers do, so that the audit keeps measuring beyond the
 distribution a protection was trained against: re-initialising the backbone's last stage before
-full fine-tuning, and AdamW with warm-up and cosine decay over twice the budget. For a pruned
+full fine-tuning, and AdamW with warm-up and cosine decay over twice the budget, with weight decay
+1e-2 and with 2. For a pruned
 model the NTP paper's own protocol (masked fine-tuning) is added; every other attack is dense,
 so pruned weights may regrow, as they would for a real attacker.
 
@@ -68,6 +69,21 @@ DEFAULT_SUITE = (
         optimizer="adamw",
         learning_rate=1e-2,
         weight_decay=1e-2,
+        lr_scheduler="cosine",
+        warmup_ratio=0.1,
+        **LONG_BUDGET,
+    ),
+    # The same run with strong weight decay, the small-data recipe: with BatchNorm the decay keeps the
+    # effective learning rate up instead of letting it fade as the weights grow. Without it scratch was a
+    # weak baseline at small n: from scratch on font-digits at n = 200 (its 300 steps, 20 seeds) this run
+    # reaches 54.6 % test accuracy where weight decay 1e-2 reaches 31.6 %. The decay was chosen on the
+    # validation split, at 600 steps: 1e-2 / 0.1 / 0.5 / 2 / 8 gave 34.6 / 36.4 / 44.3 / 61.3 / 35.6 %.
+    AttackSpec(
+        "adamw-wd2-cosine-2x",
+        trainable="all",
+        optimizer="adamw",
+        learning_rate=1e-2,
+        weight_decay=2.0,
         lr_scheduler="cosine",
         warmup_ratio=0.1,
         **LONG_BUDGET,
