@@ -47,7 +47,7 @@ bench-hub: $(STAMP)
 # For iterating on a protection: six attacks the full bench's worst case often picks, one seed, quality only.
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/bench.py --runs_dir runs/bench-quick --output_dir runs/bench-quick/results \
-		--sections quality --seeds 0 --attacks adamw-cosine-2x full sgdm-lr1e-3 adamw-lr1e-4 sgdm-lr1e-2 full-reinit-head full-masked
+		--sections quality --seeds 0 --attacks adamw-wd2-cosine-2x full adamw-cosine-2x adamw-lr1e-4 sgdm-lr1e-2 lora-r16 full-masked
 
 test: lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=8
